@@ -1,0 +1,3 @@
+"""A federated, OpenAI-compatible inference gateway."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,63 @@
+"""The gateway's ASGI application and its one route table."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.api import catalog, inference
+from gateway.api.responses import request_id
+from gateway.config import GatewayConfig, load_config
+from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_response
+from gateway.runtime import Runtime
+
+CLUSTER = "/resource_server/{cluster}/{framework}/v1"
+
+ROUTES = [
+    Route("/resource_server/v1/chat/completions", inference.chat_completions, methods=["POST"]),
+    Route("/resource_server/v1/completions", inference.completions, methods=["POST"]),
+    Route("/resource_server/v1/embeddings", inference.embeddings, methods=["POST"]),
+    Route("/resource_server/v1/models", catalog.list_models, methods=["GET"]),
+    Route(f"{CLUSTER}/chat/completions", inference.chat_completions, methods=["POST"]),
+    Route(f"{CLUSTER}/completions", inference.completions, methods=["POST"]),
+    Route(f"{CLUSTER}/embeddings", inference.embeddings, methods=["POST"]),
+    Route("/resource_server/list-endpoints", catalog.list_endpoints, methods=["GET"]),
+    Route("/resource_server/health", catalog.health, methods=["GET"]),
+]
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error: GatewayError
+    if exc.status_code == 405:
+        error = MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
+    elif exc.status_code == 404:
+        error = NotFound(
+            f"No route {request.url.path}; the API lives under /resource_server/v1/.", code="route_not_found"
+        )
+    else:
+        error = GatewayError(str(exc.detail), status=exc.status_code, code="http_error")
+    return error_response(error, request_id(request))
+
+
+def create_app(config: GatewayConfig | None = None) -> Starlette:
+    """Build the gateway from ``config`` (the embedded default when None)."""
+    runtime = Runtime(config or load_config())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.close()
+
+    app = Starlette(routes=ROUTES, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
+    app.state.runtime = runtime
+    return app

@@ -1,0 +1,54 @@
+"""Reading the bearer token from a request and asking the configured providers about it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from gateway.auth.base import Authenticator, Identity
+from gateway.errors import AuthenticationFailed
+
+_MISSING = "Missing access token: send 'Authorization: Bearer <token>'."
+
+
+def bearer_token(header: str | None) -> str:
+    """The token of an ``Authorization: Bearer`` header; 401 when absent or malformed."""
+    if not header:
+        raise AuthenticationFailed(_MISSING, code="missing_token")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        raise AuthenticationFailed(
+            "Malformed Authorization header: expected 'Bearer <token>'.", code="invalid_authorization_header"
+        )
+    return token
+
+
+class ProviderChain(Authenticator):
+    """Asks each provider in turn; the first that knows the token decides.
+
+    A provider that does not know a token raises ``AuthenticationFailed`` and
+    the next one is asked; any other refusal (403, 503) ends the search.
+    """
+
+    name = "chain"
+
+    def __init__(self, providers: Sequence[Authenticator]) -> None:
+        self.providers = list(providers)
+
+    async def authenticate(self, token: str) -> Identity:
+        refusal: AuthenticationFailed | None = None
+        for provider in self.providers:
+            try:
+                return await provider.authenticate(token)
+            except AuthenticationFailed as exc:
+                refusal = exc
+        assert refusal is not None
+        raise refusal
+
+    async def start(self) -> None:
+        for provider in self.providers:
+            await provider.start()
+
+    async def close(self) -> None:
+        for provider in self.providers:
+            await provider.close()

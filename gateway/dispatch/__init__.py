@@ -1,0 +1,1 @@
+"""How work reaches a backend: one ``Dispatcher`` contract, one module per transport."""

@@ -1,0 +1,121 @@
+"""The ``direct`` transport: plain HTTP to an OpenAI-compatible server, one connection pool per endpoint."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway.dispatch.base import (
+    BackendError,
+    BackendProtocolError,
+    BackendTimeout,
+    BackendUnavailable,
+    Dispatcher,
+)
+from gateway.federation.registry import Endpoint
+
+_JSON = {"content-type": "application/json"}
+
+
+class DirectDispatcher(Dispatcher):
+    """Sends each request straight to the endpoint's ``base_url``."""
+
+    def __init__(self, *, connect_timeout: float, read_timeout: float) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._headers: dict[str, dict[str, str]] = {}
+
+    def _session(self, endpoint: Endpoint) -> aiohttp.ClientSession:
+        session = self._sessions.get(endpoint.base_url)
+        if session is None:
+            connector = aiohttp.TCPConnector(limit=endpoint.max_connections, ttl_dns_cache=300)
+            session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self._timeout,
+                skip_auto_headers=("User-Agent",),
+                json_serialize=lambda obj: orjson.dumps(obj).decode(),
+            )
+            self._sessions[endpoint.base_url] = session
+        return session
+
+    def _request_headers(self, endpoint: Endpoint) -> dict[str, str]:
+        headers = self._headers.get(endpoint.id)
+        if headers is None:
+            headers = dict(_JSON)
+            # The caller's own token is never forwarded: the backend gets the endpoint's key or nothing.
+            key = os.environ.get(endpoint.api_key_env, "") if endpoint.api_key_env else ""
+            if key:
+                headers["authorization"] = f"Bearer {key}"
+            self._headers[endpoint.id] = headers
+        return headers
+
+    async def _post(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> aiohttp.ClientResponse:
+        try:
+            return await self._session(endpoint).post(
+                f"{endpoint.base_url}/{op}", data=orjson.dumps(payload), headers=self._request_headers(endpoint)
+            )
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+            raise BackendUnavailable(endpoint, f"cannot connect: {exc.__class__.__name__}") from None
+        except TimeoutError:
+            raise BackendTimeout(endpoint, "no answer in time") from None
+        except aiohttp.ClientError as exc:
+            raise BackendUnavailable(endpoint, f"connection failed: {exc.__class__.__name__}") from None
+
+    async def call(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        response = await self._post(endpoint, op, payload)
+        try:
+            body = await response.read()
+        except TimeoutError:
+            raise BackendTimeout(endpoint, "answer not finished in time") from None
+        except aiohttp.ClientError as exc:
+            raise BackendProtocolError(endpoint, f"answer broken off: {exc.__class__.__name__}") from None
+        finally:
+            response.release()
+        if response.status >= 400:
+            raise BackendError(endpoint, response.status, body)
+        try:
+            answer = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise BackendProtocolError(endpoint, "answer is not JSON") from None
+        if not isinstance(answer, dict):
+            raise BackendProtocolError(endpoint, "answer is not a JSON object")
+        return answer
+
+    async def stream(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> AsyncIterator[bytes]:
+        response = await self._post(endpoint, op, payload)
+        finished = False
+        try:
+            if response.status >= 400:
+                raise BackendError(endpoint, response.status, await response.read())
+            if not response.content_type.startswith("text/event-stream"):
+                raise BackendProtocolError(endpoint, f"expected an event stream, got {response.content_type}")
+            pending = b""
+            async for data in response.content.iter_any():
+                pending += data
+                # Pass on whole events only, as soon as each is complete, so that an
+                # in-band error can never land in the middle of one.
+                end = pending.rfind(b"\n\n")
+                if end >= 0:
+                    yield pending[: end + 2]
+                    pending = pending[end + 2 :]
+            finished = True
+            if pending.strip():
+                raise BackendProtocolError(endpoint, "stream ended inside an event")
+        except TimeoutError:
+            raise BackendTimeout(endpoint, "stream stalled") from None
+        except aiohttp.ClientError as exc:
+            raise BackendProtocolError(endpoint, f"stream broken off: {exc.__class__.__name__}") from None
+        finally:
+            if finished:
+                response.release()
+            else:
+                response.close()
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
