@@ -99,3 +99,76 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name + "{") or line.startswith(name + " "):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+class ScriptedBackend:
+    """An OpenAI-compatible server whose answer is chosen by the request's model name.
+
+    ``status-NNN`` answers that status with an OpenAI error body, ``not-json`` answers 200
+    with a body that is not JSON, ``plain-stream`` answers a stream request with text/plain,
+    and any other model gets a small valid answer. It records each request's headers and
+    refuses requests without ``Authorization: Bearer <api_key>`` when ``api_key`` is set.
+    """
+
+    def __init__(self, api_key: str | None = None) -> None:
+        import http.server
+        import threading
+
+        self.api_key = api_key
+        self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
+        backend = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+                self.send_response(status)
+                self.send_header("content-type", content_type)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                import json
+
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                backend.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                if backend.api_key and self.headers.get("authorization") != f"Bearer {backend.api_key}":
+                    error = {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
+                                       "code": "invalid_api_key", "param": None}}
+                    self._send(401, json.dumps(error).encode())
+                    return
+                model = body.get("model", "")
+                if model.startswith("status-"):
+                    status = int(model.removeprefix("status-"))
+                    error = {"error": {"message": f"scripted failure {status}", "type": "scripted",
+                                       "code": f"scripted_{status}", "param": None}}
+                    self._send(status, json.dumps(error).encode())
+                elif model == "not-json":
+                    self._send(200, b"<html>proxy error</html>", "text/html")
+                elif model == "plain-stream":
+                    self._send(200, b"hello", "text/plain")
+                elif body.get("stream"):
+                    chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": model,
+                             "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}
+                    self._send(200, f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode(), "text/event-stream")
+                else:
+                    answer = {"id": "x", "object": "chat.completion", "created": 0, "model": model,
+                              "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                                           "finish_reason": "stop"}],
+                              "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+                    self._send(200, json.dumps(answer).encode())
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> ScriptedBackend:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -319,7 +319,8 @@ def _stream_lines(server: ModelServer, max_tokens: int) -> httpx.Response:
 
 def test_backend_killed_mid_stream_gives_in_band_error(tmp_path: Path, backend: ModelServer) -> None:
     with simulator("--tpot", "0.05") as doomed:
-        config = direct_config(endpoint(doomed.base_url), endpoint(backend.base_url, ["other"], cluster="other"))
+        other = endpoint(backend.base_url, ["other"], cluster="other", aliases={"other": MODEL})
+        config = direct_config(endpoint(doomed.base_url), other)
         with gateway(config, tmp_path) as server:
             response = _stream_lines(server, 400)
             assert response.status_code == 200

@@ -1,0 +1,122 @@
+"""The embedded default, started as a newcomer starts it, answers the usage guide's examples as written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from compute_functions.model_server import ModelServer
+from tests.support import REPO
+
+GUIDE_CURLS = [
+    """curl -X POST http://127.0.0.1:8000/resource_server/v1/chat/completions \\
+-H "Authorization: Bearer $MY_TOKEN" \\
+-H "Content-Type: application/json" \\
+-d '{
+"model": "facebook/opt-125m",
+"messages": [
+{"role": "user", "content": "Explain the concept of Globus Compute in simple terms."}
+],
+"max_tokens": 150
+}'""",
+    """curl -X POST http://127.0.0.1:8000/resource_server/local/vllm/v1/chat/completions \\
+-H "Authorization: Bearer $MY_TOKEN" \\
+-H "Content-Type: application/json" \\
+-d '{
+"model": "facebook/opt-125m",
+"messages": [
+{"role": "user", "content": "Explain the concept of Globus Compute in simple terms."}
+],
+"max_tokens": 150
+}'""",
+    """curl -X POST http://127.0.0.1:8000/resource_server/v1/completions \\
+-H "Authorization: Bearer $MY_TOKEN" \\
+-H "Content-Type: application/json" \\
+-d '{
+"model": "facebook/opt-125m",
+"prompt": "The future of AI is",
+"max_tokens": 100
+}'""",
+    """curl -X POST http://127.0.0.1:8000/resource_server/v1/chat/completions \\
+-H "Authorization: Bearer $MY_TOKEN" \\
+-H "Content-Type: application/json" \\
+-d '{
+"model": "meta-llama/Meta-Llama-3-8B-Instruct",
+"messages": [{"role": "user", "content": "Write a story"}],
+"max_tokens": 500,
+"temperature": 0.7,
+"top_p": 0.9,
+"stream": false,
+"stop": ["\\n\\n"]
+}'""",
+]
+
+
+@pytest.fixture(scope="module")
+def default_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModelServer, str]]:
+    state = tmp_path_factory.mktemp("default-state")
+    env = {"INFERENCE_GATEWAY_STATE_DIR": str(state), "INFERENCE_GATEWAY_DEV_TOKEN": ""}
+    server = ModelServer([sys.executable, "-m", "gateway.cli", "serve", "--port", "{port}"],
+                         health_path="/resource_server/health", env=env, log_path=state / "serve.log")
+    server.start(timeout=60)
+    token = subprocess.run([sys.executable, "-m", "gateway.cli", "dev-token"], capture_output=True, text=True,
+                           env={**os.environ, **env}, check=True).stdout.strip()
+    try:
+        yield server, token
+    finally:
+        server.stop()
+    assert "export MY_TOKEN=$(inference-gateway dev-token)" in (state / "serve.log").read_text()
+
+
+@pytest.mark.parametrize("command", GUIDE_CURLS, ids=["chat", "cluster-chat", "completions", "advanced"])
+def test_usage_guide_curl(default_gateway: tuple[ModelServer, str], command: str) -> None:
+    server, token = default_gateway
+    command = command.replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")
+    result = subprocess.run(["bash", "-c", command + " --silent --show-error --fail-with-body"],
+                            capture_output=True, text=True, env={**os.environ, "MY_TOKEN": token}, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["choices"] and answer["usage"]["completion_tokens"] > 0
+
+
+def test_usage_guide_python_examples(default_gateway: tuple[ModelServer, str]) -> None:
+    server, token = default_gateway
+    client = openai.OpenAI(base_url=f"http://localhost:{server.port}/resource_server/v1", api_key=token)
+    stream = client.chat.completions.create(
+        model="facebook/opt-125m", messages=[{"role": "user", "content": "Explain quantum computing"}], stream=True
+    )
+    printed = "".join(chunk.choices[0].delta.content for chunk in stream
+                      if chunk.choices and chunk.choices[0].delta.content is not None)
+    assert printed
+    response = client.chat.completions.create(
+        model="meta-llama/Meta-Llama-3-8B-Instruct",
+        messages=[{"role": "system", "content": "You are a helpful assistant."},
+                  {"role": "user", "content": "What is machine learning?"}],
+        max_tokens=200,
+    )
+    assert response.choices[0].message.content
+
+
+def test_the_simulator_says_what_it_is(default_gateway: tuple[ModelServer, str]) -> None:
+    server, token = default_gateway
+    client = openai.OpenAI(base_url=f"http://localhost:{server.port}/resource_server/v1", api_key=token)
+    assert {"facebook/opt-125m", "meta-llama/Meta-Llama-3-8B-Instruct"} <= {m.id for m in client.models.list()}
+    state = Path(server.env["INFERENCE_GATEWAY_STATE_DIR"])
+    assert "simulator" in (state / "logs" / "simulator.log").read_text()
+
+
+def test_readme_commands_are_the_ones_make_runs() -> None:
+    first_lines = (REPO / "README.md").read_text().splitlines()[:6]
+    assert any(line.startswith("make serve") for line in first_lines)
+    assert any(line.startswith("make test") for line in first_lines)
+    assert "make test" in (REPO / ".ci" / "run").read_text()
+    makefile = (REPO / "Makefile").read_text()
+    assert shlex.split("serve: install")[0] in makefile
