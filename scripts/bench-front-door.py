@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""The front door's cost, measured side by side in one run: the simulator directly vs through the gateway.
+
+    python scripts/bench-front-door.py [--connections 64] [--duration 10] [--chunks 16]
+
+Throughput and latency come from wrk (Debian package `wrk`), which does not bottleneck at these rates; time to first
+token comes from the project's own benchmark-serving tool at the same concurrency. Prints requests/s, p50/p99
+latency, p50 time to first token, each ratio gateway/direct, and the gateway's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from compute_functions.model_server import ModelServer  # noqa: E402
+
+MODEL = "facebook/opt-125m"
+TOKEN = "bench-token"
+
+LUA = """wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {token}"
+"""
+
+
+def wrk(url: str, body: dict[str, object], connections: int, duration: int, workdir: Path) -> dict[str, float]:
+    script = workdir / "post.lua"
+    script.write_text(LUA.format(body=json.dumps(body), token=TOKEN))
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, check=True).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise SystemExit(f"wrk saw errors against {url}:\n{out}")
+
+    def ms(label: str) -> float:
+        match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        assert match, out
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
+        return float(match.group(1)) * scale
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    return {"rps": rps, "p50_ms": ms("50"), "p99_ms": ms("99")}
+
+
+def ttft(url: str, connections: int, prompts: int, chunks: int, workdir: Path) -> float:
+    output = workdir / f"ttft-{os.urandom(3).hex()}.jsonl"
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark-serving.py"), "--backend", "openai-chat", "--model", MODEL,
+         "--base-url", url, "--dataset-name", "random", "--random-input-len", "8", "--random-output-len", str(chunks),
+         "--ignore-eos", "--num-prompts", str(prompts), "--max-concurrency", str(connections),
+         "--output-file", str(output), "--api-key", TOKEN, "--disable-tqdm"],
+        check=True, capture_output=True, text=True)
+    summary = [json.loads(line) for line in output.read_text().splitlines() if '"summary"' in line][-1]
+    return float(summary["median_ttft_ms"])
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--chunks", type=int, default=16, help="output tokens (stream chunks) per answer")
+    parser.add_argument("--ttft-prompts", type=int, default=2000)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is needed: apt-get install -y wrk")
+
+    work = Path(tempfile.mkdtemp(prefix="bench-front-door-"))
+    simulator = ModelServer(["{python}", "-m", "gateway.simulator", "--host", "{host}", "--port", "{port}",
+                             "--model", MODEL], log_path=work / "simulator.log")
+    simulator.start(timeout=30)
+    config = work / "gateway.yaml"
+    config.write_text(json.dumps({"endpoints": [{"cluster": "local", "framework": "vllm", "models": [MODEL],
+                                                 "base_url": simulator.base_url}]}))
+    gateway = ModelServer([sys.executable, "-m", "gateway.cli", "serve", "--port", "{port}", "--config", str(config),
+                           "--log-level", "warning"], health_path="/resource_server/health",
+                          env={"INFERENCE_GATEWAY_DEV_TOKEN": TOKEN, "INFERENCE_GATEWAY_STATE_DIR": str(work)},
+                          log_path=work / "gateway.log")
+    gateway.start(timeout=60)
+    assert gateway.process is not None
+    urls = {"direct": f"{simulator.base_url}/chat/completions",
+            "gateway": f"http://127.0.0.1:{gateway.port}/resource_server/v1/chat/completions"}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Explain quantum computing"}],
+            "max_tokens": args.chunks}
+    results: dict[str, dict[str, float]] = {}
+    try:
+        for mode, extra in (("whole", {}), ("streamed", {"stream": True})):
+            for target, url in urls.items():
+                wrk(url, {**body, **extra}, args.connections, 2, work)  # warm-up
+                results[f"{mode}/{target}"] = wrk(url, {**body, **extra}, args.connections, args.duration, work)
+        for target, url in urls.items():
+            results[f"streamed/{target}"]["ttft_p50_ms"] = ttft(url, args.connections, args.ttft_prompts,
+                                                                args.chunks, work)
+        rss = peak_rss_mb(gateway.process.pid)
+    finally:
+        gateway.stop()
+        simulator.stop()
+
+    print(f"{args.connections} connections, {args.duration} s per run, {args.chunks} tokens per answer "
+          f"(streamed: {args.chunks} content chunks)\n")
+    print(f"{'run':<20}{'direct':>12}{'gateway':>12}{'ratio':>9}")
+    for mode in ("whole", "streamed"):
+        for key, label in (("rps", "req/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("ttft_p50_ms", "TTFT p50 ms")):
+            direct, through = results[f"{mode}/direct"].get(key), results[f"{mode}/gateway"].get(key)
+            if direct is None or through is None:
+                continue
+            print(f"{mode + ' ' + label:<20}{direct:>12.2f}{through:>12.2f}{through / direct:>9.2f}")
+    ttft_added = results["streamed/gateway"]["ttft_p50_ms"] - results["streamed/direct"]["ttft_p50_ms"]
+    print(f"\nadded to p50 time to first token: {ttft_added:.2f} ms")
+    print(f"gateway peak RSS: {rss:.1f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
