@@ -13,243 +13,27 @@ import math
 import sys
 import zlib
 from array import array
+from bisect import bisect_left, bisect_right
 from collections import deque
 from dataclasses import dataclass
 from hashlib import shake_128
+from itertools import accumulate
 
-VOCABULARY: tuple[str, ...] = (
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "that",
-    "for",
-    "it",
-    "as",
-    "was",
-    "with",
-    "be",
-    "by",
-    "on",
-    "not",
-    "he",
-    "this",
-    "are",
-    "or",
-    "his",
-    "from",
-    "at",
-    "which",
-    "but",
-    "have",
-    "an",
-    "had",
-    "they",
-    "you",
-    "were",
-    "their",
-    "one",
-    "all",
-    "we",
-    "can",
-    "her",
-    "has",
-    "there",
-    "been",
-    "if",
-    "more",
-    "when",
-    "will",
-    "would",
-    "who",
-    "so",
-    "no",
-    "she",
-    "other",
-    "its",
-    "may",
-    "these",
-    "what",
-    "them",
-    "than",
-    "some",
-    "him",
-    "time",
-    "into",
-    "only",
-    "do",
-    "such",
-    "about",
-    "two",
-    "new",
-    "first",
-    "could",
-    "very",
-    "any",
-    "like",
-    "our",
-    "then",
-    "also",
-    "most",
-    "made",
-    "over",
-    "did",
-    "many",
-    "before",
-    "must",
-    "through",
-    "years",
-    "where",
-    "much",
-    "your",
-    "way",
-    "well",
-    "down",
-    "should",
-    "because",
-    "each",
-    "just",
-    "those",
-    "people",
-    "how",
-    "too",
-    "little",
-    "state",
-    "good",
-    "world",
-    "make",
-    "still",
-    "own",
-    "see",
-    "men",
-    "work",
-    "long",
-    "here",
-    "between",
-    "both",
-    "life",
-    "being",
-    "under",
-    "never",
-    "day",
-    "same",
-    "another",
-    "know",
-    "while",
-    "last",
-    "might",
-    "great",
-    "old",
-    "year",
-    "off",
-    "come",
-    "since",
-    "against",
-    "go",
-    "came",
-    "right",
-    "used",
-    "take",
-    "three",
-    "himself",
-    "few",
-    "house",
-    "use",
-    "during",
-    "without",
-    "again",
-    "place",
-    "around",
-    "however",
-    "home",
-    "small",
-    "found",
-    "thought",
-    "went",
-    "say",
-    "part",
-    "once",
-    "general",
-    "high",
-    "upon",
-    "school",
-    "every",
-    "does",
-    "got",
-    "united",
-    "left",
-    "number",
-    "course",
-    "war",
-    "until",
-    "always",
-    "away",
-    "something",
-    "fact",
-    "though",
-    "water",
-    "less",
-    "public",
-    "put",
-    "think",
-    "almost",
-    "hand",
-    "enough",
-    "far",
-    "took",
-    "head",
-    "yet",
-    "government",
-    "system",
-    "better",
-    "set",
-    "told",
-    "nothing",
-    "night",
-    "end",
-    "why",
-    "called",
-    "find",
-    "going",
-    "look",
-    "asked",
-    "later",
-    "point",
-    "knew",
-    "city",
-    "next",
-    "program",
-    "business",
-    "give",
-    "group",
-    "toward",
-    "young",
-    "days",
-    "let",
-    "room",
-    "side",
-    "social",
-    "present",
-    "given",
-    "several",
-    "order",
-    "national",
-    "second",
-    "possible",
-    "rather",
-    "per",
-    "face",
-    "among",
-    "form",
-    "important",
-    "often",
-    "early",
-    "white",
-    "case",
-    "large",
-)
+_WORDS = """
+    the of and to in is that for it as was with be by on not he this are or his from at which but have an had they
+    you were their one all we can her has there been if more when will would who so no she other its may these what
+    them than some him time into only do such about two new first could very any like our then also most made over
+    did many before must through years where much your way well down should because each just those people how too
+    little state good world make still own see men work long here between both life being under never day same
+    another know while last might great old year off come since against go came right used take three himself few
+    house use during without again place around however home small found thought went say part once general high
+    upon school every does got united left number course war until always away something fact though water less
+    public put think almost hand enough far took head yet government system better set told nothing night end why
+    called find going look asked later point knew city next program business give group toward young days let room
+    side social present given several order national second possible rather per face among form important often
+    early white case large
+"""
+VOCABULARY: tuple[str, ...] = tuple(_WORDS.split())
 
 # One long pseudo-random word sequence, built once; an answer is a window into it, so making an answer is a
 # slice in C instead of a loop of Python arithmetic per token.
@@ -302,31 +86,26 @@ def generate(index: int, seed: int, max_tokens: int, stop: tuple[str, ...]) -> O
     ends the output, the text is cut just before that string, and the token still counts as generated.
     """
     pieces = synthesize(seed, max_tokens)
-    if not stop:
-        return Output(index, pieces, "length")
     text = "".join(pieces)
-    found: tuple[int, int, str] | None = None  # (token that completes it, where it starts, the stop string)
-    ends: list[int] | None = None
-    for candidate in stop:
-        start = text.find(candidate)
-        if start < 0:
-            continue
-        if ends is None:
-            ends = []
-            offset = 0
-            for piece in pieces:
-                offset += len(piece)
-                ends.append(offset)
-        end = start + len(candidate)
-        token = next(i for i, piece_end in enumerate(ends) if piece_end >= end)
-        if found is None or token < found[0]:
-            found = (token, start, candidate)
-    if found is None:
+    found = [(candidate, text.find(candidate)) for candidate in stop]
+    found = [(candidate, start) for candidate, start in found if start >= 0]
+    if not found:
         return Output(index, pieces, "length")
-    token, start, candidate = found
+    ends = list(accumulate(len(piece) for piece in pieces))
+
+    def completing_token(match: tuple[str, int]) -> int:
+        candidate, start = match
+        return bisect_left(ends, start + len(candidate))
+
+    # min() keeps the first of equals, which is the order vLLM checks the stop strings in.
+    candidate, start = min(found, key=completing_token)
+    token = completing_token((candidate, start))
+    # The stop string may span several tokens: each still counts, but the text they add ends where it starts.
     kept = pieces[: token + 1]
-    token_start = ends[token] - len(pieces[token]) if ends else 0
-    kept[token] = pieces[token][: max(0, start - token_start)]
+    first = bisect_right(ends, start)
+    kept[first] = pieces[first][: start - (ends[first] - len(pieces[first]))]
+    for later in range(first + 1, token + 1):
+        kept[later] = ""
     return Output(index, kept, "stop", candidate)
 
 

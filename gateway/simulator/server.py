@@ -217,7 +217,7 @@ class SimulatorApp:
                     param="input",
                 )
 
-        async def answer() -> int:
+        async def answer() -> None:
             if self.settings.ttft > 0:
                 await asyncio.sleep(self.settings.ttft)
             data = []
@@ -233,9 +233,8 @@ class SimulatorApp:
                 "data": data,
                 "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
             }
-            engine.record(0, ["stop"])
             await _send_whole(send, 200, orjson.dumps(body), _JSON)
-            return 0
+            engine.record(0, ["stop"])
 
         await self._run(engine, prompt_tokens, answer, receive)
 
@@ -271,68 +270,67 @@ class SimulatorApp:
             for p, (text, _) in enumerate(prompts)
             for j in range(n)
         ]
-        prompt_tokens = sum(tokens for _, tokens in prompts)
-        request_id = f"{protocol.id_prefix}{self._next_id()}"
-        created = int(time.time())
-        settings = self.settings
-
-        async def answer_whole() -> int:
-            steps = max(len(output.pieces) for output in outputs)
-            delay = settings.ttft + (steps - 1) * settings.tpot
-            if delay > 0:
-                await asyncio.sleep(delay)
-            completion_tokens = sum(len(output.pieces) for output in outputs)
-            engine.record(completion_tokens, [output.finish_reason for output in outputs])
-            choices = [_whole_choice(protocol, output) for output in outputs]
-            body = {
-                "id": request_id,
-                "object": protocol.whole_object,
-                "created": created,
-                "model": engine.model,
-                "choices": choices,
-                "usage": _usage(prompt_tokens, completion_tokens),
-            }
-            await _send_whole(send, 200, orjson.dumps(body), _JSON)
-            return completion_tokens
-
+        answer = _Answer(
+            protocol=protocol,
+            engine=engine,
+            outputs=outputs,
+            prompt_tokens=sum(tokens for _, tokens in prompts),
+            request_id=f"{protocol.id_prefix}{self._next_id()}",
+            created=int(time.time()),
+        )
         if not stream:
-            await self._run(engine, prompt_tokens, answer_whole, receive)
+            await self._run(engine, answer.prompt_tokens, lambda: self._answer_whole(answer, send), receive)
             return
-
-        chunks = _Chunks(protocol, request_id, created, engine.model, prompt_tokens, include_usage, continuous_usage)
+        chunks = _Chunks(answer, include_usage, continuous_usage)
         progress = _Progress()
-
-        async def answer_stream() -> int:
-            if settings.ttft > 0:
-                await asyncio.sleep(settings.ttft)
-            if protocol.chat:
-                for output in outputs:
-                    await _send_chunk(send, chunks.role(output.index))
-            steps = max(len(output.pieces) for output in outputs)
-            for step in range(steps):
-                if step:
-                    if settings.tpot > 0:
-                        await asyncio.sleep(settings.tpot)
-                    elif step % _YIELD_EVERY_TOKENS == 0:
-                        await asyncio.sleep(0)
-                for output in outputs:
-                    if step < len(output.pieces):
-                        await _send_chunk(send, chunks.token(output, step))
-                        progress.tokens += 1
-            engine.record(progress.tokens, [output.finish_reason for output in outputs])
-            if include_usage:
-                await _send_chunk(send, chunks.usage(progress.tokens))
-            await send({"type": "http.response.body", "body": _DONE, "more_body": False})
-            return progress.tokens
-
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-        await self._run(engine, prompt_tokens, answer_stream, receive, progress)
+        await self._run(
+            engine, answer.prompt_tokens, lambda: self._answer_stream(answer, chunks, progress, send), receive, progress
+        )
+
+    async def _answer_whole(self, answer: _Answer, send: Send) -> None:
+        delay = self.settings.ttft + (answer.steps - 1) * self.settings.tpot
+        if delay > 0:
+            await asyncio.sleep(delay)
+        completion_tokens = sum(len(output.pieces) for output in answer.outputs)
+        body = {
+            "id": answer.request_id,
+            "object": answer.protocol.whole_object,
+            "created": answer.created,
+            "model": answer.engine.model,
+            "choices": [_whole_choice(answer.protocol, output) for output in answer.outputs],
+            "usage": _usage(answer.prompt_tokens, completion_tokens),
+        }
+        await _send_whole(send, 200, orjson.dumps(body), _JSON)
+        answer.engine.record(completion_tokens, [output.finish_reason for output in answer.outputs])
+
+    async def _answer_stream(self, answer: _Answer, chunks: _Chunks, progress: _Progress, send: Send) -> None:
+        tpot = self.settings.tpot
+        if self.settings.ttft > 0:
+            await asyncio.sleep(self.settings.ttft)
+        if answer.protocol.chat:
+            for output in answer.outputs:
+                await _send_chunk(send, chunks.role(output.index))
+        for step in range(answer.steps):
+            if step:
+                if tpot > 0:
+                    await asyncio.sleep(tpot)
+                elif step % _YIELD_EVERY_TOKENS == 0:
+                    await asyncio.sleep(0)
+            for output in answer.outputs:
+                if step < len(output.pieces):
+                    await _send_chunk(send, chunks.token(output, step))
+                    progress.tokens += 1
+        if chunks.include_usage:
+            await _send_chunk(send, chunks.usage(progress.tokens))
+        await send({"type": "http.response.body", "body": _DONE, "more_body": False})
+        answer.engine.record(progress.tokens, [output.finish_reason for output in answer.outputs])
 
     async def _run(
         self,
         engine: Engine,
         prompt_tokens: int,
-        answer: Callable[[], Awaitable[int]],
+        answer: Callable[[], Awaitable[None]],
         receive: Receive,
         progress: _Progress | None = None,
     ) -> None:
@@ -430,63 +428,61 @@ class _DisconnectWatch:
         self._watcher.cancel()
 
 
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """One generation request, decided before it runs: its outputs are fixed, only their timing is left."""
+
+    protocol: _Protocol
+    engine: Engine
+    outputs: list[Output]
+    prompt_tokens: int
+    request_id: str
+    created: int
+
+    @property
+    def steps(self) -> int:
+        return max(len(output.pieces) for output in self.outputs)
+
+
 class _Chunks:
     """The server-sent events of one stream, as bytes built from parts serialized once per stream."""
 
-    def __init__(
-        self,
-        protocol: _Protocol,
-        request_id: str,
-        created: int,
-        model: str,
-        prompt_tokens: int,
-        include_usage: bool,
-        continuous_usage: bool,
-    ) -> None:
-        self._chat = protocol.chat
-        self._envelope = {"id": request_id, "object": protocol.chunk_object, "created": created, "model": model}
+    def __init__(self, answer: _Answer, include_usage: bool, continuous_usage: bool) -> None:
+        self.include_usage = include_usage
+        self._chat = answer.protocol.chat
+        self._prompt_tokens = answer.prompt_tokens
+        self._continuous = continuous_usage
+        self._envelope = {
+            "id": answer.request_id,
+            "object": answer.protocol.chunk_object,
+            "created": answer.created,
+            "model": answer.engine.model,
+        }
         self._head = b"data: " + orjson.dumps(self._envelope)[:-1] + b',"choices":[{"index":'
         self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
-        self._prompt_tokens = prompt_tokens
-        self._continuous = continuous_usage
-        self._sent: dict[int, int] = {}
 
     def role(self, index: int) -> bytes:
-        return b"".join(
-            (
-                self._head,
-                str(index).encode(),
-                b',"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]',
-                self._usage_tail(index, 0),
-            )
-        )
+        delta = b',"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]'
+        return b"".join((self._head, str(index).encode(), delta, self._usage_tail(0)))
 
     def token(self, output: Output, step: int) -> bytes:
         text = orjson.dumps(output.pieces[step])
         content = b',"delta":{"content":' + text + b"}" if self._chat else b',"text":' + text
         if step == len(output.pieces) - 1:
-            finish = (
-                b',"logprobs":null,"finish_reason":'
-                + orjson.dumps(output.finish_reason)
-                + b',"stop_reason":'
-                + orjson.dumps(output.stop_reason)
-                + b"}]"
-            )
+            reason, stop_reason = orjson.dumps(output.finish_reason), orjson.dumps(output.stop_reason)
+            finish = b',"logprobs":null,"finish_reason":' + reason + b',"stop_reason":' + stop_reason + b"}]"
         else:
             finish = b',"logprobs":null,"finish_reason":null}]'
-        return b"".join(
-            (self._head, str(output.index).encode(), content, finish, self._usage_tail(output.index, step + 1))
-        )
+        return b"".join((self._head, str(output.index).encode(), content, finish, self._usage_tail(step + 1)))
 
     def usage(self, completion_tokens: int) -> bytes:
         chunk = {**self._envelope, "choices": [], "usage": _usage(self._prompt_tokens, completion_tokens)}
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
-    def _usage_tail(self, index: int, completion_tokens: int) -> bytes:
+    def _usage_tail(self, completion_tokens: int) -> bytes:
         if not self._continuous:
             return self._tail
-        usage = _usage(self._prompt_tokens, completion_tokens)
-        return b',"usage":' + orjson.dumps(usage) + b"}\n\n"
+        return b',"usage":' + orjson.dumps(_usage(self._prompt_tokens, completion_tokens)) + b"}\n\n"
 
 
 def _whole_choice(protocol: _Protocol, output: Output) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -68,6 +68,12 @@ class RunningSimulator:
         assert answer.status_code == 200
         assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
         return parse_prometheus(answer.text)
+
+    def load(self, model: str = MODEL) -> tuple[float, float]:
+        """(running, waiting) requests, as /metrics reports them."""
+        metrics = self.metrics()
+        labels = frozenset({"engine": "0", "model_name": model}.items())
+        return metrics[("vllm:num_requests_running", labels)], metrics[("vllm:num_requests_waiting", labels)]
 
     def gauge(self, name: str, model: str = MODEL, **labels: str) -> float:
         key = frozenset({"engine": "0", "model_name": model, **labels}.items())
@@ -459,16 +465,13 @@ def test_requests_beyond_max_num_seqs_wait(slow_simulator: RunningSimulator) -> 
     threads = [threading.Thread(target=ask) for _ in range(5)]
     for thread in threads:
         thread.start()
-    time.sleep(0.15)
-    assert slow_simulator.gauge("vllm:num_requests_running") == 2
-    assert slow_simulator.gauge("vllm:num_requests_waiting") == 3
+    wait_for(lambda: slow_simulator.load() == (2, 3), timeout=0.35)
     for thread in threads:
         thread.join()
     assert len(finished) == 5
     # Two at a time: the last of five ends after three rounds of ~0.38 s.
     assert max(finished) - started >= 1.0
-    assert slow_simulator.gauge("vllm:num_requests_running") == 0
-    assert slow_simulator.gauge("vllm:num_requests_waiting") == 0
+    assert slow_simulator.load() == (0, 0)
 
 
 def test_client_disconnect_frees_the_slot(slow_simulator: RunningSimulator) -> None:
@@ -485,16 +488,15 @@ def test_client_disconnect_frees_the_slot(slow_simulator: RunningSimulator) -> N
         lines = [running_one.iter_lines(), running_two.iter_lines()]
         assert [next(line).startswith("data: ") for line in lines] == [True, True]
         with third.stream("POST", "/v1/chat/completions", json=body):
-            time.sleep(0.05)
-            assert slow_simulator.gauge("vllm:num_requests_waiting") == 1
-        wait_for(lambda: slow_simulator.gauge("vllm:num_requests_waiting") == 0)
-        assert slow_simulator.gauge("vllm:num_requests_running") == 2
+            # The stream's headers come at once; the request then waits for a slot.
+            assert slow_simulator.load() == (2, 1)
+        wait_for(lambda: slow_simulator.load() == (2, 0))
     # 500 tokens would take 10 s; hanging up ends them at once.
-    wait_for(lambda: slow_simulator.gauge("vllm:num_requests_running") == 0)
+    wait_for(lambda: slow_simulator.load() == (0, 0))
     wait_for(lambda: slow_simulator.gauge("vllm:request_success_total", finished_reason="abort") == aborted + 3)
 
 
-def wait_for(condition: Any, timeout: float = 2.0) -> None:
+def wait_for(condition: Callable[[], bool], timeout: float = 2.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
@@ -513,6 +515,14 @@ def test_stop_string_ending_inside_a_token() -> None:
     assert output.text == text[:cut]
     assert output.finish_reason == "stop" and output.stop_reason == target[-2:]
     assert len(output.pieces) == text[: cut + 2].count(" ")
+
+
+def test_stop_string_spanning_tokens() -> None:
+    pieces = synthesize(4242, 8)
+    stop = (pieces[2] + pieces[3] + pieces[4]).strip()
+    output = generate(0, 4242, 8, (stop,))
+    assert output.text == "".join(pieces[:2]) + " "
+    assert output.pieces[3:] == ["", ""] and len(output.pieces) == 5
 
 
 def test_earliest_completed_stop_string_wins() -> None:
