@@ -3,6 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The CPU vLLM of the end-to-end tier (3.4 GB) is kept outside the clone so that fresh clones reuse it.
+export INFERENCE_GATEWAY_VLLM_VENV ?= $(HOME)/.cache/inference-gateway/venv-vllm
+export INFERENCE_GATEWAY_VLLM_MODEL_DIR ?= $(HOME)/.cache/inference-gateway/tiny-llama
 
 .PHONY: serve test install lint typecheck unit integration e2e vllm-env bench clean
 

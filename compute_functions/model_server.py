@@ -112,9 +112,7 @@ class ModelServer:
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
                 self.process.poll()
-                try:
-                    os.killpg(group, 0)
-                except ProcessLookupError:
+                if not group_alive(group):
                     break
                 time.sleep(0.05)
             else:
@@ -122,3 +120,32 @@ class ModelServer:
             break
         self.process.poll()
         self.process = None
+
+
+def group_alive(group: int) -> bool:
+    """Whether any process of ``group`` still runs.
+
+    Zombies do not count: once killed they hold nothing, and the init process of
+    some containers reaps orphans only after a delay.
+    """
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        entries = []
+    if not entries:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != b"Z":
+            return True
+    return False

@@ -38,8 +38,12 @@ wrk.headers["Authorization"] = "Bearer {token}"
 def wrk(url: str, body: dict[str, object], connections: int, duration: int, workdir: Path) -> dict[str, float]:
     script = workdir / "post.lua"
     script.write_text(LUA.format(body=json.dumps(body), token=TOKEN))
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     if "Non-2xx" in out or "Socket errors" in out:
         raise SystemExit(f"wrk saw errors against {url}:\n{out}")
 
@@ -56,11 +60,36 @@ def wrk(url: str, body: dict[str, object], connections: int, duration: int, work
 def ttft(url: str, connections: int, prompts: int, chunks: int, workdir: Path) -> float:
     output = workdir / f"ttft-{os.urandom(3).hex()}.jsonl"
     subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "benchmark-serving.py"), "--backend", "openai-chat", "--model", MODEL,
-         "--base-url", url, "--dataset-name", "random", "--random-input-len", "8", "--random-output-len", str(chunks),
-         "--ignore-eos", "--num-prompts", str(prompts), "--max-concurrency", str(connections),
-         "--output-file", str(output), "--api-key", TOKEN, "--disable-tqdm"],
-        check=True, capture_output=True, text=True)
+        [
+            sys.executable,
+            str(REPO / "scripts" / "benchmark-serving.py"),
+            "--backend",
+            "openai-chat",
+            "--model",
+            MODEL,
+            "--base-url",
+            url,
+            "--dataset-name",
+            "random",
+            "--random-input-len",
+            "8",
+            "--random-output-len",
+            str(chunks),
+            "--ignore-eos",
+            "--num-prompts",
+            str(prompts),
+            "--max-concurrency",
+            str(connections),
+            "--output-file",
+            str(output),
+            "--api-key",
+            TOKEN,
+            "--disable-tqdm",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     summary = [json.loads(line) for line in output.read_text().splitlines() if '"summary"' in line][-1]
     return float(summary["median_ttft_ms"])
 
@@ -83,22 +112,49 @@ def main() -> int:
         raise SystemExit("wrk is needed: apt-get install -y wrk")
 
     work = Path(tempfile.mkdtemp(prefix="bench-front-door-"))
-    simulator = ModelServer(["{python}", "-m", "gateway.simulator", "--host", "{host}", "--port", "{port}",
-                             "--model", MODEL], log_path=work / "simulator.log")
+    simulator = ModelServer(
+        ["{python}", "-m", "gateway.simulator", "--host", "{host}", "--port", "{port}", "--model", MODEL],
+        log_path=work / "simulator.log",
+    )
     simulator.start(timeout=30)
     config = work / "gateway.yaml"
-    config.write_text(json.dumps({"endpoints": [{"cluster": "local", "framework": "vllm", "models": [MODEL],
-                                                 "base_url": simulator.base_url}]}))
-    gateway = ModelServer([sys.executable, "-m", "gateway.cli", "serve", "--port", "{port}", "--config", str(config),
-                           "--log-level", "warning"], health_path="/resource_server/health",
-                          env={"INFERENCE_GATEWAY_DEV_TOKEN": TOKEN, "INFERENCE_GATEWAY_STATE_DIR": str(work)},
-                          log_path=work / "gateway.log")
+    config.write_text(
+        json.dumps(
+            {
+                "endpoints": [
+                    {"cluster": "local", "framework": "vllm", "models": [MODEL], "base_url": simulator.base_url}
+                ]
+            }
+        )
+    )
+    gateway = ModelServer(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "serve",
+            "--port",
+            "{port}",
+            "--config",
+            str(config),
+            "--log-level",
+            "warning",
+        ],
+        health_path="/resource_server/health",
+        env={"INFERENCE_GATEWAY_DEV_TOKEN": TOKEN, "INFERENCE_GATEWAY_STATE_DIR": str(work)},
+        log_path=work / "gateway.log",
+    )
     gateway.start(timeout=60)
     assert gateway.process is not None
-    urls = {"direct": f"{simulator.base_url}/chat/completions",
-            "gateway": f"http://127.0.0.1:{gateway.port}/resource_server/v1/chat/completions"}
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Explain quantum computing"}],
-            "max_tokens": args.chunks}
+    urls = {
+        "direct": f"{simulator.base_url}/chat/completions",
+        "gateway": f"http://127.0.0.1:{gateway.port}/resource_server/v1/chat/completions",
+    }
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Explain quantum computing"}],
+        "max_tokens": args.chunks,
+    }
     results: dict[str, dict[str, float]] = {}
     try:
         for mode, extra in (("whole", {}), ("streamed", {"stream": True})):
@@ -106,18 +162,26 @@ def main() -> int:
                 wrk(url, {**body, **extra}, args.connections, 2, work)  # warm-up
                 results[f"{mode}/{target}"] = wrk(url, {**body, **extra}, args.connections, args.duration, work)
         for target, url in urls.items():
-            results[f"streamed/{target}"]["ttft_p50_ms"] = ttft(url, args.connections, args.ttft_prompts,
-                                                                args.chunks, work)
+            results[f"streamed/{target}"]["ttft_p50_ms"] = ttft(
+                url, args.connections, args.ttft_prompts, args.chunks, work
+            )
         rss = peak_rss_mb(gateway.process.pid)
     finally:
         gateway.stop()
         simulator.stop()
 
-    print(f"{args.connections} connections, {args.duration} s per run, {args.chunks} tokens per answer "
-          f"(streamed: {args.chunks} content chunks)\n")
+    print(
+        f"{args.connections} connections, {args.duration} s per run, {args.chunks} tokens per answer "
+        f"(streamed: {args.chunks} content chunks)\n"
+    )
     print(f"{'run':<20}{'direct':>12}{'gateway':>12}{'ratio':>9}")
     for mode in ("whole", "streamed"):
-        for key, label in (("rps", "req/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("ttft_p50_ms", "TTFT p50 ms")):
+        for key, label in (
+            ("rps", "req/s"),
+            ("p50_ms", "p50 ms"),
+            ("p99_ms", "p99 ms"),
+            ("ttft_p50_ms", "TTFT p50 ms"),
+        ):
             direct, through = results[f"{mode}/direct"].get(key), results[f"{mode}/gateway"].get(key)
             if direct is None or through is None:
                 continue

@@ -34,7 +34,12 @@ def simulator(*args: str, models: tuple[str, ...] = ("facebook/opt-125m",), port
 
 @contextmanager
 def gateway(
-    config: dict[str, Any], tmp_path: Path, *, token: str = TOKEN, env: dict[str, str] | None = None
+    config: dict[str, Any],
+    tmp_path: Path,
+    *,
+    token: str = TOKEN,
+    env: dict[str, str] | None = None,
+    log_level: str = "warning",
 ) -> Iterator[ModelServer]:
     """The gateway as a real ``inference-gateway serve`` process with ``config``."""
     config_file = tmp_path / f"gateway-{os.urandom(4).hex()}.yaml"
@@ -50,7 +55,7 @@ def gateway(
             "--config",
             str(config_file),
             "--log-level",
-            "warning",
+            log_level,
         ],
         health_path="/resource_server/health",
         env={
@@ -135,29 +140,52 @@ class ScriptedBackend:
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 backend.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
                 if backend.api_key and self.headers.get("authorization") != f"Bearer {backend.api_key}":
-                    error = {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
-                                       "code": "invalid_api_key", "param": None}}
+                    error = {
+                        "error": {
+                            "message": "Incorrect API key provided.",
+                            "type": "invalid_request_error",
+                            "code": "invalid_api_key",
+                            "param": None,
+                        }
+                    }
                     self._send(401, json.dumps(error).encode())
                     return
                 model = body.get("model", "")
                 if model.startswith("status-"):
                     status = int(model.removeprefix("status-"))
-                    error = {"error": {"message": f"scripted failure {status}", "type": "scripted",
-                                       "code": f"scripted_{status}", "param": None}}
+                    error = {
+                        "error": {
+                            "message": f"scripted failure {status}",
+                            "type": "scripted",
+                            "code": f"scripted_{status}",
+                            "param": None,
+                        }
+                    }
                     self._send(status, json.dumps(error).encode())
                 elif model == "not-json":
                     self._send(200, b"<html>proxy error</html>", "text/html")
                 elif model == "plain-stream":
                     self._send(200, b"hello", "text/plain")
                 elif body.get("stream"):
-                    chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": model,
-                             "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}
+                    chunk = {
+                        "id": "x",
+                        "object": "chat.completion.chunk",
+                        "created": 0,
+                        "model": model,
+                        "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}],
+                    }
                     self._send(200, f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode(), "text/event-stream")
                 else:
-                    answer = {"id": "x", "object": "chat.completion", "created": 0, "model": model,
-                              "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
-                                           "finish_reason": "stop"}],
-                              "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+                    answer = {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": model,
+                        "choices": [
+                            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+                        ],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                    }
                     self._send(200, json.dumps(answer).encode())
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)

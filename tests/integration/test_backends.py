@@ -14,8 +14,17 @@ from compute_functions.model_server import ModelServer
 from tests.support import TOKEN, ScriptedBackend, api_url, direct_config, endpoint, gateway
 
 MESSAGES = [{"role": "user", "content": "What is machine learning?"}]
-SCRIPTED = ["status-400", "status-404", "status-422", "status-429", "status-500", "status-503", "not-json",
-            "plain-stream", "fine"]
+SCRIPTED = [
+    "status-400",
+    "status-404",
+    "status-422",
+    "status-429",
+    "status-500",
+    "status-503",
+    "not-json",
+    "plain-stream",
+    "fine",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,20 +40,31 @@ def openai_like() -> Iterator[ScriptedBackend]:
 
 
 @pytest.fixture(scope="module")
-def front(scripted: ScriptedBackend, openai_like: ScriptedBackend,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
+def front(
+    scripted: ScriptedBackend, openai_like: ScriptedBackend, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ModelServer]:
     config = direct_config(
         endpoint(scripted.base_url, SCRIPTED),
-        endpoint(openai_like.base_url, ["openai/gpt-4o-mini"], cluster="openai", framework="api", kind="openai",
-                 api_key_env="TEST_OPENAI_KEY"),
+        endpoint(
+            openai_like.base_url,
+            ["openai/gpt-4o-mini"],
+            cluster="openai",
+            framework="api",
+            kind="openai",
+            api_key_env="TEST_OPENAI_KEY",
+        ),
     )
     with gateway(config, tmp_path_factory.mktemp("backends"), env={"TEST_OPENAI_KEY": "sk-test-key"}) as server:
         yield server
 
 
 def post(front: ModelServer, model: str, **extra: object) -> httpx.Response:
-    return httpx.post(f"{api_url(front)}/chat/completions", headers={"authorization": f"Bearer {TOKEN}"},
-                      json={"model": model, "messages": MESSAGES, **extra}, timeout=30)
+    return httpx.post(
+        f"{api_url(front)}/chat/completions",
+        headers={"authorization": f"Bearer {TOKEN}"},
+        json={"model": model, "messages": MESSAGES, **extra},
+        timeout=30,
+    )
 
 
 @pytest.mark.parametrize("status", [400, 404, 422, 429])
@@ -62,11 +82,14 @@ def test_upstream_429_is_a_rate_limit_error_for_the_sdk(front: ModelServer) -> N
         client.chat.completions.create(model="status-429", messages=MESSAGES)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("model", "status", "code"), [
-    ("status-500", 502, "upstream_error"),
-    ("not-json", 502, "bad_gateway"),
-    ("status-503", 503, "backend_unavailable"),
-])
+@pytest.mark.parametrize(
+    ("model", "status", "code"),
+    [
+        ("status-500", 502, "upstream_error"),
+        ("not-json", 502, "bad_gateway"),
+        ("status-503", 503, "backend_unavailable"),
+    ],
+)
 def test_upstream_failures_map_to_5xx(front: ModelServer, model: str, status: int, code: str) -> None:
     response = post(front, model)
     assert response.status_code == status and response.json()["error"]["code"] == code

@@ -64,11 +64,20 @@ GUIDE_CURLS = [
 def default_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModelServer, str]]:
     state = tmp_path_factory.mktemp("default-state")
     env = {"INFERENCE_GATEWAY_STATE_DIR": str(state), "INFERENCE_GATEWAY_DEV_TOKEN": ""}
-    server = ModelServer([sys.executable, "-m", "gateway.cli", "serve", "--port", "{port}"],
-                         health_path="/resource_server/health", env=env, log_path=state / "serve.log")
+    server = ModelServer(
+        [sys.executable, "-m", "gateway.cli", "serve", "--port", "{port}"],
+        health_path="/resource_server/health",
+        env=env,
+        log_path=state / "serve.log",
+    )
     server.start(timeout=60)
-    token = subprocess.run([sys.executable, "-m", "gateway.cli", "dev-token"], capture_output=True, text=True,
-                           env={**os.environ, **env}, check=True).stdout.strip()
+    token = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "dev-token"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        check=True,
+    ).stdout.strip()
     try:
         yield server, token
     finally:
@@ -80,8 +89,13 @@ def default_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
 def test_usage_guide_curl(default_gateway: tuple[ModelServer, str], command: str) -> None:
     server, token = default_gateway
     command = command.replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")
-    result = subprocess.run(["bash", "-c", command + " --silent --show-error --fail-with-body"],
-                            capture_output=True, text=True, env={**os.environ, "MY_TOKEN": token}, timeout=60)
+    result = subprocess.run(
+        ["bash", "-c", command + " --silent --show-error --fail-with-body"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MY_TOKEN": token},
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     answer = json.loads(result.stdout)
     assert answer["choices"] and answer["usage"]["completion_tokens"] > 0
@@ -93,13 +107,18 @@ def test_usage_guide_python_examples(default_gateway: tuple[ModelServer, str]) -
     stream = client.chat.completions.create(
         model="facebook/opt-125m", messages=[{"role": "user", "content": "Explain quantum computing"}], stream=True
     )
-    printed = "".join(chunk.choices[0].delta.content for chunk in stream
-                      if chunk.choices and chunk.choices[0].delta.content is not None)
+    printed = "".join(
+        chunk.choices[0].delta.content
+        for chunk in stream
+        if chunk.choices and chunk.choices[0].delta.content is not None
+    )
     assert printed
     response = client.chat.completions.create(
         model="meta-llama/Meta-Llama-3-8B-Instruct",
-        messages=[{"role": "system", "content": "You are a helpful assistant."},
-                  {"role": "user", "content": "What is machine learning?"}],
+        messages=[
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is machine learning?"},
+        ],
         max_tokens=200,
     )
     assert response.choices[0].message.content

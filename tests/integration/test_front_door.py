@@ -55,8 +55,9 @@ def client(front: ModelServer) -> openai.OpenAI:
 
 @pytest.fixture
 def http(front: ModelServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=f"http://127.0.0.1:{front.port}",
-                      headers={"authorization": f"Bearer {TOKEN}"}, timeout=30) as session:
+    with httpx.Client(
+        base_url=f"http://127.0.0.1:{front.port}", headers={"authorization": f"Bearer {TOKEN}"}, timeout=30
+    ) as session:
         yield session
 
 
@@ -80,9 +81,15 @@ def test_chat_completion_whole(client: openai.OpenAI) -> None:
 def test_chat_with_system_prompt_and_advanced_parameters(client: openai.OpenAI) -> None:
     response = client.chat.completions.create(
         model=LLAMA,
-        messages=[{"role": "system", "content": "You are a helpful assistant."},
-                  {"role": "user", "content": "Write a story"}],
-        max_tokens=500, temperature=0.7, top_p=0.9, stream=False, stop=["\n\n"],
+        messages=[
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Write a story"},
+        ],
+        max_tokens=500,
+        temperature=0.7,
+        top_p=0.9,
+        stream=False,
+        stop=["\n\n"],
     )
     assert response.choices[0].finish_reason in {"stop", "length"}
 
@@ -101,7 +108,9 @@ def test_completions(client: openai.OpenAI) -> None:
 
 def test_chat_stream_sync(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Explain quantum computing"}], stream=True,
+        model=MODEL,
+        messages=[{"role": "user", "content": "Explain quantum computing"}],
+        stream=True,
         max_tokens=20,
     )
     pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
@@ -109,8 +118,9 @@ def test_chat_stream_sync(client: openai.OpenAI) -> None:
 
 
 def test_stream_usage_kept_when_asked(client: openai.OpenAI) -> None:
-    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, stream=True, max_tokens=7,
-                                            stream_options={"include_usage": True})  # type: ignore[arg-type]
+    stream = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, stream=True, max_tokens=7, stream_options={"include_usage": True}
+    )  # type: ignore[arg-type]
     chunks = list(stream)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 7
 
@@ -127,7 +137,9 @@ async def test_async_client_whole_and_streamed(front: ModelServer) -> None:
         client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8),  # type: ignore[arg-type]
         client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, stream=True),  # type: ignore[arg-type]
     )
-    pieces = [chunk.choices[0].delta.content async for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+    pieces = [
+        chunk.choices[0].delta.content async for chunk in stream if chunk.choices and chunk.choices[0].delta.content
+    ]
     assert whole.choices[0].message.content == "".join(pieces)
     await client.close()
 
@@ -151,14 +163,23 @@ def test_list_endpoints_and_health(http: httpx.Client) -> None:
 
 
 def test_other_fields_pass_through_unchanged(client: openai.OpenAI) -> None:
-    response = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, seed=7,
-                                              presence_penalty=0.5, extra_body={"top_k": 5, "ignore_eos": True})  # type: ignore[arg-type]
+    response = client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        max_tokens=4,
+        seed=7,
+        presence_penalty=0.5,
+        extra_body={"top_k": 5, "ignore_eos": True},
+    )  # type: ignore[arg-type]
     assert response.usage is not None and response.usage.completion_tokens == 4
 
 
 def test_request_id_is_returned(http: httpx.Client) -> None:
-    given = http.post("/resource_server/v1/chat/completions", headers={"x-request-id": "abc-123"},
-                      json={"model": MODEL, "messages": QUESTION, "max_tokens": 1})
+    given = http.post(
+        "/resource_server/v1/chat/completions",
+        headers={"x-request-id": "abc-123"},
+        json={"model": MODEL, "messages": QUESTION, "max_tokens": 1},
+    )
     assert given.headers["x-request-id"] == "abc-123"
     made = http.post("/resource_server/v1/chat/completions", json={"model": MODEL, "messages": QUESTION})
     assert len(made.headers["x-request-id"]) >= 16
@@ -195,13 +216,16 @@ def test_bad_parameters_are_400(http: httpx.Client, body: dict[str, object], par
     assert error["param"] == param and error["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize(("path", "body", "param"), [
-    ("/resource_server/v1/completions", {"model": MODEL}, "prompt"),
-    ("/resource_server/v1/completions", {"model": MODEL, "prompt": [1, "a"]}, "prompt"),
-    ("/resource_server/v1/embeddings", {"model": MODEL}, "input"),
-    ("/resource_server/v1/embeddings", {"model": MODEL, "input": ""}, "input"),
-    ("/resource_server/v1/embeddings", {"model": MODEL, "input": "x", "stream": True}, "stream"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/resource_server/v1/completions", {"model": MODEL}, "prompt"),
+        ("/resource_server/v1/completions", {"model": MODEL, "prompt": [1, "a"]}, "prompt"),
+        ("/resource_server/v1/embeddings", {"model": MODEL}, "input"),
+        ("/resource_server/v1/embeddings", {"model": MODEL, "input": ""}, "input"),
+        ("/resource_server/v1/embeddings", {"model": MODEL, "input": "x", "stream": True}, "stream"),
+    ],
+)
 def test_bad_parameters_on_other_routes(http: httpx.Client, path: str, body: dict[str, object], param: str) -> None:
     response = http.post(path, json=body)
     assert response.status_code == 400 and error_of(response)["param"] == param
@@ -209,16 +233,18 @@ def test_bad_parameters_on_other_routes(http: httpx.Client, path: str, body: dic
 
 @pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b"\xff\xfe"])
 def test_invalid_json_is_400(http: httpx.Client, raw: bytes) -> None:
-    response = http.post("/resource_server/v1/chat/completions", content=raw,
-                         headers={"content-type": "application/json"})
+    response = http.post(
+        "/resource_server/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400 and error_of(response)["code"] == "invalid_json"
 
 
 @pytest.mark.parametrize("header", [None, "Bearer wrong-token", "Basic dXNlcjpwYXNz", "Bearer", "Bearer a b"])
 def test_missing_or_wrong_token_is_401(front: ModelServer, header: str | None) -> None:
     headers = {"authorization": header} if header else {}
-    response = httpx.post(f"{api_url(front)}/chat/completions", headers=headers,
-                          json={"model": MODEL, "messages": QUESTION})
+    response = httpx.post(
+        f"{api_url(front)}/chat/completions", headers=headers, json={"model": MODEL, "messages": QUESTION}
+    )
     assert response.status_code == 401
     error = error_of(response)
     assert error["type"] == "authentication_error"
@@ -232,20 +258,23 @@ def test_openai_client_sees_401_as_authentication_error(front: ModelServer) -> N
 
 
 def test_endpoint_the_caller_may_not_use_is_403(http: httpx.Client) -> None:
-    response = http.post("/resource_server/secure/vllm/v1/chat/completions",
-                         json={"model": "restricted-model", "messages": QUESTION})
+    response = http.post(
+        "/resource_server/secure/vllm/v1/chat/completions", json={"model": "restricted-model", "messages": QUESTION}
+    )
     assert response.status_code == 403 and error_of(response)["type"] == "permission_error"
 
 
-@pytest.mark.parametrize(("path", "model", "code"), [
-    ("/resource_server/v1/chat/completions", "no/such-model", "model_not_found"),
-    ("/resource_server/nowhere/vllm/v1/chat/completions", MODEL, "cluster_not_found"),
-    ("/resource_server/local/sglang/v1/chat/completions", MODEL, "framework_not_found"),
-    ("/resource_server/local/vllm/v1/chat/completions", "no/such-model", "model_not_found"),
-    ("/resource_server/v2/chat/completions", MODEL, "route_not_found"),
-])
-def test_unknown_model_cluster_framework_or_route_is_404(http: httpx.Client, path: str, model: str,
-                                                         code: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "model", "code"),
+    [
+        ("/resource_server/v1/chat/completions", "no/such-model", "model_not_found"),
+        ("/resource_server/nowhere/vllm/v1/chat/completions", MODEL, "cluster_not_found"),
+        ("/resource_server/local/sglang/v1/chat/completions", MODEL, "framework_not_found"),
+        ("/resource_server/local/vllm/v1/chat/completions", "no/such-model", "model_not_found"),
+        ("/resource_server/v2/chat/completions", MODEL, "route_not_found"),
+    ],
+)
+def test_unknown_model_cluster_framework_or_route_is_404(http: httpx.Client, path: str, model: str, code: str) -> None:
     response = http.post(path, json={"model": model, "messages": QUESTION})
     assert response.status_code == 404 and error_of(response)["code"] == code
 
@@ -276,8 +305,7 @@ def test_body_over_the_limit_is_413(http: httpx.Client) -> None:
 
 
 def test_backend_offline_is_503(http: httpx.Client) -> None:
-    response = http.post("/resource_server/v1/chat/completions",
-                         json={"model": "offline-model", "messages": QUESTION})
+    response = http.post("/resource_server/v1/chat/completions", json={"model": "offline-model", "messages": QUESTION})
     assert response.status_code == 503
     assert error_of(response)["code"] == "backend_unavailable"
     assert response.headers["retry-after"]
@@ -302,18 +330,27 @@ def test_failover_to_another_endpoint_when_one_is_down(tmp_path: Path, backend: 
 
 
 def test_upstream_timeout_is_504(tmp_path: Path) -> None:
-    with simulator("--ttft", "3") as slow, gateway(direct_config(endpoint(slow.base_url), request_timeout=0.5),
-                                                   tmp_path) as server:
-        response = httpx.post(f"{api_url(server)}/chat/completions", headers={"authorization": f"Bearer {TOKEN}"},
-                              json={"model": MODEL, "messages": QUESTION}, timeout=30)
+    with (
+        simulator("--ttft", "3") as slow,
+        gateway(direct_config(endpoint(slow.base_url), request_timeout=0.5), tmp_path) as server,
+    ):
+        response = httpx.post(
+            f"{api_url(server)}/chat/completions",
+            headers={"authorization": f"Bearer {TOKEN}"},
+            json={"model": MODEL, "messages": QUESTION},
+            timeout=30,
+        )
     assert response.status_code == 504 and error_of(response)["code"] == "upstream_timeout"
 
 
 def _stream_lines(server: ModelServer, max_tokens: int) -> httpx.Response:
     client = httpx.Client(timeout=30)
     request = client.build_request(
-        "POST", f"{api_url(server)}/chat/completions", headers={"authorization": f"Bearer {TOKEN}"},
-        json={"model": MODEL, "messages": QUESTION, "max_tokens": max_tokens, "stream": True})
+        "POST",
+        f"{api_url(server)}/chat/completions",
+        headers={"authorization": f"Bearer {TOKEN}"},
+        json={"model": MODEL, "messages": QUESTION, "max_tokens": max_tokens, "stream": True},
+    )
     return client.send(request, stream=True)
 
 
@@ -358,8 +395,14 @@ def test_client_disconnect_cancels_the_upstream_request(tmp_path: Path) -> None:
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=REPO, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+        timeout=60,
+    )
 
 
 def test_check_config_accepts_the_embedded_default() -> None:
@@ -369,8 +412,10 @@ def test_check_config_accepts_the_embedded_default() -> None:
 
 def test_check_config_names_the_bad_key_and_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("endpoints:\n  - cluster: local\n    framework: vllm\n    models: [m]\n"
-                   "    base_url: http://127.0.0.1:1/v1\n    transport: carrier-pigeon\n")
+    bad.write_text(
+        "endpoints:\n  - cluster: local\n    framework: vllm\n    models: [m]\n"
+        "    base_url: http://127.0.0.1:1/v1\n    transport: carrier-pigeon\n"
+    )
     result = _cli("check-config", str(bad))
     assert result.returncode == 2
     assert "line 6" in result.stderr and "endpoints.0.transport" in result.stderr
