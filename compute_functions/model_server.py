@@ -29,7 +29,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ModelServer:
     """One model server started from a command template, in its own process group.
 
-    The template's ``{python}``, ``{host}`` and ``{port}`` are filled in. The
+    The template's ``{python}``, ``{host}``, ``{port}`` and ``{model}`` are filled in. The
     whole process group is stopped, because servers such as vLLM leave engine
     processes behind when only the parent is killed.
     """
@@ -43,10 +43,11 @@ class ModelServer:
         health_path: str = "/health",
         env: Mapping[str, str] | None = None,
         log_path: Path | None = None,
+        model: str = "",
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
-        values = {"python": sys.executable, "host": host, "port": str(self.port)}
+        values = {"python": sys.executable, "host": host, "port": str(self.port), "model": model}
         self.command = [part.format(**values) for part in command]
         self.health_url = f"http://{host}:{self.port}{health_path}"
         self.env = dict(env or {})

@@ -7,14 +7,16 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.api import catalog, inference
+from gateway.api import admin, catalog, identity, inference, monitoring
 from gateway.api.responses import request_id
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_response
+from gateway.observability.middleware import ObservingMiddleware
 from gateway.runtime import Runtime
 
 CLUSTER = "/resource_server/{cluster}/{framework}/v1"
@@ -29,6 +31,13 @@ ROUTES = [
     Route(f"{CLUSTER}/embeddings", inference.embeddings, methods=["POST"]),
     Route("/resource_server/list-endpoints", catalog.list_endpoints, methods=["GET"]),
     Route("/resource_server/health", catalog.health, methods=["GET"]),
+    Route("/resource_server/ready", monitoring.ready, methods=["GET"]),
+    Route("/resource_server/admin/usage", admin.usage, methods=["GET"]),
+    Route("/metrics", monitoring.metrics, methods=["GET"]),
+    Route("/resource_server/whoami", identity.whoami, methods=["GET"]),
+    Route("/resource_server/status", catalog.cluster_status, methods=["GET"]),
+    Route("/resource_server/{cluster}/models", catalog.cluster_models, methods=["GET"]),
+    Route("/resource_server/{cluster}/jobs", catalog.cluster_jobs, methods=["GET"]),
 ]
 
 
@@ -58,6 +67,11 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
         finally:
             await runtime.close()
 
-    app = Starlette(routes=ROUTES, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
+    app = Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error},
+        middleware=[Middleware(ObservingMiddleware, runtime=runtime)],
+    )
     app.state.runtime = runtime
     return app

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from gateway.config import DEFAULT_CONFIG, ConfigError, load_config
@@ -13,9 +12,10 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.observability.logs import configure_logging
 
     config = load_config(args.config)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.logging, args.log_level)
     uvicorn.run(
         create_app(config),
         host=args.host,
@@ -23,6 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
         loop="uvloop",
         http="httptools",
         access_log=False,
+        log_config=None,
         log_level=args.log_level,
         timeout_graceful_shutdown=10,
     )
@@ -44,6 +45,79 @@ def _dev_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_functions(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.dispatch.globus import sdk_client
+    from gateway.dispatch.registration import register_into_file
+
+    try:
+        register_into_file(Path(args.config), sdk_client(), args.endpoint)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        print(f"error: Globus Compute refused the registration: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gateway.accounting.report import as_csv, as_table, parse_day, parse_dimensions
+    from gateway.storage.database import Database, DatabaseUnavailable
+
+    config = load_config(args.config)
+    try:
+        by = parse_dimensions(args.by)
+        since = parse_day(args.since) if args.since else None
+        until = parse_day(args.until) if args.until else None
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    database = Database(config.database.resolved_url(config.state_dir()), timeout=config.database.timeout)
+
+    async def report() -> list[dict[str, object]]:
+        try:
+            return await database.usage_report(by, since, until)
+        finally:
+            await database.close()
+
+    try:
+        rows = asyncio.run(report())
+    except DatabaseUnavailable as exc:
+        print(f"error: cannot read the usage log at {database.url!r}: {exc}", file=sys.stderr)
+        return 1
+    print((as_csv if args.format == "csv" else as_table)(rows, by), end="")
+    return 0
+
+
+def _maintenance(args: argparse.Namespace) -> int:
+    from gateway.federation.tracker import MAINTENANCE_FILE, read_maintenance, write_maintenance
+
+    config = load_config(args.config)
+    clusters = {endpoint.cluster for endpoint in config.endpoints}
+    path = config.state_dir() / MAINTENANCE_FILE
+    current = read_maintenance(path)
+    if args.cluster is not None:
+        if args.cluster not in clusters:
+            print(
+                f"error: no endpoint is on cluster '{args.cluster}' (known: {', '.join(sorted(clusters))})",
+                file=sys.stderr,
+            )
+            return 2
+        if args.off:
+            current.pop(args.cluster, None)
+        else:
+            current[args.cluster] = args.message
+        write_maintenance(path, current)
+    configured = config.federation.maintenance
+    for cluster in sorted(clusters):
+        message = current.get(cluster, configured.get(cluster))
+        print(f"{cluster}: {'maintenance: ' + message if message is not None else 'in service'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inference-gateway", description="OpenAI-compatible inference gateway.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +136,39 @@ def build_parser() -> argparse.ArgumentParser:
     token = commands.add_parser("dev-token", help="print the dev bearer token (created on first use)")
     token.add_argument("--config", default=None)
     token.set_defaults(run=_dev_token)
+
+    maintenance = commands.add_parser(
+        "maintenance",
+        help="put a cluster under maintenance or back in service (running gateways notice within one status "
+        "interval); without a cluster, list each cluster's state",
+    )
+    maintenance.add_argument("cluster", nargs="?")
+    maintenance.add_argument("--off", action="store_true", help="back in service")
+    maintenance.add_argument("--message", default="scheduled maintenance")
+    maintenance.add_argument("--config", default=None)
+    maintenance.set_defaults(run=_maintenance)
+
+    usage = commands.add_parser("usage", help="report requests and tokens from the usage log")
+    usage.add_argument("--config", default=None)
+    usage.add_argument("--by", default="user,model,day", help="group by any of user,model,day,cluster,endpoint")
+    usage.add_argument("--since", default=None, help="from this UTC day (YYYY-MM-DD) or time on")
+    usage.add_argument("--until", default=None, help="up to (not including) this UTC day or time")
+    usage.add_argument("--format", default="table", choices=["table", "csv"])
+    usage.set_defaults(run=_usage)
+
+    register = commands.add_parser(
+        "register-functions",
+        help="register the compute functions with Globus Compute and write their ids into the registry file",
+    )
+    register.add_argument("--config", required=True, help="the registry YAML to update")
+    register.add_argument(
+        "--endpoint",
+        action="append",
+        default=[],
+        metavar="CLUSTER/FRAMEWORK",
+        help="update only this globus endpoint (repeatable; default: every globus endpoint)",
+    )
+    register.set_defaults(run=_register_functions)
     return parser
 
 

@@ -7,18 +7,39 @@ operator can fix it without reading this module.
 from __future__ import annotations
 
 import os
+from ipaddress import ip_network
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from uuid import UUID
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "endpoint_configs" / "local.yaml"
 
 
+# Path segments after /resource_server/ that belong to the gateway's own routes.
+RESERVED_CLUSTER_NAMES = frozenset(
+    {"v1", "admin", "internal", "health", "ready", "status", "whoami", "list-endpoints", "metrics"}
+)
+
+
 class ConfigError(Exception):
     """A configuration file that cannot be used; the message names the file, key and line."""
+
+
+# Identity-provider domains compare case-insensitively, as DNS names do.
+Domains = Annotated[list[str], AfterValidator(lambda domains: [domain.lower() for domain in domains])]
 
 
 class _Strict(BaseModel):
@@ -37,9 +58,58 @@ class DevAuthSettings(_Strict):
     username: str = "dev-user"
 
 
+class AuthCacheSettings(_Strict):
+    """How long verdicts on tokens are kept, and whether replicas share them through Redis."""
+
+    seconds: float = Field(default=600.0, gt=0)
+    refusal_seconds: float = Field(default=30.0, ge=0)
+    max_entries: int = Field(default=100_000, ge=1)
+    redis_url: str | None = None
+    redis_url_env: str = "INFERENCE_GATEWAY_REDIS_URL"
+    redis_prefix: str = "inference-gateway:auth:"
+
+    def resolved_redis_url(self) -> str | None:
+        return os.environ.get(self.redis_url_env) or self.redis_url
+
+
+class GlobusAuthSettings(_Strict):
+    """Globus Auth token introspection and who it lets in.
+
+    The gateway's client id and secret never live in this file: they come from
+    the variables named here or from ``secrets_file``.
+    """
+
+    client_id_env: str = "INFERENCE_GATEWAY_GLOBUS_CLIENT_ID"
+    client_secret_env: str = "INFERENCE_GATEWAY_GLOBUS_CLIENT_SECRET"
+    secrets_file: str | None = None
+    scope: str | None = None
+    session_policies: list[str] = Field(default_factory=list)
+    allowed_domains: Domains = Field(default_factory=list)
+    required_groups: list[str] = Field(default_factory=list)
+    service_accounts: list[str] = Field(default_factory=list)
+    fetch_groups: bool | None = None
+    timeout: float = Field(default=5.0, gt=0)
+    cache: AuthCacheSettings = Field(default_factory=AuthCacheSettings)
+
+    @model_validator(mode="after")
+    def _groups_readable(self) -> GlobusAuthSettings:
+        if self.required_groups and self.fetch_groups is False:
+            raise ValueError("required_groups needs the caller's groups: remove fetch_groups: false")
+        return self
+
+
+class AccessSettings(_Strict):
+    """Who may use one cluster: members of any of ``allowed_groups``, from any of ``allowed_domains``."""
+
+    allowed_groups: list[str] = Field(default_factory=list)
+    allowed_domains: Domains = Field(default_factory=list)
+
+
 class AuthSettings(_Strict):
-    providers: list[Literal["dev"]] = Field(default_factory=lambda: ["dev"], min_length=1)  # type: ignore[arg-type]
+    providers: list[Literal["dev", "globus"]] = Field(default_factory=lambda: ["dev"], min_length=1)  # type: ignore[arg-type]
     dev: DevAuthSettings = Field(default_factory=DevAuthSettings)
+    globus: GlobusAuthSettings = Field(default_factory=GlobusAuthSettings)
+    clusters: dict[str, AccessSettings] = Field(default_factory=dict)
 
 
 class ModelServerSettings(_Strict):
@@ -54,21 +124,124 @@ class ModelServerSettings(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
 
 
+class WorkerModelServerSettings(_Strict):
+    """How the workers of a ``parsl`` or ``globus`` endpoint start its model server on their node.
+
+    ``command`` is a template: ``{python}`` (the worker's interpreter), ``{host}``, ``{port}`` and ``{model}`` (the
+    model the request names) are filled in. Worker processes on one node share one server per filled-in command.
+    """
+
+    command: list[str] = Field(min_length=1)
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+    health_path: str = "/health"
+    startup_timeout: float = Field(default=600.0, gt=0)
+    idle_timeout: float = Field(default=1800.0, gt=0)
+    env: dict[str, str] = Field(default_factory=dict)
+    state_dir: str | None = None
+
+
+_PARSL_PROVIDER_KEYS = ("init_blocks", "min_blocks", "max_blocks", "worker_init", "launcher")
+
+
+class ParslSettings(_Strict):
+    """The Parsl executor of a ``parsl`` endpoint: where its workers come from and how many run per node."""
+
+    provider: Literal["local", "slurm", "pbspro"] = "local"
+    provider_options: dict[str, Any] = Field(default_factory=dict)
+    launcher: Literal["single_node", "simple", "srun", "mpiexec", "aprun"] | None = None
+    max_workers_per_node: int = Field(default=4, ge=1)
+    init_blocks: int = Field(default=1, ge=0)
+    min_blocks: int = Field(default=0, ge=0)
+    max_blocks: int = Field(default=1, ge=1)
+    worker_init: str = ""
+    heartbeat_period: int = Field(default=30, ge=1)
+    heartbeat_threshold: int = Field(default=120, ge=2)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ParslSettings:
+        if not self.min_blocks <= self.init_blocks <= self.max_blocks:
+            raise ValueError("blocks must satisfy min_blocks <= init_blocks <= max_blocks")
+        if self.heartbeat_threshold <= self.heartbeat_period:
+            raise ValueError("heartbeat_threshold must be longer than heartbeat_period")
+        reserved = sorted(set(self.provider_options) & set(_PARSL_PROVIDER_KEYS))
+        if reserved:
+            raise ValueError(f"set {', '.join(reserved)} as parsl keys, not in provider_options")
+        if self.provider_options:
+            import inspect
+
+            from gateway.dispatch.parsl import PROVIDERS
+
+            accepted = set(inspect.signature(PROVIDERS[self.provider]).parameters)
+            unknown = sorted(set(self.provider_options) - accepted)
+            if unknown:
+                raise ValueError(
+                    f"the {self.provider} provider takes no option {', '.join(unknown)} "
+                    f"(it takes: {', '.join(sorted(accepted - set(_PARSL_PROVIDER_KEYS)))})"
+                )
+        return self
+
+
+class RelaySettings(_Strict):
+    """How workers send streamed answers back: the URL they post to, and Redis when replicas share the relay."""
+
+    # Where workers reach this gateway; by default the address ``serve`` listens on.
+    url: str | None = None
+    redis_url: str | None = None
+    redis_url_env: str = "INFERENCE_GATEWAY_RELAY_REDIS_URL"
+    redis_prefix: str = "inference-gateway:relay:"
+    # The key that signs stream tokens; replicas behind one relay need the same one (in Redis when unset).
+    secret_env: str = "INFERENCE_GATEWAY_RELAY_SECRET"
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/") if value else value
+
+    def resolved_redis_url(self) -> str | None:
+        return os.environ.get(self.redis_url_env) or self.redis_url
+
+
+class ComputeFunctionIds(_Strict):
+    """The ids Globus Compute gave the registered compute functions (``inference-gateway register-functions``)."""
+
+    inference: UUID
+    status: UUID | None = None
+
+
+class GlobusComputeSettings(_Strict):
+    """Where a ``globus`` endpoint's work runs: a Globus Compute endpoint and the registered compute functions."""
+
+    endpoint_id: UUID
+    function_ids: ComputeFunctionIds | None = None
+    task_timeout: float = Field(default=600.0, gt=0)
+    amqp_port: Literal[443, 5671, 5672] | None = None
+    # The SDK delays submissions beyond this many calls per window; its own default (4 per 16 s)
+    # would make interactive requests wait seconds under load.
+    api_burst_limit: int = Field(default=8, ge=1, le=8)
+    api_burst_window: int = Field(default=2, ge=1, le=32)
+
+
 class EndpointSettings(_Strict):
     """One backend serving some models on one cluster with one framework."""
 
     cluster: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     framework: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     models: list[str] = Field(min_length=1)
-    transport: Literal["direct"] = "direct"
+    transport: Literal["direct", "parsl", "globus"] = "direct"
     kind: Literal["vllm", "openai"] = "vllm"
     base_url: str | None = None
     model_server: str | None = None
     api_key_env: str | None = None
     aliases: dict[str, str] = Field(default_factory=dict)
     allowed_groups: list[str] = Field(default_factory=list)
-    allowed_domains: list[str] = Field(default_factory=list)
+    allowed_domains: Domains = Field(default_factory=list)
     max_connections: int = Field(default=1000, ge=1)
+    globus: GlobusComputeSettings | None = None
+    worker_model_server: WorkerModelServerSettings | None = None
+    parsl: ParslSettings | None = None
 
     @field_validator("base_url")
     @classmethod
@@ -79,10 +252,141 @@ class EndpointSettings(_Strict):
 
     @model_validator(mode="after")
     def _one_target(self) -> EndpointSettings:
-        if (self.base_url is None) == (self.model_server is None):
-            raise ValueError("give exactly one of base_url or model_server")
+        if self.transport == "direct":
+            if (self.base_url is None) == (self.model_server is None):
+                raise ValueError("give exactly one of base_url or model_server")
+            if self.worker_model_server is not None:
+                raise ValueError("worker_model_server is for endpoints of transport parsl or globus")
+        else:
+            if self.base_url is not None or self.model_server is not None:
+                raise ValueError(
+                    f"an endpoint of transport {self.transport} takes no base_url or model_server: "
+                    "its workers start the model server from worker_model_server"
+                )
+            launch = self.worker_model_server
+            if launch is None:
+                raise ValueError(f"an endpoint of transport {self.transport} needs worker_model_server")
+            if launch.port and len(self.models) > 1 and any("{model}" in part for part in launch.command):
+                raise ValueError(
+                    "worker_model_server starts one server per model ({model}), so it cannot use one fixed port"
+                )
+        if self.transport == "parsl" and self.parsl is None:
+            self.parsl = ParslSettings()
+        if self.transport != "parsl" and self.parsl is not None:
+            raise ValueError("parsl is only for endpoints of transport parsl")
         if self.kind == "openai" and not self.api_key_env:
             raise ValueError("an endpoint of kind openai needs api_key_env (the variable holding the key)")
+        return self
+
+    @model_validator(mode="after")
+    def _globus_target(self) -> EndpointSettings:
+        if self.transport != "globus":
+            if self.globus is not None:
+                raise ValueError("globus is only for endpoints of transport globus")
+            return self
+        if self.globus is None:
+            raise ValueError("an endpoint of transport globus needs a globus section with its endpoint_id")
+        if self.globus.function_ids is None:
+            raise ValueError(
+                "globus.function_ids is missing: run `inference-gateway register-functions --config <this file>`"
+            )
+        return self
+
+
+class DatabaseSettings(_Strict):
+    """The database that keeps the usage log, and how usage rows travel to it off the request path."""
+
+    url: str | None = None
+    url_env: str = "INFERENCE_GATEWAY_DATABASE_URL"
+    usage_log: bool = True
+    queue_size: int = Field(default=100_000, ge=1)
+    batch_size: int = Field(default=500, ge=1)
+    flush_interval: float = Field(default=1.0, gt=0)
+    retry_interval: float = Field(default=5.0, gt=0)
+    timeout: float = Field(default=10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _async_driver(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
+
+    def resolved_url(self, state_dir: Path) -> str:
+        """The configured URL, or a SQLite file in the state directory."""
+        return os.environ.get(self.url_env) or self.url or f"sqlite+aiosqlite:///{state_dir / 'gateway.db'}"
+
+
+class RateLimit(_Strict):
+    """Limits on one scope (a user, a model, or a user on one model); an absent limit does not apply."""
+
+    requests_per_second: float | None = Field(default=None, gt=0)
+    burst: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    concurrent_requests: int | None = Field(default=None, ge=1)
+
+
+class ModelLimits(_Strict):
+    """A model's limits for all its users together (``total``) and for each user of it (``per_user``)."""
+
+    total: RateLimit = Field(default_factory=RateLimit)
+    per_user: RateLimit = Field(default_factory=RateLimit)
+
+
+class LimitSettings(_Strict):
+    """Rate limits; counted in Redis when a URL is given (shared by replicas), in the process otherwise."""
+
+    redis_url: str | None = None
+    redis_url_env: str = "INFERENCE_GATEWAY_LIMITS_REDIS_URL"
+    redis_prefix: str = "inference-gateway:limits:"
+    assumed_max_tokens: int = Field(default=256, ge=1)
+    defaults: RateLimit = Field(default_factory=RateLimit)
+    users: dict[str, RateLimit] = Field(default_factory=dict)
+    models: dict[str, ModelLimits] = Field(default_factory=dict)
+
+    def resolved_redis_url(self) -> str | None:
+        return os.environ.get(self.redis_url_env) or self.redis_url
+
+
+class LoggingSettings(_Strict):
+    json_lines: bool = Field(default=True, alias="json")
+    access_log: bool = True
+    log_prompts: bool = False
+
+
+class MetricsSettings(_Strict):
+    """``/metrics`` answers callers from ``allow_networks``, and anyone bearing the token in ``token_env``."""
+
+    enabled: bool = True
+    allow_networks: list[IPvAnyNetwork] = Field(default_factory=lambda: [ip_network("127.0.0.0/8"), ip_network("::1")])
+    token_env: str | None = None
+
+
+class AdminSettings(_Strict):
+    """Who may read everyone's usage: these usernames, and members of these groups."""
+
+    users: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list)
+
+
+class FederationSettings(_Strict):
+    """How the gateway learns each endpoint's state and chooses among endpoints serving the same model."""
+
+    status_interval: float = Field(default=10.0, gt=0)
+    status_jitter: float = Field(default=0.2, ge=0, lt=1)
+    status_timeout: float = Field(default=5.0, gt=0)
+    stale_after: float = Field(default=60.0, gt=0)
+    failover_attempts: int = Field(default=3, ge=1)
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_seconds: float = Field(default=30.0, gt=0)
+    when_not_hot: Literal["reject", "hold"] = "reject"
+    retry_after: int = Field(default=30, ge=1)
+    maintenance: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fresh_enough(self) -> FederationSettings:
+        if self.stale_after <= self.status_interval * (1 + self.status_jitter):
+            raise ValueError("stale_after must be longer than the longest status interval")
         return self
 
 
@@ -91,9 +395,19 @@ class GatewayConfig(_Strict):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     model_servers: list[ModelServerSettings] = Field(default_factory=list)
     endpoints: list[EndpointSettings] = Field(min_length=1)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    federation: FederationSettings = Field(default_factory=FederationSettings)
+    relay: RelaySettings = Field(default_factory=RelaySettings)
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
+        for endpoint in self.endpoints:
+            if endpoint.cluster in RESERVED_CLUSTER_NAMES:
+                raise ValueError(f"'{endpoint.cluster}' cannot name a cluster: the gateway's own routes use it")
         names = [server.name for server in self.model_servers]
         if len(names) != len(set(names)):
             raise ValueError("model_servers names must be unique")
@@ -110,6 +424,21 @@ class GatewayConfig(_Strict):
                 if key in seen:
                     raise ValueError(f"model {model!r} is listed twice for {endpoint.cluster}/{endpoint.framework}")
                 seen.add(key)
+        return self
+
+    @model_validator(mode="after")
+    def _cluster_rules(self) -> GatewayConfig:
+        unknown = set(self.auth.clusters) - {endpoint.cluster for endpoint in self.endpoints}
+        if unknown:
+            raise ValueError(f"auth.clusters names clusters no endpoint serves: {', '.join(sorted(unknown))}")
+        return self
+
+    @model_validator(mode="after")
+    def _limited_models(self) -> GatewayConfig:
+        served = {model for endpoint in self.endpoints for model in endpoint.models}
+        unknown = set(self.limits.models) - served
+        if unknown:
+            raise ValueError(f"limits.models names models no endpoint serves: {', '.join(sorted(unknown))}")
         return self
 
     def state_dir(self) -> Path:

@@ -6,15 +6,23 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from compute_functions.model_server import ModelServer
+from gateway.accounting.recorder import UsageRecorder
 from gateway.auth.base import Authenticator
 from gateway.auth.bearer import ProviderChain
 from gateway.auth.dev import DevAuthenticator, dev_token
 from gateway.config import GatewayConfig
 from gateway.dispatch.base import Dispatcher
 from gateway.dispatch.direct import DirectDispatcher
+from gateway.federation.availability import Availability
 from gateway.federation.registry import Endpoint, Registry
+from gateway.federation.tracker import MAINTENANCE_FILE, AvailabilityTracker
+from gateway.limits import build_limiter
+from gateway.observability.logs import AccessLog
+from gateway.observability.metrics import GatewayMetrics
+from gateway.storage.database import Database
 
 log = logging.getLogger("gateway")
 
@@ -43,22 +51,66 @@ class Runtime:
             else:
                 assert settings.base_url is not None
                 base_url = settings.base_url
-            endpoints.append(Endpoint.from_settings(settings, base_url))
+            endpoints.append(Endpoint.from_settings(settings, base_url, config.auth.clusters.get(settings.cluster)))
+        federation = config.federation
+        for endpoint in endpoints:
+            endpoint.stale_after = federation.stale_after
+            endpoint.breaker_failures = federation.breaker_failures
+            endpoint.breaker_seconds = federation.breaker_seconds
         self.registry = Registry(endpoints)
+        self._warming: dict[str, asyncio.Task[Any]] = {}
+        self.tracker = AvailabilityTracker(
+            endpoints,
+            self._status,
+            interval=federation.status_interval,
+            jitter=federation.status_jitter,
+            timeout=federation.status_timeout,
+            maintenance=federation.maintenance,
+            maintenance_file=self.state_dir / MAINTENANCE_FILE,
+        )
         self.dispatchers: dict[str, Dispatcher] = {
             "direct": DirectDispatcher(
                 connect_timeout=config.server.connect_timeout, read_timeout=config.server.request_timeout
             ),
         }
         self.authenticator: Authenticator = ProviderChain([])
+        self.limiter = build_limiter(config.limits)
+        database = config.database
+        self.database = Database(database.resolved_url(self.state_dir), timeout=database.timeout)
+        self.usage = (
+            UsageRecorder(
+                self.database,
+                self.state_dir / "usage-spool.jsonl",
+                queue_size=database.queue_size,
+                batch_size=database.batch_size,
+                flush_interval=database.flush_interval,
+                retry_interval=database.retry_interval,
+            )
+            if database.usage_log
+            else None
+        )
+        self.metrics = GatewayMetrics(self.registry, self.usage, self.limiter)
+        self.access_log = AccessLog(config.logging) if config.logging.access_log else None
 
     def _build_authenticator(self) -> Authenticator:
+        """The configured providers, asked in the order the configuration lists them."""
         providers: list[Authenticator] = []
-        if "dev" in self.config.auth.providers:
-            settings = self.config.auth.dev
-            token = dev_token(self.state_dir, settings.token_env, create=True)
-            assert token is not None
-            providers.append(DevAuthenticator(token, settings.username))
+        for provider in self.config.auth.providers:
+            if provider == "dev":
+                settings = self.config.auth.dev
+                token = dev_token(self.state_dir, settings.token_env, create=True)
+                assert token is not None
+                providers.append(DevAuthenticator(token, settings.username))
+            elif provider == "globus":
+                # Only gateways that use Globus auth pay for importing globus-sdk.
+                from gateway.auth.globus import GlobusAuthenticator
+
+                groups_needed = any(
+                    endpoint.allowed_groups or endpoint.cluster_groups for endpoint in self.registry.endpoints
+                )
+                providers.append(
+                    GlobusAuthenticator.from_settings(self.config.auth.globus, groups_needed=groups_needed)
+                )
         return ProviderChain(providers)
 
     async def start(self) -> None:
@@ -72,6 +124,12 @@ class Runtime:
             log.info("model server %s is up at %s", name, server.base_url)
         for dispatcher in self.dispatchers.values():
             await dispatcher.start()
+        await self.tracker.start()
+        await self.limiter.start()
+        if self.usage is not None:
+            await self.usage.start()
+        if self.access_log is not None:
+            await self.access_log.start()
         if "dev" in self.config.auth.providers:
             print(
                 "Dev auth is on. Export the token with:\n  export MY_TOKEN=$(inference-gateway dev-token)",
@@ -80,11 +138,42 @@ class Runtime:
             )
 
     async def close(self) -> None:
+        await self.tracker.close()
+        for task in self._warming.values():
+            task.cancel()
         for dispatcher in self.dispatchers.values():
             await dispatcher.close()
         for server in self.model_servers.values():
             await asyncio.to_thread(server.stop)
         await self.authenticator.close()
+        if self.usage is not None:
+            await self.usage.close()
+        await self.database.close()
+        await self.limiter.close()
+        if self.access_log is not None:
+            await self.access_log.close()
 
     def dispatcher(self, endpoint: Endpoint) -> Dispatcher:
         return self.dispatchers[endpoint.transport]
+
+    def warm_up(self, endpoint: Endpoint, backend_model: str) -> None:
+        """Start ``backend_model`` on ``endpoint`` in the background with a one-token request, once at a time.
+
+        On the ``parsl`` and ``globus`` transports the compute function launches the model server
+        (submitting its job where the site schedules one) before it answers, so any request starts it.
+        """
+        if endpoint.id in self._warming:
+            return
+        payload = {"model": backend_model, "prompt": "warm-up", "max_tokens": 1}
+        task = asyncio.create_task(self.dispatcher(endpoint).call(endpoint, "completions", payload))
+        self._warming[endpoint.id] = task
+
+        def done(finished: asyncio.Task[Any]) -> None:
+            self._warming.pop(endpoint.id, None)
+            if not finished.cancelled() and finished.exception() is not None:
+                log.warning("starting %s on %s failed: %s", backend_model, endpoint.id, finished.exception())
+
+        task.add_done_callback(done)
+
+    async def _status(self, endpoint: Endpoint) -> Availability:
+        return await self.dispatcher(endpoint).status(endpoint)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from time import perf_counter
 from typing import Any
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from gateway.accounting.record import RequestRecord, record_of
+from gateway.accounting.streams import asks_for_usage, for_client, with_usage
 from gateway.api.responses import api_handler, authenticate, json_response, read_json, request_id
 from gateway.api.validation import validate
 from gateway.dispatch.base import (
@@ -28,6 +31,7 @@ from gateway.errors import (
     sse_error_event,
 )
 from gateway.federation.registry import Endpoint
+from gateway.federation.selection import NOT_HOT, describe, explain, plan
 from gateway.runtime import Runtime
 
 log = logging.getLogger("gateway.api")
@@ -77,6 +81,14 @@ def _retryable(failure: BackendFailure) -> bool:
     return isinstance(failure, BackendUnavailable) or (isinstance(failure, BackendError) and failure.status == 503)
 
 
+def _record(endpoint: Endpoint, failure: BackendFailure) -> None:
+    """Count a failure against the endpoint's breaker unless the backend only refused this request (4xx)."""
+    if isinstance(failure, BackendError) and failure.status < 500:
+        endpoint.record_success()
+    else:
+        endpoint.record_failure(unreachable=isinstance(failure, BackendUnavailable))
+
+
 def _payload(body: dict[str, Any], endpoint: Endpoint, model: str) -> dict[str, Any]:
     backend_model = endpoint.backend_model(model)
     if backend_model == model:
@@ -84,54 +96,121 @@ def _payload(body: dict[str, Any], endpoint: Endpoint, model: str) -> dict[str, 
     return {**body, "model": backend_model}
 
 
-async def _whole(runtime: Runtime, endpoints: list[Endpoint], op: str, body: dict[str, Any], model: str) -> Response:
+def _route(runtime: Runtime, candidates: list[Endpoint], model: str, cluster_route: bool) -> list[Endpoint]:
+    """The endpoints to try, in order; 503 (with the reason) when none can serve now."""
+    federation = runtime.config.federation
+    decided = plan(candidates, limit=federation.failover_attempts)
+    if not decided.endpoints:
+        in_maintenance = [endpoint for endpoint in decided.skipped if endpoint.maintenance is not None]
+        if in_maintenance and (cluster_route or len(in_maintenance) == len(decided.skipped)):
+            first = in_maintenance[0]
+            raise ServiceUnavailable(
+                f"Cluster '{first.cluster}' is under maintenance: {first.maintenance or 'no message'}",
+                code="cluster_under_maintenance",
+                headers={"retry-after": str(federation.retry_after)},
+            )
+        if cluster_route:
+            # The caller named this endpoint: try it even if the last observation said offline.
+            return [endpoint for endpoint in candidates if endpoint.maintenance is None]
+        raise ServiceUnavailable(
+            f"No backend for model '{model}' is reachable now ({describe(decided.skipped)}); try again shortly.",
+            code="backend_unavailable",
+            headers={"retry-after": "5"},
+        )
+    if decided.state in NOT_HOT and federation.when_not_hot == "reject":
+        best = decided.endpoints[0]
+        runtime.warm_up(best, best.backend_model(model))
+        raise ServiceUnavailable(
+            f"Model '{model}' is {explain(best)}; it is being started, try again shortly.",
+            code=f"model_{decided.state}",
+            headers={"retry-after": str(federation.retry_after)},
+        )
+    return decided.endpoints
+
+
+async def _whole(
+    runtime: Runtime, endpoints: list[Endpoint], op: str, body: dict[str, Any], model: str, record: RequestRecord
+) -> Response:
     failure: BackendFailure | None = None
     for endpoint in endpoints:
+        record.sent_to(endpoint)
+        endpoint.in_flight += 1
         try:
             answer = await runtime.dispatcher(endpoint).call(endpoint, op, _payload(body, endpoint, model))
         except BackendFailure as exc:
             failure = exc
+            _record(endpoint, exc)
             if _retryable(exc):
-                endpoint.mark_down()
                 continue
             break
+        finally:
+            endpoint.in_flight -= 1
+        endpoint.record_success()
         if "model" in answer and endpoint.backend_model(model) != model:
             answer["model"] = model
+        record.take_usage(answer.get("usage"))
         return json_response(answer)
     assert failure is not None
     raise client_error(failure, model)
 
 
-async def _relay(first: bytes, events: AsyncIterator[bytes], model: str, rid: str) -> AsyncIterator[bytes]:
+async def _relay(
+    first: bytes, events: AsyncIterator[bytes], endpoint: Endpoint, model: str, record: RequestRecord
+) -> AsyncIterator[bytes]:
+    finished = False
     try:
         if first:
-            yield first
+            record.ttft = perf_counter() - record.started
+            yield for_client(first, record)
         async for event in events:
-            yield event
+            if record.ttft is None:
+                record.ttft = perf_counter() - record.started
+            event = for_client(event, record)
+            if event:
+                yield event
+        finished = True
+        endpoint.record_success()
     except BackendFailure as exc:
         # The 200 and some events are already with the client: say what happened in-band, then end the stream.
-        log.warning("stream for request %s broke off: %s", rid, exc)
-        yield sse_error_event(client_error(exc, model))
+        finished = True
+        log.warning("stream for request %s broke off: %s", record.request_id, exc)
+        _record(endpoint, exc)
+        error = client_error(exc, model)
+        record.error_code = error.code
+        yield sse_error_event(error)
     finally:
+        if not finished:
+            record.error_code = "client_disconnected"
+        endpoint.in_flight -= 1
         await events.aclose()  # type: ignore[attr-defined]
 
 
 async def _streamed(
-    runtime: Runtime, endpoints: list[Endpoint], op: str, body: dict[str, Any], model: str, rid: str
+    runtime: Runtime, endpoints: list[Endpoint], op: str, body: dict[str, Any], model: str, record: RequestRecord
 ) -> Response:
+    # Every stream asks for usage, to count its tokens; a client that did not ask gets its stream without it.
+    record.keep_usage = asks_for_usage(body)
+    if not record.keep_usage:
+        body = with_usage(body)
     failure: BackendFailure | None = None
     for endpoint in endpoints:
+        record.sent_to(endpoint)
+        endpoint.in_flight += 1
         events = runtime.dispatcher(endpoint).stream(endpoint, op, _payload(body, endpoint, model))
         try:
             first = await anext(events, b"")
         except BackendFailure as exc:
+            endpoint.in_flight -= 1
             failure = exc
+            _record(endpoint, exc)
             if _retryable(exc):
-                endpoint.mark_down()
                 continue
             break
+        except BaseException:
+            endpoint.in_flight -= 1
+            raise
         return StreamingResponse(
-            _relay(first, events, model, rid), media_type="text/event-stream", headers=_STREAM_HEADERS
+            _relay(first, events, endpoint, model, record), media_type="text/event-stream", headers=_STREAM_HEADERS
         )
     assert failure is not None
     raise client_error(failure, model)
@@ -139,14 +218,23 @@ async def _streamed(
 
 async def _infer(request: Request, op: str) -> Response:
     runtime: Runtime = request.app.state.runtime
+    record = record_of(request)
     identity = await authenticate(request)
+    record.user = identity.username
     body = await read_json(request, runtime.config.server.max_body_bytes)
     model = validate(op, body)
     params = request.path_params
-    endpoints = runtime.registry.candidates(model, identity, params.get("cluster"), params.get("framework"))
-    if body.get("stream"):
-        return await _streamed(runtime, endpoints, op, body, model, request_id(request))
-    return await _whole(runtime, endpoints, op, body, model)
+    cluster = params.get("cluster")
+    candidates = runtime.registry.candidates(model, identity, cluster, params.get("framework"))
+    record.request_id, record.op, record.model, record.stream = request_id(request), op, model, bool(body.get("stream"))
+    if runtime.config.logging.log_prompts:
+        record.prompt = body.get("messages") or body.get("prompt") or body.get("input")
+    endpoints = _route(runtime, candidates, model, cluster_route=cluster is not None)
+    if runtime.limiter.enabled:
+        record.reservation = await runtime.limiter.reserve(identity.username, model, op, body)
+    if record.stream:
+        return await _streamed(runtime, endpoints, op, body, model, record)
+    return await _whole(runtime, endpoints, op, body, model, record)
 
 
 @api_handler

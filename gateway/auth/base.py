@@ -10,7 +10,9 @@ could not be asked). Everything after authentication sees only the ``Identity``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +27,32 @@ class Identity:
     groups: frozenset[str] = field(default_factory=frozenset)
     client_id: str | None = None
     provider: str = "dev"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields, groups sorted."""
+        return {
+            "subject": self.subject,
+            "username": self.username,
+            "name": self.name,
+            "idp_domain": self.idp_domain,
+            "identity_set": list(self.identity_set),
+            "groups": sorted(self.groups),
+            "client_id": self.client_id,
+            "provider": self.provider,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Identity:
+        return cls(
+            subject=data["subject"],
+            username=data["username"],
+            name=data["name"],
+            idp_domain=data["idp_domain"],
+            identity_set=tuple(data["identity_set"]),
+            groups=frozenset(data["groups"]),
+            client_id=data["client_id"],
+            provider=data["provider"],
+        )
 
 
 class Authenticator(ABC):

@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Any
 
+from gateway.federation.availability import Availability
 from gateway.federation.registry import Endpoint
 
 OPERATIONS = ("chat/completions", "completions", "embeddings")
@@ -64,8 +65,16 @@ class Dispatcher(ABC):
     @abstractmethod
     def stream(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> AsyncIterator[bytes]: ...
 
+    async def status(self, endpoint: Endpoint) -> Availability:
+        """What ``endpoint`` can do now. Called by the availability tracker, never on the request path."""
+        return Availability("unknown", detail="this transport reports no status")
+
     async def start(self) -> None:
         """Open pools and executors; called once when the gateway starts."""
 
     async def close(self) -> None:
         """Close pools and executors; called once when the gateway stops."""
+
+    async def check(self) -> str | None:
+        """Why this transport cannot take requests now (an executor down, say), or None; for the readiness probe."""
+        return None

@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from compute_functions.metrics import model_load
 from gateway.dispatch.base import (
     BackendError,
     BackendProtocolError,
@@ -16,6 +17,7 @@ from gateway.dispatch.base import (
     BackendUnavailable,
     Dispatcher,
 )
+from gateway.federation.availability import Availability
 from gateway.federation.registry import Endpoint
 
 _JSON = {"content-type": "application/json"}
@@ -114,6 +116,35 @@ class DirectDispatcher(Dispatcher):
                 response.release()
             else:
                 response.close()
+
+    async def status(self, endpoint: Endpoint) -> Availability:
+        """Hot when the server lists the endpoint's models; load from vLLM's metrics when it exports them."""
+        session = self._session(endpoint)
+        headers = self._request_headers(endpoint)
+        try:
+            async with session.get(f"{endpoint.base_url}/models", headers=headers) as answer:
+                if answer.status != 200:
+                    # It answers, so it is reachable; without a model list nothing more can be said.
+                    return Availability("unknown", detail=f"/models answered HTTP {answer.status}")
+                listed = await answer.json(loads=orjson.loads, content_type=None)
+            names = {entry.get("id") for entry in listed.get("data", []) if isinstance(entry, dict)}
+            missing = [model for model in endpoint.models if endpoint.backend_model(model) not in names]
+            if missing:
+                return Availability("cold", detail=f"not loaded: {', '.join(missing)}")
+            if endpoint.kind == "openai":
+                return Availability("hot")
+            root = endpoint.base_url.removesuffix("/v1")
+            async with session.get(f"{root}/metrics") as answer:
+                text = await answer.text() if answer.status == 200 else ""
+        except (aiohttp.ClientError, ValueError, AttributeError) as exc:
+            return Availability("offline", detail=f"status failed: {exc.__class__.__name__}")
+        loads = model_load(text)
+        served = [loads[name] for name in {endpoint.backend_model(model) for model in endpoint.models} if name in loads]
+        if not served:
+            return Availability("hot")
+        return Availability(
+            "hot", running=sum(load.running for load in served), waiting=sum(load.waiting for load in served)
+        )
 
     async def close(self) -> None:
         for session in self._sessions.values():

@@ -5,14 +5,19 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.auth.base import Identity
-from gateway.config import EndpointSettings
+from gateway.config import AccessSettings, EndpointSettings, GlobusComputeSettings
 from gateway.errors import NotFound, PermissionDenied
+from gateway.federation.availability import Availability, State
 
-# An endpoint that refused a connection is passed over for this long, so that
-# the next requests go straight to a working one instead of paying the failure.
-DOWN_SECONDS = 5.0
+# Consecutive failures that open an endpoint's circuit breaker, and for how long it stays open
+# unless the availability tracker sees the endpoint serving again first.
+BREAKER_FAILURES = 3
+BREAKER_SECONDS = 30.0
+# An observation older than this no longer says anything: the endpoint's state becomes ``unknown``.
+STALE_SECONDS = 60.0
 
 
 @dataclass(eq=False)
@@ -29,8 +34,21 @@ class Endpoint:
     aliases: dict[str, str] = field(default_factory=dict)
     allowed_groups: frozenset[str] = frozenset()
     allowed_domains: frozenset[str] = frozenset()
+    cluster_groups: frozenset[str] = frozenset()
+    cluster_domains: frozenset[str] = frozenset()
     max_connections: int = 1000
+    globus: GlobusComputeSettings | None = None
+    # The ``model_server`` argument of the compute functions (transports parsl and globus).
+    worker_model_server: dict[str, Any] | None = None
+    availability: Availability = field(default_factory=lambda: Availability("unknown", observed_at=0.0))
+    maintenance: str | None = None
+    in_flight: int = 0
+    others_load: int = 0
+    failures: int = 0
     down_until: float = 0.0
+    stale_after: float = STALE_SECONDS
+    breaker_failures: int = BREAKER_FAILURES
+    breaker_seconds: float = BREAKER_SECONDS
 
     @property
     def id(self) -> str:
@@ -45,23 +63,49 @@ class Endpoint:
         return self.aliases.get(model, model)
 
     def allows(self, identity: Identity) -> bool:
-        if self.allowed_groups and not (self.allowed_groups & identity.groups):
-            return False
-        if self.allowed_domains and identity.idp_domain not in self.allowed_domains:
-            return False
-        return True
+        """Whether ``identity`` passes both this endpoint's own rules and its cluster's."""
+        return _admits(self.allowed_groups, self.allowed_domains, identity) and _admits(
+            self.cluster_groups, self.cluster_domains, identity
+        )
+
+    def state(self, wall_now: float) -> State:
+        """The state to route by: maintenance first, then the last observation while it is fresh."""
+        if self.maintenance is not None:
+            return "maintenance"
+        if wall_now - self.availability.observed_at > self.stale_after:
+            return "unknown"
+        return self.availability.state
 
     def is_up(self, now: float) -> bool:
+        """Whether the circuit breaker lets requests through (``now`` from ``time.monotonic``)."""
         return now >= self.down_until
 
-    def mark_down(self) -> None:
-        self.down_until = time.monotonic() + DOWN_SECONDS
+    def observe(self, availability: Availability) -> None:
+        """A new observation from the tracker; seeing the endpoint serve again closes its breaker."""
+        self.availability = availability
+        # What the backend reports includes this gateway's own requests; keep only the others'.
+        reported = (availability.running or 0) + (availability.waiting or 0)
+        self.others_load = max(reported - self.in_flight, 0)
+        if availability.state == "hot" and self.down_until:
+            self.down_until = 0.0
+            self.failures = 0
 
-    def mark_up(self) -> None:
-        self.down_until = 0.0
+    def record_failure(self, *, unreachable: bool = False) -> None:
+        """A request failed here. Unreachable means nothing answered: the endpoint counts as offline
+        until the tracker sees it again; other failures open the breaker once they repeat."""
+        self.failures += 1
+        if unreachable:
+            self.availability = Availability("offline", detail="connection failed")
+        if unreachable or self.failures >= self.breaker_failures:
+            self.down_until = time.monotonic() + self.breaker_seconds
+
+    def record_success(self) -> None:
+        self.failures = 0
 
     @classmethod
-    def from_settings(cls, settings: EndpointSettings, base_url: str) -> Endpoint:
+    def from_settings(
+        cls, settings: EndpointSettings, base_url: str, cluster_access: AccessSettings | None = None
+    ) -> Endpoint:
         aliases = dict(settings.aliases)
         if settings.kind == "openai":
             for model in settings.models:
@@ -77,8 +121,17 @@ class Endpoint:
             aliases=aliases,
             allowed_groups=frozenset(settings.allowed_groups),
             allowed_domains=frozenset(settings.allowed_domains),
+            cluster_groups=frozenset(cluster_access.allowed_groups if cluster_access else ()),
+            cluster_domains=frozenset(cluster_access.allowed_domains if cluster_access else ()),
             max_connections=settings.max_connections,
+            globus=settings.globus,
+            worker_model_server=settings.worker_model_server.model_dump() if settings.worker_model_server else None,
         )
+
+
+def _admits(groups: frozenset[str], domains: frozenset[str], identity: Identity) -> bool:
+    """Empty rules admit everyone; otherwise a shared group and an allowed domain are both needed."""
+    return (not groups or not groups.isdisjoint(identity.groups)) and (not domains or identity.idp_domain in domains)
 
 
 class Registry:
@@ -97,7 +150,7 @@ class Registry:
     def candidates(
         self, model: str, identity: Identity, cluster: str | None = None, framework: str | None = None
     ) -> list[Endpoint]:
-        """Endpoints that may serve ``model`` for ``identity``, the ones not known to be down first.
+        """Endpoints that may serve ``model`` for ``identity``; ``selection.plan`` orders them.
 
         Raises ``NotFound`` for an unknown cluster, framework or model and
         ``PermissionDenied`` when the model exists but the caller may use none of its endpoints.
@@ -121,10 +174,16 @@ class Registry:
             raise PermissionDenied(
                 f"You are not allowed to use model '{model}'.", code="model_not_permitted", param="model"
             )
-        if len(allowed) > 1:
-            now = time.monotonic()
-            allowed.sort(key=lambda endpoint: not endpoint.is_up(now))
         return allowed
 
     def visible_to(self, identity: Identity) -> list[Endpoint]:
         return [endpoint for endpoint in self.endpoints if endpoint.allows(identity)]
+
+    def clusters(self) -> list[str]:
+        return sorted(self._clusters)
+
+    def on_cluster(self, cluster: str) -> list[Endpoint]:
+        """The endpoints of ``cluster``; ``NotFound`` when no endpoint is on it."""
+        if cluster not in self._clusters:
+            raise NotFound(f"Cluster '{cluster}' is not served by this gateway.", code="cluster_not_found")
+        return [endpoint for endpoint in self.endpoints if endpoint.cluster == cluster]

@@ -43,8 +43,9 @@ def openai_like() -> Iterator[ScriptedBackend]:
 def front(
     scripted: ScriptedBackend, openai_like: ScriptedBackend, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ModelServer]:
+    # One endpoint per scripted behaviour, so that the failures of one do not open another's breaker.
     config = direct_config(
-        endpoint(scripted.base_url, SCRIPTED),
+        *(endpoint(scripted.base_url, [model], cluster=f"scripted-{model}") for model in SCRIPTED),
         endpoint(
             openai_like.base_url,
             ["openai/gpt-4o-mini"],

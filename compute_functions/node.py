@@ -1,0 +1,380 @@
+"""The model servers of one node, shared by every worker process on it.
+
+A server is known by a key made from its launch settings (command template, model, host, port, environment).
+Its files sit in a node-local directory:
+
+    KEY.lock      flock'd while the server is launched or stopped, and while its state changes
+    KEY.json      its state: starting, ready or failed; its address; the watchdog's pid; the launch settings
+    KEY.log       the server's output
+    KEY.used      touched when a request starts and ends; its mtime is the last use
+    KEY.clients/  one empty file per worker process that used the server, named by its pid
+
+A small watchdog process per server, detached from the worker that launched it, owns the server: it starts it,
+records when it is healthy, and stops its whole process group once it has been idle for ``idle_timeout``, or once
+no worker process that used it is alive, so that a server never outlives the worker pool that asked for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compute_functions.metrics import model_load
+from compute_functions.model_server import ModelServer, ModelServerFailed, free_port
+
+# The directory that holds the ``compute_functions`` package, so the watchdog imports the same code.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+_WATCHDOG = (
+    "import sys; sys.path.insert(0, sys.argv[1]); from compute_functions.node import watch; watch(*sys.argv[2:])"
+)
+# How long a request waits for the lock beyond the server's startup time (a stop can hold it for ~15 s).
+_LOCK_MARGIN = 30.0
+_POLL = 0.05
+
+# Base URLs of the servers this worker process has already found ready, by key: the common case skips the lock.
+_ready: dict[str, str] = {}
+_watchdogs: list[subprocess.Popen[bytes]] = []
+
+
+def default_state_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"inference-gateway-{os.getuid()}" / "servers"
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """How to start one model server on this node; built from a request's ``model_server`` settings."""
+
+    command: tuple[str, ...]
+    model: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0
+    health_path: str = "/health"
+    startup_timeout: float = 600.0
+    idle_timeout: float = 1800.0
+    env: Mapping[str, str] = field(default_factory=dict)
+    state_dir: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], model: str) -> LaunchSpec:
+        command = tuple(str(part) for part in settings["command"])
+        return cls(
+            command=command,
+            # A template without {model} serves every model of the endpoint from one server.
+            model=model if any("{model}" in part for part in command) else "",
+            host=str(settings.get("host") or "127.0.0.1"),
+            port=int(settings.get("port") or 0),
+            health_path=str(settings.get("health_path") or "/health"),
+            startup_timeout=float(settings.get("startup_timeout") or 600.0),
+            idle_timeout=float(settings.get("idle_timeout") or 1800.0),
+            env={str(k): str(v) for k, v in (settings.get("env") or {}).items()},
+            state_dir=str(settings.get("state_dir") or default_state_dir()),
+        )
+
+    @property
+    def key(self) -> str:
+        identity = [list(self.command), sys.executable, self.model, self.host, self.port, sorted(self.env.items())]
+        digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
+        readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.model or Path(self.command[0]).name).strip("-.")
+        return f"{readable[:60]}-{digest}"
+
+
+@dataclass(frozen=True)
+class _Files:
+    directory: Path
+    key: str
+
+    def path(self, suffix: str) -> Path:
+        return self.directory / f"{self.key}{suffix}"
+
+    @property
+    def lock(self) -> Path:
+        return self.path(".lock")
+
+    @property
+    def state(self) -> Path:
+        return self.path(".json")
+
+    @property
+    def log(self) -> Path:
+        return self.path(".log")
+
+    @property
+    def used(self) -> Path:
+        return self.path(".used")
+
+    @property
+    def clients(self) -> Path:
+        return self.path(".clients")
+
+
+def ensure_server(spec: LaunchSpec) -> str:
+    """The base URL (``http://host:port/v1``) of ``spec``'s server, launched first if none is running.
+
+    Raises ``ModelServerFailed``, with the end of the server's log, when it cannot be started.
+    """
+    files = _Files(Path(spec.state_dir), spec.key)
+    base_url = _ready.get(spec.key)
+    if base_url is None:
+        base_url = _acquire(spec, files)
+        _ready[spec.key] = base_url
+    mark_used(spec)
+    return base_url
+
+
+def forget(spec: LaunchSpec) -> None:
+    """Stop trusting the remembered address of ``spec``'s server (it refused a connection)."""
+    _ready.pop(spec.key, None)
+
+
+def mark_used(spec: LaunchSpec) -> None:
+    used = _Files(Path(spec.state_dir), spec.key).used
+    try:
+        os.utime(used)
+    except FileNotFoundError:
+        used.touch()
+
+
+def servers(state_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """The states of the servers on this node that are ready and watched."""
+    directory = Path(state_dir) if state_dir else default_state_dir()
+    found = []
+    for path in sorted(directory.glob("*.json")):
+        state = _read(path)
+        if state and state.get("status") == "ready" and _alive(state.get("watchdog")):
+            found.append(state)
+    return found
+
+
+def _acquire(spec: LaunchSpec, files: _Files) -> str:
+    files.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _watchdogs[:] = [child for child in _watchdogs if child.poll() is None]
+    deadline = time.monotonic() + spec.startup_timeout + _LOCK_MARGIN
+    with _locked(files.lock, deadline):
+        state = _read(files.state)
+        if state is None or state.get("status") == "failed" or not _alive(state.get("watchdog")):
+            if spec.port and _healthy(f"http://{spec.host}:{spec.port}{spec.health_path}"):
+                # Started by someone else (an operator's long-running vLLM): use it, never stop it.
+                return f"http://{spec.host}:{spec.port}/v1"
+            state = _launch(spec, files)
+        files.clients.mkdir(exist_ok=True)
+        (files.clients / str(os.getpid())).touch()
+    while True:
+        state = _read(files.state)
+        if state is not None and state.get("status") == "ready":
+            return str(state["base_url"])
+        if state is not None and state.get("status") == "failed":
+            raise ModelServerFailed(str(state.get("error")))
+        if state is None or not _alive(state.get("watchdog")):
+            raise ModelServerFailed(f"the model server's watchdog stopped; its log ends with:\n{_tail(files.log)}")
+        if time.monotonic() > deadline:
+            raise ModelServerFailed(
+                f"model server not healthy after {spec.startup_timeout:.0f} s; its log ends with:\n{_tail(files.log)}"
+            )
+        time.sleep(_POLL)
+
+
+def _launch(spec: LaunchSpec, files: _Files) -> dict[str, Any]:
+    port = spec.port or free_port(spec.host)
+    files.log.unlink(missing_ok=True)
+    state: dict[str, Any] = {
+        "status": "starting",
+        "key": spec.key,
+        "model": spec.model,
+        "host": spec.host,
+        "port": port,
+        "base_url": f"http://{spec.host}:{port}/v1",
+        "log": str(files.log),
+        "started": time.time(),
+        "launch": {**asdict(spec), "command": list(spec.command), "env": dict(spec.env)},
+    }
+    _write(files.state, state)
+    files.used.touch()
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, _PACKAGE_ROOT, str(files.directory), spec.key],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    _watchdogs.append(watchdog)
+    state["watchdog"] = watchdog.pid
+    _write(files.state, state)
+    return state
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_on_signal(signum: int, frame: object) -> None:
+    raise _Stop
+
+
+def watch(directory: str, key: str) -> None:
+    """The watchdog's body: run the server described in ``KEY.json`` until it is idle or unused, then stop it."""
+    files = _Files(Path(directory), key)
+    state = _read(files.state)
+    if state is None:
+        return
+    launch = state["launch"]
+    server = ModelServer(
+        launch["command"],
+        host=state["host"],
+        port=state["port"],
+        health_path=launch["health_path"],
+        env=launch["env"],
+        log_path=files.log,
+        model=launch["model"],
+    )
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    signal.signal(signal.SIGINT, _stop_on_signal)
+    reason = "stopped by a signal"
+    try:
+        try:
+            server.start(timeout=float(launch["startup_timeout"]))
+        except ModelServerFailed as exc:
+            _update(files, status="failed", error=str(exc))
+            return
+        _update(files, status="ready")
+        idle_timeout = float(launch["idle_timeout"])
+        poll = min(1.0, idle_timeout / 4)
+        while True:
+            time.sleep(poll)
+            if not server.running():
+                error = f"model server exited with status {server.process and server.process.returncode}"
+                _update(files, status="failed", error=f"{error}; its log ends with:\n{_tail(files.log)}")
+                return
+            why = _reason_to_stop(files, state["base_url"], idle_timeout)
+            if why:
+                reason = why
+                break
+    except _Stop:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with _locked(files.lock, float("inf")):
+            if server.running():
+                with open(files.log, "ab") as log:
+                    log.write(f"\n[watchdog] stopping the model server: {reason}\n".encode())
+            server.stop()
+            current = _read(files.state)
+            if current is not None and current.get("watchdog") == os.getpid() and current.get("status") != "failed":
+                files.state.unlink(missing_ok=True)
+                files.used.unlink(missing_ok=True)
+                for client in files.clients.glob("*"):
+                    client.unlink(missing_ok=True)
+
+
+def _reason_to_stop(files: _Files, base_url: str, idle_timeout: float) -> str | None:
+    users = 0
+    for client in files.clients.glob("*"):
+        if client.name.isdigit() and _alive(int(client.name)):
+            users += 1
+        else:
+            client.unlink(missing_ok=True)
+    if users == 0:
+        return "no worker process uses it any more"
+    try:
+        idle = time.time() - files.used.stat().st_mtime
+    except FileNotFoundError:
+        idle = idle_timeout + 1
+    if idle > idle_timeout and not _busy(base_url.removesuffix("/v1")):
+        return f"idle for {idle:.0f} s"
+    return None
+
+
+def _busy(root_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{root_url}/metrics", timeout=2) as answer:
+            text = answer.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError):
+        return False
+    return any(load.running or load.waiting for load in model_load(text).values())
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return bool(answer.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _alive(pid: object) -> bool:
+    """Whether ``pid`` runs; a zombie (exited, not yet reaped) counts as gone."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return stat[stat.rfind(")") + 2 :][:1] not in ("Z", "X")
+
+
+@contextlib.contextmanager
+def _locked(path: Path, deadline: float) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ModelServerFailed(f"timed out waiting for {path} (another worker holds it)") from None
+                time.sleep(_POLL)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _write(path: Path, state: dict[str, Any]) -> None:
+    # Readers never take the lock, so the file is replaced whole, never rewritten in place.
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(state))
+    os.replace(partial, path)
+
+
+def _update(files: _Files, **changes: Any) -> None:
+    with _locked(files.lock, float("inf")):
+        state = _read(files.state)
+        if state is not None and state.get("watchdog") in (None, os.getpid()):
+            _write(files.state, {**state, **changes})
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,99 @@
+"""What the gateway learns about one request while it runs."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+
+if TYPE_CHECKING:
+    from gateway.federation.registry import Endpoint
+
+SCOPE_KEY = "gateway.record"
+
+
+class RequestRecord:
+    """One request's facts: who, what, where it went, how it ended and how much it used.
+
+    The observing middleware makes one for every HTTP request and keeps it in the ASGI scope; the
+    handlers fill it in; when the response is over, the metrics, the rate limiter, the usage log and
+    the access log all read it. ``model`` is set only once the model is known to be served, which is
+    what makes a request count as usage.
+    """
+
+    __slots__ = (
+        "client",
+        "cluster",
+        "completion_tokens",
+        "duration",
+        "error_code",
+        "framework",
+        "keep_usage",
+        "method",
+        "model",
+        "op",
+        "path",
+        "prompt",
+        "prompt_tokens",
+        "request_id",
+        "reservation",
+        "started",
+        "started_at",
+        "status",
+        "stream",
+        "transport",
+        "ttft",
+        "user",
+    )
+
+    def __init__(self, method: str, path: str, client: str | None) -> None:
+        self.started = time.perf_counter()
+        self.started_at = time.time()
+        self.method = method
+        self.path = path
+        self.client = client
+        self.status = 0
+        self.request_id = ""
+        self.user: str | None = None
+        self.op: str | None = None
+        self.model: str | None = None
+        self.cluster: str | None = None
+        self.framework: str | None = None
+        self.transport: str | None = None
+        self.stream = False
+        self.keep_usage = True
+        self.error_code: str | None = None
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.ttft: float | None = None
+        self.duration = 0.0
+        self.reservation: Any = None
+        self.prompt: Any = None
+
+    def sent_to(self, endpoint: Endpoint) -> None:
+        self.cluster = endpoint.cluster
+        self.framework = endpoint.framework
+        self.transport = endpoint.transport
+
+    def take_usage(self, usage: Any) -> None:
+        """Keep the token counts of a backend's ``usage`` object, whatever else it holds."""
+        if isinstance(usage, dict):
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if isinstance(prompt, int):
+                self.prompt_tokens = prompt
+            if isinstance(completion, int):
+                self.completion_tokens = completion
+
+    @property
+    def tokens(self) -> int:
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+
+
+def record_of(request: Request) -> RequestRecord:
+    """The request's record; a stand-in when the app runs without the observing middleware."""
+    record: RequestRecord | None = request.scope.get(SCOPE_KEY)
+    if record is None:
+        record = RequestRecord(request.method, request.url.path, None)
+        request.scope[SCOPE_KEY] = record
+    return record

@@ -1,0 +1,171 @@
+"""The usage log's writer: one row per request, written in batches by a background task."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from gateway.accounting.record import RequestRecord
+from gateway.accounting.spool import Spool
+from gateway.storage.database import Database, DatabaseUnavailable
+
+log = logging.getLogger("gateway.accounting")
+
+
+def usage_row(record: RequestRecord) -> dict[str, Any]:
+    assert record.user is not None and record.model is not None and record.op is not None
+    return {
+        "id": os.urandom(16).hex(),
+        "request_id": record.request_id,
+        "created_at": datetime.fromtimestamp(record.started_at, UTC).replace(tzinfo=None),
+        "username": record.user,
+        "cluster": record.cluster,
+        "framework": record.framework,
+        "model": record.model,
+        "endpoint": record.op,
+        "transport": record.transport,
+        "stream": record.stream,
+        "status": record.status,
+        "error_code": record.error_code,
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "time_to_first_token": record.ttft,
+        "duration": record.duration,
+    }
+
+
+class UsageRecorder:
+    """Takes finished requests on the request path and gets them into the database off it.
+
+    ``add`` only appends to a bounded in-memory queue. A writer task inserts the queue every
+    ``flush_interval`` seconds, or as soon as ``batch_size`` rows wait. While the database is down
+    the rows go to a spool file and the database is tried again every ``retry_interval`` seconds;
+    once it answers, the spool is replayed before anything newer. Rows are lost only when the
+    queue is full (``dropped`` counts them), which means the writer cannot keep up even with
+    the spool.
+    """
+
+    def __init__(
+        self,
+        database: Database,
+        spool_path: Path,
+        *,
+        queue_size: int,
+        batch_size: int,
+        flush_interval: float,
+        retry_interval: float,
+    ) -> None:
+        self.database = database
+        self.spool = Spool(spool_path)
+        self.queue_size = queue_size
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.retry_interval = retry_interval
+        self.dropped = 0
+        self.written = 0
+        self.spooled = 0
+        self.database_up = False
+        self._pending: list[RequestRecord] = []
+        self._wake = asyncio.Event()
+        self._retry_at = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    def add(self, record: RequestRecord) -> None:
+        pending = self._pending
+        if len(pending) >= self.queue_size:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 10_000 == 0:
+                log.error("usage queue full (%d rows): %d usage rows dropped so far", self.queue_size, self.dropped)
+            return
+        pending.append(record)
+        if len(pending) == self.batch_size:
+            self._wake.set()
+
+    async def start(self) -> None:
+        await self._connect()
+        self._task = asyncio.create_task(self._run(), name="usage-writer")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            # Not cancelled: a batch taken off the queue must end up in the database or the spool.
+            self._stopping = True
+            self._wake.set()
+            await self._task
+            self._task = None
+        # One last try at the database; whatever it does not take is kept in the spool for the next start.
+        self._retry_at = 0.0
+        await self._flush()
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_interval)
+            self._wake.clear()
+            try:
+                await self._flush()
+            except Exception:
+                log.exception("usage writer failed; it goes on with the next batch")
+
+    async def _connect(self) -> bool:
+        """Migrate and replay the spool; False (and a time for the next try) when the database is down."""
+        try:
+            await self.database.migrate()
+            if self.spool.exists():
+                await self._replay()
+        except DatabaseUnavailable as exc:
+            if self.database_up or self._retry_at == 0.0:
+                log.warning("usage database unavailable, rows go to %s until it is back: %s", self.spool.path, exc)
+            self.database_up = False
+            self._retry_at = time.monotonic() + self.retry_interval
+            return False
+        if not self.database_up:
+            log.info("usage database is up (%s)", self.database.dialect)
+        self.database_up = True
+        return True
+
+    async def _replay(self) -> None:
+        rows = await asyncio.to_thread(self.spool.read)
+        log.info("replaying %d spooled usage rows", len(rows))
+        done = 0
+        try:
+            for start in range(0, len(rows), self.batch_size):
+                batch = rows[start : start + self.batch_size]
+                await self.database.insert_usage(batch)
+                done += len(batch)
+        finally:
+            await asyncio.to_thread(self.spool.replace, rows[done:])
+            self.written += done
+
+    async def _flush(self) -> None:
+        records, self._pending = self._pending, []
+        rows = [usage_row(record) for record in records]
+        if not self.database_up and (time.monotonic() < self._retry_at or not await self._connect()):
+            await self._keep(rows)
+            return
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start : start + self.batch_size]
+            try:
+                await self.database.insert_usage(batch)
+            except DatabaseUnavailable as exc:
+                log.warning("usage database unavailable, rows go to %s until it is back: %s", self.spool.path, exc)
+                self.database_up = False
+                self._retry_at = time.monotonic() + self.retry_interval
+                await self._keep(rows[start:])
+                return
+            self.written += len(batch)
+
+    async def _keep(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            await asyncio.to_thread(self.spool.append, rows)
+            self.spooled += len(rows)

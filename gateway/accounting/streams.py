@@ -1,0 +1,65 @@
+"""Token counts from a relayed event stream, without parsing every event.
+
+The gateway asks backends for usage in every stream (``stream_options.include_usage``), so the
+usage always arrives as one final chunk with ``"choices": []``. Only a chunk that holds a usage
+object is parsed; when the client did not ask for usage, that chunk is taken out of its stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway.accounting.record import RequestRecord
+
+_USAGE_OBJECT = (b'"usage":{', b'"usage": {')
+# What backends put in every chunk once usage is asked for; a client that did not ask never sees it.
+NULL_USAGE = b',"usage":null'
+
+
+def asks_for_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
+
+
+def with_usage(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` asking the backend to end its stream with a usage chunk."""
+    options = body.get("stream_options")
+    return {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
+
+
+def _data(event: bytes) -> bytes:
+    lines = [line for line in event.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(line[6:] if line.startswith(b"data: ") else line[5:] for line in lines)
+
+
+def take_usage(events: bytes, record: RequestRecord, keep: bool) -> bytes:
+    """Record the usage in ``events`` (one or more whole SSE events); drop its usage-only chunk unless ``keep``."""
+    for marker in _USAGE_OBJECT:
+        at = events.rfind(marker)
+        if at >= 0:
+            break
+    else:
+        return events
+    start = events.rfind(b"\n\n", 0, at)
+    start = 0 if start < 0 else start + 2
+    end = events.find(b"\n\n", at)
+    end = len(events) if end < 0 else end + 2
+    try:
+        chunk = orjson.loads(_data(events[start:end]))
+    except orjson.JSONDecodeError:
+        return events
+    if not isinstance(chunk, dict):
+        return events
+    record.take_usage(chunk.get("usage"))
+    if keep or chunk.get("choices"):
+        return events
+    return events[:start] + events[end:]
+
+
+def for_client(events: bytes, record: RequestRecord) -> bytes:
+    """``events`` as the client should get them, with their usage recorded; may be empty."""
+    if not record.keep_usage:
+        events = events.replace(NULL_USAGE, b"")
+    return take_usage(events, record, record.keep_usage)

@@ -1,0 +1,100 @@
+"""The compute functions as the gateway sees them: what they are asked, and what their answers mean.
+
+The ``parsl`` and ``globus`` transports run the same compute functions on the
+workers (``compute_functions.inference.inference`` and
+``compute_functions.status.status``), so both build the request the same way and
+turn a result into the same answer or the same typed ``Backend*`` error. The
+gateway names the functions rather than importing them: under ``globus`` they
+run on a remote endpoint, and only registration needs the code itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from gateway.dispatch.base import (
+    BackendError,
+    BackendFailure,
+    BackendProtocolError,
+    BackendTimeout,
+    BackendUnavailable,
+)
+from gateway.federation.registry import Endpoint
+
+ComputeFunction = Callable[[dict[str, Any]], dict[str, Any]]
+
+# Name -> "module:function". The names are the keys of an endpoint's ``function_ids``.
+FUNCTIONS = {
+    "inference": "compute_functions.inference:inference",
+    "status": "compute_functions.status:status",
+}
+
+
+def load_function(name: str) -> ComputeFunction:
+    """The compute function called ``name`` in ``FUNCTIONS``, imported now."""
+    module_name, _, attribute = FUNCTIONS[name].partition(":")
+    function: ComputeFunction = getattr(importlib.import_module(module_name), attribute)
+    return function
+
+
+def compute_request(
+    op: str,
+    payload: dict[str, Any],
+    *,
+    model_server: dict[str, Any],
+    timeout: float,
+    stream: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The argument of ``inference``: the operation, the body, how to start the model server, and where to stream."""
+    return {"op": op, "payload": payload, "model_server": model_server, "timeout": timeout, "stream": stream}
+
+
+def _failure(endpoint: Endpoint, error: Any) -> BackendFailure:
+    if not isinstance(error, dict):
+        return BackendProtocolError(endpoint, "compute function failed without saying why")
+    kind = error.get("kind")
+    message = str(error.get("message") or kind or "no message")
+    status = error.get("status")
+    if kind == "upstream" and isinstance(status, int):
+        body = error.get("body")
+        if isinstance(body, str):
+            raw = body.encode()
+        elif body is None:
+            raw = orjson.dumps({"error": {"message": message}})
+        else:
+            raw = orjson.dumps(body)
+        return BackendError(endpoint, status, raw)
+    if kind in ("model_start_failed", "upstream"):
+        # Nothing answered on that node, so another endpoint may still serve the request.
+        return BackendUnavailable(endpoint, f"{kind}: {message}")
+    if kind == "timeout":
+        return BackendTimeout(endpoint, f"worker gave up: {message}")
+    return BackendProtocolError(endpoint, f"compute function reported {kind or 'an unknown error'}: {message}")
+
+
+def _checked(endpoint: Endpoint, result: Any) -> dict[str, Any]:
+    if not isinstance(result, dict) or not isinstance(result.get("ok"), bool):
+        raise BackendProtocolError(endpoint, "compute function returned something other than its result shape")
+    if not result["ok"]:
+        raise _failure(endpoint, result.get("error"))
+    return result
+
+
+def answer_of(endpoint: Endpoint, result: Any) -> dict[str, Any]:
+    """The model server's whole answer carried by an ``inference`` result, or the typed error it reports."""
+    response = _checked(endpoint, result).get("response")
+    if not isinstance(response, dict):
+        raise BackendProtocolError(endpoint, "compute function result has no response object")
+    return response
+
+
+def streamed_count(endpoint: Endpoint, result: Any) -> int:
+    """How many events a streaming ``inference`` pushed to the relay, or the typed error it reports."""
+    streamed = _checked(endpoint, result).get("streamed")
+    if not isinstance(streamed, int) or isinstance(streamed, bool):
+        raise BackendProtocolError(endpoint, "compute function result does not say how many events it streamed")
+    return streamed

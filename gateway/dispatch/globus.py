@@ -1,0 +1,293 @@
+"""The ``globus`` transport: the compute functions run on a Globus Compute endpoint's workers.
+
+Each request becomes one task of the registered ``inference`` function, submitted
+through a ``globus_compute_sdk.Executor``; the dispatcher holds one executor per
+Globus Compute endpoint, made on first use. The executor's methods only queue
+work and hand back ``concurrent.futures.Future`` objects, so nothing here blocks
+the event loop; the few blocking SDK calls (making the client, asking an
+endpoint's status) run on the dispatcher's own small thread pool.
+
+The SDK is imported only when an executor or client is first needed: importing
+it starts a thread, and a gateway without ``globus`` endpoints should not pay for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar, cast
+
+from gateway.config import GlobusComputeSettings
+from gateway.dispatch.base import BackendFailure, BackendProtocolError, BackendTimeout, BackendUnavailable, Dispatcher
+from gateway.dispatch.compute import answer_of, compute_request
+from gateway.federation.availability import Availability
+from gateway.federation.registry import Endpoint
+
+log = logging.getLogger("gateway.dispatch.globus")
+
+T = TypeVar("T")
+
+
+class ComputeExecutor(Protocol):
+    """What the dispatcher uses of ``globus_compute_sdk.Executor``."""
+
+    def submit_to_registered_function(
+        self, function_id: str, args: tuple[Any, ...] | None = None, kwargs: dict[str, Any] | None = None
+    ) -> Future[Any]: ...
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None: ...
+
+
+class ComputeClient(Protocol):
+    """What the gateway uses of ``globus_compute_sdk.Client``."""
+
+    def get_endpoint_status(self, endpoint_uuid: str) -> dict[str, Any]: ...
+
+    def register_function(self, function: Callable[..., Any], description: str | None = None) -> str: ...
+
+
+ClientFactory = Callable[[], ComputeClient]
+ExecutorFactory = Callable[[ComputeClient, GlobusComputeSettings], ComputeExecutor]
+
+
+def sdk_client() -> ComputeClient:
+    """A Globus Compute client; it logs in with ``GLOBUS_COMPUTE_CLIENT_ID``/``_SECRET`` when they are set."""
+    from globus_compute_sdk import Client
+
+    return cast(ComputeClient, Client())
+
+
+def sdk_executor(client: ComputeClient, settings: GlobusComputeSettings) -> ComputeExecutor:
+    from globus_compute_sdk import Client, Executor
+
+    return cast(
+        ComputeExecutor,
+        Executor(
+            endpoint_id=str(settings.endpoint_id),
+            client=cast(Client, client),
+            amqp_port=settings.amqp_port,
+            api_burst_limit=settings.api_burst_limit,
+            api_burst_window_s=settings.api_burst_window,
+        ),
+    )
+
+
+def _stop_result_watchers() -> None:
+    """Stop the SDK's result-listening threads.
+
+    The SDK keeps one such thread per task group, shared by every executor of
+    the process, and an executor's shutdown leaves it running. It also holds the
+    future of every task that never reported back, so without this a gateway
+    that gave up on a task of a vanished endpoint could not exit.
+    """
+    module = sys.modules.get("globus_compute_sdk.sdk.executor")
+    if module is None:
+        return
+    for watcher in list(module._RESULT_WATCHERS.values()):
+        watcher.shutdown(wait=True, cancel_futures=True)
+
+
+def availability_of(status: Any) -> Availability:
+    """An ``Availability`` from the Globus Compute service's report on an endpoint."""
+    if not isinstance(status, dict) or status.get("status") != "online":
+        state = status.get("status") if isinstance(status, dict) else None
+        return Availability("offline", detail=f"Globus Compute endpoint is {state or 'not reporting'}")
+    details = status.get("details")
+    if not isinstance(details, dict) or not isinstance(details.get("total_workers"), int):
+        return Availability("unknown", detail="Globus Compute endpoint is online")
+    workers = int(details["total_workers"])
+    idle = details.get("idle_workers")
+    pending = details.get("pending_tasks")
+    running = workers - idle if isinstance(idle, int) else None
+    waiting = pending if isinstance(pending, int) else None
+    if workers > 0:
+        return Availability("hot", detail=f"{workers} workers", running=running, waiting=waiting)
+    if waiting:
+        return Availability("queued", detail="tasks wait for the scheduler to start workers", waiting=waiting)
+    return Availability("cold", detail="no workers; a request waits for the scheduler", running=0, waiting=0)
+
+
+class GlobusDispatcher(Dispatcher):
+    """Runs the compute functions on Globus Compute endpoints; see the module docstring.
+
+    ``client_factory`` and ``executor_factory`` are the SDK boundary: by default
+    a ``globus_compute_sdk.Client`` and one ``Executor`` per endpoint.
+    """
+
+    def __init__(
+        self,
+        *,
+        client_factory: ClientFactory = sdk_client,
+        executor_factory: ExecutorFactory = sdk_executor,
+    ) -> None:
+        self._client_factory = client_factory
+        self._executor_factory = executor_factory
+        self._client: ComputeClient | None = None
+        self._executors: dict[str, ComputeExecutor] = {}
+        self._creating = asyncio.Lock()
+        self._blocking = ThreadPoolExecutor(max_workers=2, thread_name_prefix="globus-dispatch")
+        self._client_error: str | None = None
+
+    @staticmethod
+    def _settings(endpoint: Endpoint) -> GlobusComputeSettings:
+        if endpoint.globus is None:
+            raise BackendUnavailable(endpoint, "endpoint has no Globus Compute settings")
+        return endpoint.globus
+
+    async def _in_thread(self, function: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._blocking, function)
+
+    def _new_client(self) -> ComputeClient:
+        if self._client is None:
+            try:
+                self._client = self._client_factory()
+            except Exception as exc:
+                self._client_error = f"cannot log in to Globus Compute: {exc.__class__.__name__}: {exc}"
+                raise
+            self._client_error = None
+        return self._client
+
+    async def _executor(self, endpoint: Endpoint) -> ComputeExecutor:
+        settings = self._settings(endpoint)
+        key = str(settings.endpoint_id)
+        executor = self._executors.get(key)
+        if executor is not None:
+            return executor
+        async with self._creating:
+            executor = self._executors.get(key)
+            if executor is None:
+                try:
+                    executor = await self._in_thread(lambda: self._executor_factory(self._new_client(), settings))
+                except Exception as exc:
+                    log.warning("cannot reach Globus Compute for %s: %s", endpoint.id, exc)
+                    raise BackendUnavailable(endpoint, f"cannot reach Globus Compute: {exc}") from None
+                self._executors[key] = executor
+        return executor
+
+    def _discard(self, endpoint: Endpoint, executor: ComputeExecutor) -> None:
+        """Drop an executor whose submission failed; the SDK stops such an executor for good."""
+        key = str(self._settings(endpoint).endpoint_id)
+        if self._executors.get(key) is executor:
+            del self._executors[key]
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    @staticmethod
+    def _refuse_if_offline(endpoint: Endpoint) -> None:
+        # Globus Compute queues tasks for an offline endpoint until it returns, which
+        # would hold the request until its timeout; refusing now lets failover act.
+        if endpoint.state(time.time()) == "offline":
+            raise BackendUnavailable(endpoint, endpoint.availability.detail or "Globus Compute endpoint is offline")
+
+    async def run(self, endpoint: Endpoint, function: str, request: dict[str, Any]) -> Any:
+        """Run the registered compute function ``function`` with ``request`` on ``endpoint`` and return its result.
+
+        Raises ``BackendTimeout`` when no result comes within the endpoint's
+        ``task_timeout``, ``BackendUnavailable`` when the task could not be
+        submitted or its worker was lost, and ``BackendProtocolError`` when the
+        function raised on the worker.
+        """
+        settings = self._settings(endpoint)
+        function_id = getattr(settings.function_ids, function, None) if settings.function_ids else None
+        if function_id is None:
+            raise BackendUnavailable(endpoint, f"no function id registered for {function!r}")
+        executor = await self._executor(endpoint)
+        try:
+            future = executor.submit_to_registered_function(str(function_id), args=(request,))
+        except RuntimeError:
+            # The executor stopped itself after an earlier failure; a new one may work.
+            self._discard(endpoint, executor)
+            executor = await self._executor(endpoint)
+            future = executor.submit_to_registered_function(str(function_id), args=(request,))
+        try:
+            async with asyncio.timeout(settings.task_timeout):
+                return await _result(future)
+        except TimeoutError:
+            raise BackendTimeout(
+                endpoint, f"no result from Globus Compute within {settings.task_timeout:g} s"
+            ) from None
+        except Exception as exc:
+            failure = _failure(endpoint, exc)
+            if isinstance(failure, BackendUnavailable):
+                self._discard(endpoint, executor)
+            raise failure from None
+
+    async def call(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        self._refuse_if_offline(endpoint)
+        settings = self._settings(endpoint)
+        request = compute_request(op, payload, model_server=endpoint.worker_model_server, timeout=settings.task_timeout)
+        return answer_of(endpoint, await self.run(endpoint, "inference", request))
+
+    async def stream(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> AsyncIterator[bytes]:
+        raise NotImplementedError
+        yield b""
+
+    async def status(self, endpoint: Endpoint) -> Availability:
+        """What the Globus Compute service reports of ``endpoint``: online or not, and its workers.
+
+        Only the service is asked: a status task would need a worker, and on a
+        batch-scheduled endpoint asking for one submits a job.
+        """
+        endpoint_id = str(self._settings(endpoint).endpoint_id)
+        report = await self._in_thread(lambda: self._new_client().get_endpoint_status(endpoint_id))
+        return availability_of(report)
+
+    async def check(self) -> str | None:
+        return self._client_error
+
+    async def close(self) -> None:
+        executors, self._executors = list(self._executors.values()), {}
+        for executor in executors:
+            executor.shutdown(wait=False, cancel_futures=True)
+        if executors:
+            await self._in_thread(_stop_result_watchers)
+        self._blocking.shutdown(wait=False, cancel_futures=True)
+
+
+async def _result(future: Future[Any]) -> Any:
+    """The result of an SDK future, waited for without blocking the loop; giving up does not cancel the future.
+
+    ``asyncio.wrap_future`` would cancel the SDK future when the wait is given up; the SDK then
+    cannot match the late result to it and logs an error, or keeps the result
+    forever if the task had not been sent yet. Left alone, the future is
+    completed and forgotten by the SDK when the late result arrives.
+    """
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[Any] = loop.create_future()
+
+    def settle(done: Future[Any]) -> None:
+        if not waiter.done():
+            if done.cancelled():
+                waiter.set_exception(RuntimeError("the Globus Compute SDK cancelled the task"))
+            elif (error := done.exception()) is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(done.result())
+
+    def settle_soon(done: Future[Any]) -> None:
+        # A closed loop raises RuntimeError here: nobody waits any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, done)
+
+    future.add_done_callback(settle_soon)
+    return await waiter
+
+
+def _failure(endpoint: Endpoint, error: BaseException) -> BackendFailure:
+    """The typed error for an SDK future's exception."""
+    from globus_compute_sdk.errors import TaskExecutionFailed
+
+    if isinstance(error, TaskExecutionFailed):
+        lines = [line.strip() for line in error.remote_data.strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else "no detail"
+        if TaskExecutionFailed.WORKER_LOST_REGEX.search(error.remote_data):
+            # The node went away (walltime, preemption) before answering; another endpoint may serve it.
+            return BackendUnavailable(endpoint, f"worker lost: {last}")
+        log.warning("%s: compute function raised on the worker:\n%s", endpoint.id, error.remote_data)
+        return BackendProtocolError(endpoint, f"compute function raised on the worker: {last}")
+    log.warning("%s: Globus Compute task failed: %s: %s", endpoint.id, error.__class__.__name__, error)
+    return BackendUnavailable(endpoint, f"Globus Compute: {error.__class__.__name__}: {error}")

@@ -1,0 +1,182 @@
+"""The rate-limit contract.
+
+A ``RateLimiter`` is asked before a request goes to a backend (``reserve``) and told after it
+ended (``settle``). A reservation takes one request and the request's estimated tokens (its
+prompt's size plus ``max_tokens``) from every rule that applies to the user and model, or none
+of them when any rule would be broken, in which case ``RateLimited`` (429) is raised naming the
+rule and saying when to retry. Settling puts back the tokens the request did not use (or takes
+the ones it used beyond the estimate) and frees its concurrency slot.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.config import LimitSettings, RateLimit
+from gateway.errors import RateLimited
+
+REQUESTS = "requests"
+TOKENS = "tokens"
+CONCURRENT = "concurrent"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One limit on one scope: a bucket of ``capacity`` refilled at ``rate`` per second, or a slot count."""
+
+    key: str
+    kind: str
+    capacity: float
+    rate: float
+    setting: str
+    text: str
+
+
+class Reservation:
+    """What one request took from its rules, to be given back or topped up by ``settle``."""
+
+    __slots__ = ("id", "rules", "tokens")
+
+    def __init__(self, rules: tuple[Rule, ...], tokens: int, id: str = "") -> None:
+        self.rules = rules
+        self.tokens = tokens
+        self.id = id
+
+
+def _rules(limit: RateLimit, scope: str, setting: str, who: str, where: str) -> list[Rule]:
+    rules = []
+    if limit.requests_per_second is not None:
+        rate = limit.requests_per_second
+        rules.append(
+            Rule(
+                f"{scope}:rps",
+                REQUESTS,
+                float(limit.burst or max(1.0, rate)),
+                rate,
+                f"{setting}.requests_per_second",
+                f"{who} may send {rate:g} requests per second{where}",
+            )
+        )
+    if limit.tokens_per_minute is not None:
+        tpm = limit.tokens_per_minute
+        rules.append(
+            Rule(
+                f"{scope}:tpm",
+                TOKENS,
+                float(tpm),
+                tpm / 60.0,
+                f"{setting}.tokens_per_minute",
+                f"{who} may use {tpm} tokens per minute{where}",
+            )
+        )
+    if limit.concurrent_requests is not None:
+        count = limit.concurrent_requests
+        rules.append(
+            Rule(
+                f"{scope}:running",
+                CONCURRENT,
+                float(count),
+                0.0,
+                f"{setting}.concurrent_requests",
+                f"{who} may have {count} requests running at once{where}",
+            )
+        )
+    return rules
+
+
+def rules_for(settings: LimitSettings, user: str, model: str) -> tuple[Rule, ...]:
+    """Every rule that applies to ``user`` calling ``model``: the user's own, the model's, the user's on the model."""
+    if user in settings.users:
+        mine = _rules(settings.users[user], f"u:{user}", f"users.{user}", f"user '{user}'", "")
+    else:
+        mine = _rules(settings.defaults, f"u:{user}", "defaults", f"user '{user}'", "")
+    rules = mine
+    per_model = settings.models.get(model)
+    if per_model is not None:
+        rules += _rules(per_model.total, f"m:{model}", f"models.{model}.total", f"model '{model}'", " for all users")
+        rules += _rules(
+            per_model.per_user, f"um:{user}:{model}", f"models.{model}.per_user", f"user '{user}'", f" to '{model}'"
+        )
+    return tuple(rules)
+
+
+def _text_length(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value) // 4 + 1
+    if isinstance(value, list):
+        if value and isinstance(value[0], int):
+            return len(value)
+        return sum(_text_length(item) for item in value)
+    if isinstance(value, dict):
+        return _text_length(value.get("content") if "content" in value else value.get("text"))
+    return 0
+
+
+def requested_tokens(op: str, body: dict[str, Any], assumed_max_tokens: int) -> int:
+    """An upper estimate of a request's tokens: about four characters a prompt token, plus what it may generate."""
+    if op == "chat/completions":
+        prompt = _text_length(body.get("messages"))
+    elif op == "completions":
+        prompt = _text_length(body.get("prompt"))
+    else:
+        return _text_length(body.get("input"))
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or assumed_max_tokens
+    n = body.get("n")
+    choices = n if isinstance(n, int) and n > 1 else 1
+    return prompt + int(limit) * choices
+
+
+class RateLimiter(ABC):
+    """Reserves and settles requests against the configured rules; see the module docstring."""
+
+    def __init__(self, settings: LimitSettings) -> None:
+        self.settings = settings
+        self.refusals: dict[str, int] = {}
+        self._plans: dict[tuple[str, str], tuple[tuple[Rule, ...], bool]] = {}
+        limits = [settings.defaults, *settings.users.values()]
+        limits += [limit for model in settings.models.values() for limit in (model.total, model.per_user)]
+        self.enabled = any(value is not None for limit in limits for value in limit.model_dump().values())
+
+    def _plan(self, user: str, model: str) -> tuple[tuple[Rule, ...], bool]:
+        plan = self._plans.get((user, model))
+        if plan is None:
+            rules = rules_for(self.settings, user, model)
+            plan = rules, any(rule.kind == TOKENS for rule in rules)
+            self._plans[(user, model)] = plan
+        return plan
+
+    async def reserve(self, user: str, model: str, op: str, body: dict[str, Any]) -> Reservation | None:
+        """Take this request from every rule that applies, or raise ``RateLimited``; None when no rule applies."""
+        rules, counts_tokens = self._plan(user, model)
+        if not rules:
+            return None
+        tokens = requested_tokens(op, body, self.settings.assumed_max_tokens) if counts_tokens else 0
+        return await self._reserve(rules, tokens)
+
+    def refuse(self, rule: Rule, wait: float) -> RateLimited:
+        self.refusals[rule.setting] = self.refusals.get(rule.setting, 0) + 1
+        seconds = max(1, math.ceil(wait))
+        return RateLimited(
+            f"Rate limit reached: {rule.text} (limits.{rule.setting}). Try again in {seconds} s.",
+            headers={"retry-after": str(seconds)},
+        )
+
+    @abstractmethod
+    async def _reserve(self, rules: tuple[Rule, ...], tokens: int) -> Reservation: ...
+
+    @abstractmethod
+    def settle(self, reservation: Reservation, used_tokens: int | None) -> None:
+        """Give back or take the difference between estimated and ``used_tokens`` (None: keep the estimate)."""
+
+    async def start(self) -> None:
+        """Connect to shared storage; called once when the gateway starts."""
+
+    async def close(self) -> None:
+        """Send what is still pending and disconnect; called once when the gateway stops."""
+
+    async def check(self) -> str | None:
+        """Why the limiter cannot count right now, or None; asked by the readiness probe."""
+        return None

@@ -1,0 +1,181 @@
+"""Rate limits counted in Redis, so that every replica of the gateway holds a user to the same limit.
+
+A reservation is one script call (one round trip); settlements are sent in pipelined batches by a
+background task. Time comes from the Redis server, so replicas with drifting clocks agree. When
+Redis cannot be reached, requests are let through (and the readiness probe says so): a broken
+counter should not take the service down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.config import LimitSettings
+from gateway.limits.base import CONCURRENT, REQUESTS, RateLimiter, Reservation, Rule
+
+log = logging.getLogger("gateway.limits")
+
+# A concurrency slot held by a replica that died is freed after this long.
+LEASE_MS = 15 * 60 * 1000
+
+_KIND = {REQUESTS: "r", CONCURRENT: "c"}
+
+# ARGV: tokens, reservation id, lease (ms), then per KEY: kind (r, t or c), capacity, rate per ms.
+# Returns {0, 0} when reserved, else {index of the broken rule (1-based), ms to wait}.
+_RESERVE = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local tokens = tonumber(ARGV[1])
+local levels = {}
+for i, key in ipairs(KEYS) do
+  local kind, capacity, rate = ARGV[3 * i + 1], tonumber(ARGV[3 * i + 2]), tonumber(ARGV[3 * i + 3])
+  if kind == 'c' then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    if redis.call('ZCARD', key) >= capacity then return {i, 1000} end
+  else
+    local state = redis.call('HMGET', key, 'level', 'stamp')
+    local level = tonumber(state[1]) or capacity
+    local stamp = tonumber(state[2]) or now
+    level = math.min(capacity, level + math.max(0, now - stamp) * rate)
+    local need = 1
+    if kind == 't' then need = math.min(tokens, capacity) end
+    if level < need then return {i, math.ceil((need - level) / rate)} end
+    levels[i] = level
+  end
+end
+for i, key in ipairs(KEYS) do
+  local kind, capacity, rate = ARGV[3 * i + 1], tonumber(ARGV[3 * i + 2]), tonumber(ARGV[3 * i + 3])
+  if kind == 'c' then
+    redis.call('ZADD', key, now + tonumber(ARGV[3]), ARGV[2])
+    redis.call('PEXPIRE', key, tonumber(ARGV[3]))
+  else
+    local take = 1
+    if kind == 't' then take = tokens end
+    local level = levels[i] - take
+    redis.call('HSET', key, 'level', tostring(level), 'stamp', tostring(now))
+    -- Once the bucket would be full again, a missing key means the same thing.
+    redis.call('PEXPIRE', key, math.ceil((capacity - level) / rate) + 1000)
+  end
+end
+return {0, 0}
+"""
+
+# ARGV: tokens to give back (negative: to take), reservation id, then per KEY: kind, capacity.
+_SETTLE = """
+local back = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  local kind, capacity = ARGV[2 * i + 1], tonumber(ARGV[2 * i + 2])
+  if kind == 'c' then
+    redis.call('ZREM', key, ARGV[2])
+  elseif kind == 't' and back ~= 0 then
+    local level = tonumber(redis.call('HGET', key, 'level'))
+    if level then
+      redis.call('HSET', key, 'level', tostring(math.min(capacity, level + back)))
+    end
+  end
+end
+return 0
+"""
+
+
+class RedisRateLimiter(RateLimiter):
+    """The same rules as the in-process limiter, with the buckets and slots kept in Redis."""
+
+    def __init__(self, settings: LimitSettings, url: str) -> None:
+        super().__init__(settings)
+        self.url = re.sub(r"//[^@/]*@", "//***@", url)
+        self.prefix = settings.redis_prefix
+        self.client = aioredis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        self._reserve_script = self.client.register_script(_RESERVE)
+        self._settle_script = self.client.register_script(_SETTLE)
+        self._arguments: dict[tuple[Rule, ...], tuple[list[str], list[Any], list[Any]]] = {}
+        self._pending: list[tuple[Reservation, int]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._failing_since = 0.0
+
+    def _script_arguments(self, rules: tuple[Rule, ...]) -> tuple[list[str], list[Any], list[Any]]:
+        arguments = self._arguments.get(rules)
+        if arguments is None:
+            keys = [self.prefix + rule.key for rule in rules]
+            reserve: list[Any] = []
+            settle: list[Any] = []
+            for rule in rules:
+                kind = _KIND.get(rule.kind, "t")
+                reserve += [kind, rule.capacity, rule.rate / 1000.0]
+                settle += [kind, rule.capacity]
+            arguments = self._arguments[rules] = (keys, reserve, settle)
+        return arguments
+
+    def _unavailable(self, exc: Exception) -> None:
+        if not self._failing_since:
+            self._failing_since = time.monotonic()
+            log.error("rate-limit Redis at %s unavailable, requests are let through: %s", self.url, exc)
+
+    async def _reserve(self, rules: tuple[Rule, ...], tokens: int) -> Reservation:
+        keys, arguments, _ = self._script_arguments(rules)
+        reservation = Reservation(rules, tokens, os.urandom(8).hex())
+        try:
+            broken, wait_ms = await self._reserve_script(keys=keys, args=[tokens, reservation.id, LEASE_MS, *arguments])
+        except (RedisError, OSError) as exc:
+            self._unavailable(exc)
+            return Reservation((), 0)
+        if self._failing_since:
+            log.warning("rate-limit Redis at %s is back", self.url)
+            self._failing_since = 0.0
+        if broken:
+            raise self.refuse(rules[int(broken) - 1], int(wait_ms) / 1000.0)
+        return reservation
+
+    def settle(self, reservation: Reservation, used_tokens: int | None) -> None:
+        if not reservation.rules:
+            return
+        back = 0 if used_tokens is None else reservation.tokens - used_tokens
+        self._pending.append((reservation, back))
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._send_settlements(), name="rate-limit-settlements")
+
+    async def _send_settlements(self) -> None:
+        while not self._stopping or self._pending:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            if not batch:
+                continue
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for reservation, back in batch:
+                        keys, _, arguments = self._script_arguments(reservation.rules)
+                        await self._settle_script(keys=keys, args=[back, reservation.id, *arguments], client=pipe)
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                # Slots then expire with their lease and token buckets refill on their own.
+                self._unavailable(exc)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._stopping = True
+            self._wake.set()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self._task, 5)
+            self._task = None
+        await self.client.aclose()
+
+    async def check(self) -> str | None:
+        try:
+            await self.client.ping()
+        except (RedisError, OSError) as exc:
+            return f"Redis at {self.url}: {exc}"
+        return None

@@ -1,0 +1,169 @@
+"""Structured logs: JSON lines for the gateway's own records and for its access log.
+
+Every line is one JSON object with ``ts``, ``level``, ``logger`` and ``message``, plus the
+``request_id`` when it was written while serving a request. Bearer tokens never reach a line:
+the access log holds no headers, and the formatter masks anything that looks like one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import MutableMapping
+from contextvars import ContextVar
+from typing import Any
+
+import orjson
+
+from gateway.accounting.record import RequestRecord
+from gateway.config import LoggingSettings
+
+# The ASGI scope of the request being served, so that any record logged while serving it carries its id.
+current_scope: ContextVar[MutableMapping[str, Any] | None] = ContextVar("current_scope", default=None)
+
+_BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s'\",]+")
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def redact(text: str) -> str:
+    return _BEARER.sub(r"\1[redacted]", text) if "earer" in text else text
+
+
+class _Clock:
+    """ISO 8601 UTC timestamps with milliseconds; the part down to the second is made once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, when: float) -> str:
+        second = int(when)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((when - second) * 1000):03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = _Clock()
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self._clock(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+        }
+        scope = current_scope.get()
+        if scope is not None and "request_id" in scope:
+            entry["request_id"] = scope["request_id"]
+        if record.exc_info:
+            entry["exception"] = redact(self.formatException(record.exc_info))
+        return orjson.dumps(entry).decode()
+
+
+class _RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def configure_logging(settings: LoggingSettings, level: str) -> None:
+    """Send the gateway's records (and uvicorn's) to stderr, as JSON lines unless the operator chose text."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if settings.json_lines else _RedactingFormatter(_TEXT_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # Records the gateway never shows, not worth their cost on every log call.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+
+
+class AccessLog:
+    """One line per HTTP request, at its end, with what the gateway learned about it.
+
+    Lines are buffered and written to ``fd`` by the event loop every ``interval`` seconds (or when
+    the buffer grows large), so a request costs a dict and a serialisation, not a system call.
+    """
+
+    def __init__(self, settings: LoggingSettings, fd: int = 2, interval: float = 0.25) -> None:
+        self.json_lines = settings.json_lines
+        self.log_prompts = settings.log_prompts
+        self.fd = fd
+        self.interval = interval
+        self._buffer: list[bytes] = []
+        self._clock = _Clock()
+        self._task: asyncio.Task[None] | None = None
+
+    def write(self, record: RequestRecord) -> None:
+        message = f"{record.method} {record.path} {record.status}"
+        entry: dict[str, Any] = {
+            "ts": self._clock(record.started_at + record.duration),
+            "level": "info",
+            "logger": "gateway.access",
+            "message": message,
+            "request_id": record.request_id,
+            "method": record.method,
+            "path": record.path,
+            "status": record.status,
+            "duration_ms": round(record.duration * 1000, 3),
+            "client": record.client,
+        }
+        if record.user is not None:
+            entry["user"] = record.user
+        if record.model is not None:
+            entry["model"] = record.model
+            entry["cluster"] = record.cluster
+            entry["framework"] = record.framework
+            entry["transport"] = record.transport
+            entry["stream"] = record.stream
+            entry["prompt_tokens"] = record.prompt_tokens
+            entry["completion_tokens"] = record.completion_tokens
+            if record.ttft is not None:
+                entry["ttft_ms"] = round(record.ttft * 1000, 3)
+        if record.error_code is not None:
+            entry["error_code"] = record.error_code
+        if self.log_prompts and record.prompt is not None:
+            entry["prompt"] = record.prompt
+        if self.json_lines:
+            line = orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
+        else:
+            fields = " ".join(f"{key}={value}" for key, value in entry.items() if key not in ("ts", "level", "message"))
+            line = f"{entry['ts']} INFO gateway.access: {message} {fields}\n".encode()
+        buffer = self._buffer
+        buffer.append(line)
+        if len(buffer) >= 512:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        data = b"".join(self._buffer)
+        self._buffer.clear()
+        with contextlib.suppress(OSError):
+            while data:
+                data = data[os.write(self.fd, data) :]
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._flush_regularly(), name="access-log")
+
+    async def _flush_regularly(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.flush()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.flush()

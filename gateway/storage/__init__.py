@@ -1,0 +1,1 @@
+"""Database access with SQLAlchemy Core (async): SQLite by default, PostgreSQL in production."""

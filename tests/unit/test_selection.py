@@ -1,0 +1,114 @@
+"""Choosing among endpoints from their observed state, load and breaker."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+
+import pytest
+
+from gateway.federation.availability import Availability
+from gateway.federation.registry import Endpoint
+from gateway.federation.selection import describe, explain, load, plan
+
+
+def make(name: str, state: str = "hot", **seen: object) -> Endpoint:
+    endpoint = Endpoint(
+        cluster=name, framework="vllm", models=("m",), transport="direct", kind="vllm", base_url=f"http://{name}/v1"
+    )
+    endpoint.observe(Availability(state, **seen))  # type: ignore[arg-type]
+    return endpoint
+
+
+def ids(endpoints: list[Endpoint]) -> list[str]:
+    return [endpoint.cluster for endpoint in endpoints]
+
+
+def test_states_are_tried_hot_unknown_starting_queued_cold_and_the_rest_left_out() -> None:
+    now = time.time()
+    candidates = [
+        make("cold", "cold"),
+        make("queued-late", "queued", estimated_start=now + 600),
+        make("offline", "offline"),
+        make("starting", "starting"),
+        make("hot", "hot"),
+        make("queued-soon", "queued", estimated_start=now + 60),
+        make("unknown", "unknown"),
+        make("maintenance", "hot"),
+    ]
+    candidates[-1].maintenance = "disk swap"
+    decided = plan(candidates)
+    assert ids(decided.endpoints) == ["hot", "unknown", "starting", "queued-soon", "queued-late", "cold"]
+    assert decided.state == "hot"
+    assert sorted(ids(decided.skipped)) == ["maintenance", "offline"]
+
+
+def test_nothing_usable_gives_an_empty_plan_that_says_why() -> None:
+    down = make("a", "offline", detail="connection refused")
+    decided = plan([down])
+    assert decided.endpoints == [] and decided.state == "offline"
+    assert describe(decided.skipped) == "a/vllm: offline (connection refused)"
+
+
+def test_stale_observation_becomes_unknown() -> None:
+    endpoint = make("a", "offline", observed_at=time.time() - 120)
+    assert endpoint.state(time.time()) == "unknown"
+    assert ids(plan([endpoint]).endpoints) == ["a"]
+
+
+def test_power_of_two_choices_prefers_the_less_loaded() -> None:
+    busy, idle = make("busy"), make("idle")
+    busy.in_flight = 10
+    firsts = Counter(ids(plan([busy, idle], random.Random(seed)).endpoints)[0] for seed in range(200))
+    assert firsts == {"idle": 200}
+
+
+def test_equal_load_spreads_evenly() -> None:
+    endpoints = [make(name) for name in "abc"]
+    rng = random.Random(1)
+    firsts = Counter(plan(endpoints, rng).endpoints[0].cluster for _ in range(3000))
+    assert all(900 < count < 1100 for count in firsts.values()), firsts
+
+
+def test_load_counts_others_reported_by_the_backend_but_not_our_own_twice() -> None:
+    endpoint = make("a")
+    endpoint.in_flight = 3
+    endpoint.observe(Availability("hot", running=5, waiting=2))  # 3 of those 7 are ours
+    assert load(endpoint) == 3 + 4
+    endpoint.in_flight = 1
+    assert load(endpoint) == 1 + 4
+
+
+def test_unreachable_endpoint_is_left_out_until_seen_serving_again() -> None:
+    endpoint, other = make("a"), make("b")
+    endpoint.record_failure(unreachable=True)
+    assert ids(plan([endpoint, other]).endpoints) == ["b"]
+    endpoint.observe(Availability("hot"))
+    assert sorted(ids(plan([endpoint, other]).endpoints)) == ["a", "b"]
+
+
+def test_breaker_opens_after_repeated_failures_and_success_resets_the_count() -> None:
+    endpoint = make("a")
+    endpoint.record_failure()
+    endpoint.record_failure()
+    endpoint.record_success()
+    endpoint.record_failure()
+    assert ids(plan([endpoint]).endpoints) == ["a"]
+    endpoint.record_failure()
+    endpoint.record_failure()
+    assert plan([endpoint]).endpoints == []
+    assert "failing" in describe([endpoint])
+
+
+@pytest.mark.parametrize(
+    ("state", "words"),
+    [
+        ("queued", "queued on cluster 'a', estimated start 2026-"),
+        ("starting", "starting on cluster 'a'"),
+        ("cold", "not running on cluster 'a'"),
+    ],
+)
+def test_explain_names_the_state_and_cluster(state: str, words: str) -> None:
+    endpoint = make("a", state, estimated_start=time.mktime((2026, 12, 1, 9, 30, 0, 0, 0, 0)))
+    assert explain(endpoint).startswith(words)
