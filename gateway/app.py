@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.api import admin, catalog, identity, inference, monitoring
+from gateway.api import admin, catalog, identity, inference, monitoring, streams
 from gateway.api.responses import request_id
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_response
@@ -38,6 +38,7 @@ ROUTES = [
     Route("/resource_server/status", catalog.cluster_status, methods=["GET"]),
     Route("/resource_server/{cluster}/models", catalog.cluster_models, methods=["GET"]),
     Route("/resource_server/{cluster}/jobs", catalog.cluster_jobs, methods=["GET"]),
+    Route("/resource_server/internal/streams/{stream_id}", streams.receive_stream, methods=["POST"]),
 ]
 
 

@@ -8,6 +8,15 @@ import sys
 from gateway.config import DEFAULT_CONFIG, ConfigError, load_config
 
 
+def listen_url(host: str, port: int) -> str:
+    """The URL that reaches a gateway listening on ``host``: where workers push streamed answers by default."""
+    if host in ("", "0.0.0.0", "::"):
+        import socket
+
+        host = socket.getfqdn()
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -15,6 +24,8 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.observability.logs import configure_logging
 
     config = load_config(args.config)
+    if config.relay.url is None:
+        config.relay.url = listen_url(args.host, args.port)
     configure_logging(config.logging, args.log_level)
     uvicorn.run(
         create_app(config),

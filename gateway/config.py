@@ -379,6 +379,7 @@ class FederationSettings(_Strict):
     failover_attempts: int = Field(default=3, ge=1)
     breaker_failures: int = Field(default=3, ge=1)
     breaker_seconds: float = Field(default=30.0, gt=0)
+    policy: Literal["least_loaded", "round_robin"] = "least_loaded"
     when_not_hot: Literal["reject", "hold"] = "reject"
     retry_after: int = Field(default=30, ge=1)
     maintenance: dict[str, str] = Field(default_factory=dict)

@@ -23,6 +23,7 @@ from gateway.limits import build_limiter
 from gateway.observability.logs import AccessLog
 from gateway.observability.metrics import GatewayMetrics
 from gateway.storage.database import Database
+from gateway.streaming.relay import build_relay
 
 log = logging.getLogger("gateway")
 
@@ -49,8 +50,8 @@ class Runtime:
             if settings.model_server is not None:
                 base_url = self.model_servers[settings.model_server].base_url
             else:
-                assert settings.base_url is not None
-                base_url = settings.base_url
+                # Workers of the parsl and globus transports find their model server on their node.
+                base_url = settings.base_url or ""
             endpoints.append(Endpoint.from_settings(settings, base_url, config.auth.clusters.get(settings.cluster)))
         federation = config.federation
         for endpoint in endpoints:
@@ -73,6 +74,19 @@ class Runtime:
                 connect_timeout=config.server.connect_timeout, read_timeout=config.server.request_timeout
             ),
         }
+        self.relay = build_relay(config.relay)
+        parsl_endpoints = [settings for settings in config.endpoints if settings.transport == "parsl"]
+        if parsl_endpoints:
+            # Importing Parsl takes most of a second: only gateways that use it pay for it.
+            from gateway.dispatch.parsl import ParslDispatcher
+
+            self.dispatchers["parsl"] = ParslDispatcher(
+                parsl_endpoints,
+                relay=self.relay,
+                relay_url=config.relay.url,
+                request_timeout=config.server.request_timeout,
+                state_dir=self.state_dir,
+            )
         self.authenticator: Authenticator = ProviderChain([])
         self.limiter = build_limiter(config.limits)
         database = config.database
@@ -122,6 +136,7 @@ class Runtime:
             log.info("starting model server %s: %s", name, " ".join(server.command))
             await asyncio.to_thread(server.start, settings.startup_timeout)
             log.info("model server %s is up at %s", name, server.base_url)
+        await self.relay.start()
         for dispatcher in self.dispatchers.values():
             await dispatcher.start()
         await self.tracker.start()
@@ -143,6 +158,7 @@ class Runtime:
             task.cancel()
         for dispatcher in self.dispatchers.values():
             await dispatcher.close()
+        await self.relay.close()
         for server in self.model_servers.values():
             await asyncio.to_thread(server.stop)
         await self.authenticator.close()

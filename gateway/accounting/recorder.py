@@ -4,40 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import time
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from gateway.accounting.record import RequestRecord
-from gateway.accounting.spool import Spool
+from gateway.accounting.spool import Row, Spool
 from gateway.storage.database import Database, DatabaseUnavailable
 
 log = logging.getLogger("gateway.accounting")
-
-
-def usage_row(record: RequestRecord) -> dict[str, Any]:
-    assert record.user is not None and record.model is not None and record.op is not None
-    return {
-        "id": os.urandom(16).hex(),
-        "request_id": record.request_id,
-        "created_at": datetime.fromtimestamp(record.started_at, UTC).replace(tzinfo=None),
-        "username": record.user,
-        "cluster": record.cluster,
-        "framework": record.framework,
-        "model": record.model,
-        "endpoint": record.op,
-        "transport": record.transport,
-        "stream": record.stream,
-        "status": record.status,
-        "error_code": record.error_code,
-        "prompt_tokens": record.prompt_tokens,
-        "completion_tokens": record.completion_tokens,
-        "time_to_first_token": record.ttft,
-        "duration": record.duration,
-    }
 
 
 class UsageRecorder:
@@ -72,6 +49,10 @@ class UsageRecorder:
         self.spooled = 0
         self.database_up = False
         self._pending: list[RequestRecord] = []
+        # Ids that grow within a process keep inserts at the end of the primary key's index; the start time and
+        # random part keep them apart from every other process's.
+        self._id_prefix = f"{int(time.time()):08x}{os.urandom(6).hex()}"
+        self._ids = itertools.count()
         self._wake = asyncio.Event()
         self._retry_at = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -149,7 +130,7 @@ class UsageRecorder:
 
     async def _flush(self) -> None:
         records, self._pending = self._pending, []
-        rows = [usage_row(record) for record in records]
+        rows = [self._row(record) for record in records]
         if not self.database_up and (time.monotonic() < self._retry_at or not await self._connect()):
             await self._keep(rows)
             return
@@ -165,7 +146,27 @@ class UsageRecorder:
                 return
             self.written += len(batch)
 
-    async def _keep(self, rows: list[dict[str, Any]]) -> None:
+    def _row(self, record: RequestRecord) -> Row:
+        return (
+            f"{self._id_prefix}{next(self._ids):012x}",
+            record.request_id,
+            record.started_at,
+            record.user,
+            record.cluster,
+            record.framework,
+            record.model,
+            record.op,
+            record.transport,
+            record.stream,
+            record.status,
+            record.error_code,
+            record.prompt_tokens,
+            record.completion_tokens,
+            record.ttft,
+            record.duration,
+        )
+
+    async def _keep(self, rows: list[Row]) -> None:
         if rows:
             await asyncio.to_thread(self.spool.append, rows)
             self.spooled += len(rows)

@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from gateway.storage.database import USAGE_COLUMNS
+
+Row = tuple[Any, ...]
+
+
+def _lines(rows: list[Row]) -> bytes:
+    # Named fields, so that a spool written before a schema change still replays after it.
+    return b"".join(
+        orjson.dumps(dict(zip(USAGE_COLUMNS, row, strict=True)), option=orjson.OPT_APPEND_NEWLINE) for row in rows
+    )
+
 
 class Spool:
-    """An append-only file of rows; every method blocks, so callers run them in a thread."""
+    """An append-only file of usage rows; every method blocks, so callers run them in a thread."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def append(self, rows: list[dict[str, Any]]) -> None:
-        data = b"".join(orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE) for row in rows)
+    def append(self, rows: list[Row]) -> None:
+        data = _lines(rows)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "ab") as spool:
             spool.write(data)
@@ -28,23 +38,22 @@ class Spool:
     def exists(self) -> bool:
         return self.path.exists()
 
-    def read(self) -> list[dict[str, Any]]:
+    def read(self) -> list[Row]:
         """Every row in the file; a line cut short by a crash while it was written is skipped."""
         rows = []
         for line in self.path.read_bytes().splitlines():
             try:
-                row = orjson.loads(line)
+                fields = orjson.loads(line)
             except orjson.JSONDecodeError:
                 continue
-            row["created_at"] = datetime.fromisoformat(row["created_at"])
-            rows.append(row)
+            rows.append(tuple(fields.get(column) for column in USAGE_COLUMNS))
         return rows
 
-    def replace(self, rows: list[dict[str, Any]]) -> None:
+    def replace(self, rows: list[Row]) -> None:
         """Keep only ``rows`` (the ones not yet stored), or remove the file when there are none."""
         if not rows:
             self.path.unlink(missing_ok=True)
             return
         fresh = self.path.with_name(self.path.name + ".tmp")
-        fresh.write_bytes(b"".join(orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE) for row in rows))
+        fresh.write_bytes(_lines(rows))
         os.replace(fresh, self.path)

@@ -85,7 +85,7 @@ async def cluster_models(request: Request) -> Response:
             "created": _STARTED,
             "owned_by": endpoint.id,
             "framework": endpoint.framework,
-            "state": endpoint.state(wall),
+            "state": endpoint.state(wall, model),
             "route": endpoint.route,
         }
         for endpoint in await _cluster_endpoints(request)

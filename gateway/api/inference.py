@@ -99,7 +99,9 @@ def _payload(body: dict[str, Any], endpoint: Endpoint, model: str) -> dict[str, 
 def _route(runtime: Runtime, candidates: list[Endpoint], model: str, cluster_route: bool) -> list[Endpoint]:
     """The endpoints to try, in order; 503 (with the reason) when none can serve now."""
     federation = runtime.config.federation
-    decided = plan(candidates, limit=federation.failover_attempts)
+    decided = plan(
+        candidates, model, limit=federation.failover_attempts, round_robin=federation.policy == "round_robin"
+    )
     if not decided.endpoints:
         in_maintenance = [endpoint for endpoint in decided.skipped if endpoint.maintenance is not None]
         if in_maintenance and (cluster_route or len(in_maintenance) == len(decided.skipped)):
@@ -121,7 +123,7 @@ def _route(runtime: Runtime, candidates: list[Endpoint], model: str, cluster_rou
         best = decided.endpoints[0]
         runtime.warm_up(best, best.backend_model(model))
         raise ServiceUnavailable(
-            f"Model '{model}' is {explain(best)}; it is being started, try again shortly.",
+            f"Model '{model}' is {explain(best, model)}; it is being started, try again shortly.",
             code=f"model_{decided.state}",
             headers={"retry-after": str(federation.retry_after)},
         )

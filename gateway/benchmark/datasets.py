@@ -180,7 +180,7 @@ def sample_sharegpt(
         for r in records
         if isinstance(r, dict) and isinstance(r.get("conversations"), list) and len(r["conversations"]) >= 2
     ]
-    rng = random.Random(seed)  # noqa: S311 - a reproducible sample, not a secret
+    rng = random.Random(seed)
     rng.shuffle(conversations)
     samples: list[SampleRequest] = []
     for turns in conversations:
@@ -225,7 +225,7 @@ def sample_random(
         raise DatasetError("--random-range-ratio must be in [0, 1)")
     if input_len < 1 or output_len < 1:
         raise DatasetError("--random-input-len and --random-output-len must be at least 1")
-    rng = random.Random(seed)  # noqa: S311 - reproducible prompts, not a secret
+    rng = random.Random(seed)
     prefix = " ".join(rng.choices(_WORDS, k=prefix_len))
     samples = []
     for _ in range(num_requests):

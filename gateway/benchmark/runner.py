@@ -88,7 +88,7 @@ def arrival_offsets(count: int, rate: float, burstiness: float, seed: int) -> li
         return None
     if rate <= 0 or burstiness <= 0:
         raise ValueError("--request-rate and --burstiness must be positive")
-    rng = random.Random(seed)  # noqa: S311 - a reproducible schedule, not a secret
+    rng = random.Random(seed)
     theta = 1.0 / (rate * burstiness)
     offsets = []
     t = 0.0

@@ -17,6 +17,7 @@ from gateway.dispatch.base import (
     BackendUnavailable,
     Dispatcher,
 )
+from gateway.dispatch.sse import EventSplitter
 from gateway.federation.availability import Availability
 from gateway.federation.registry import Endpoint
 
@@ -95,17 +96,13 @@ class DirectDispatcher(Dispatcher):
                 raise BackendError(endpoint, response.status, await response.read())
             if not response.content_type.startswith("text/event-stream"):
                 raise BackendProtocolError(endpoint, f"expected an event stream, got {response.content_type}")
-            pending = b""
+            events = EventSplitter()
             async for data in response.content.iter_any():
-                pending += data
-                # Pass on whole events only, as soon as each is complete, so that an
-                # in-band error can never land in the middle of one.
-                end = pending.rfind(b"\n\n")
-                if end >= 0:
-                    yield pending[: end + 2]
-                    pending = pending[end + 2 :]
+                complete = events.feed(data)
+                if complete:
+                    yield complete
             finished = True
-            if pending.strip():
+            if events.inside_event:
                 raise BackendProtocolError(endpoint, "stream ended inside an event")
         except TimeoutError:
             raise BackendTimeout(endpoint, "stream stalled") from None
@@ -128,11 +125,12 @@ class DirectDispatcher(Dispatcher):
                     return Availability("unknown", detail=f"/models answered HTTP {answer.status}")
                 listed = await answer.json(loads=orjson.loads, content_type=None)
             names = {entry.get("id") for entry in listed.get("data", []) if isinstance(entry, dict)}
-            missing = [model for model in endpoint.models if endpoint.backend_model(model) not in names]
-            if missing:
-                return Availability("cold", detail=f"not loaded: {', '.join(missing)}")
+            missing = frozenset(model for model in endpoint.models if endpoint.backend_model(model) not in names)
+            if len(missing) == len(endpoint.models):
+                return Availability("cold", detail="no model loaded")
+            detail = f"not loaded: {', '.join(sorted(missing))}" if missing else ""
             if endpoint.kind == "openai":
-                return Availability("hot")
+                return Availability("hot", detail=detail, cold_models=missing)
             root = endpoint.base_url.removesuffix("/v1")
             async with session.get(f"{root}/metrics") as answer:
                 text = await answer.text() if answer.status == 200 else ""
@@ -141,9 +139,13 @@ class DirectDispatcher(Dispatcher):
         loads = model_load(text)
         served = [loads[name] for name in {endpoint.backend_model(model) for model in endpoint.models} if name in loads]
         if not served:
-            return Availability("hot")
+            return Availability("hot", detail=detail, cold_models=missing)
         return Availability(
-            "hot", running=sum(load.running for load in served), waiting=sum(load.waiting for load in served)
+            "hot",
+            detail=detail,
+            cold_models=missing,
+            running=sum(load.running for load in served),
+            waiting=sum(load.waiting for load in served),
         )
 
     async def close(self) -> None:

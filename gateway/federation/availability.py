@@ -20,6 +20,8 @@ class Availability:
     ``waiting`` count requests when the backend reports them. ``estimated_start``
     (epoch seconds) is the scheduler's guess for a queued job, and ``jobs`` the
     scheduler's entries for the endpoint's model jobs, when the transport knows them.
+    ``cold_models`` are models of a serving endpoint that are not loaded: for
+    them the endpoint is ``cold`` whatever its own state.
     """
 
     state: State
@@ -29,6 +31,7 @@ class Availability:
     waiting: int | None = None
     estimated_start: float | None = None
     jobs: tuple[dict[str, object], ...] = ()
+    cold_models: frozenset[str] = frozenset()
 
     def age(self, now: float | None = None) -> float:
         return (time.time() if now is None else now) - self.observed_at

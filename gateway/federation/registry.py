@@ -68,12 +68,15 @@ class Endpoint:
             self.cluster_groups, self.cluster_domains, identity
         )
 
-    def state(self, wall_now: float) -> State:
-        """The state to route by: maintenance first, then the last observation while it is fresh."""
+    def state(self, wall_now: float, model: str | None = None) -> State:
+        """The state to route by (for ``model`` when given): maintenance first, then the last observation
+        while it is fresh."""
         if self.maintenance is not None:
             return "maintenance"
         if wall_now - self.availability.observed_at > self.stale_after:
             return "unknown"
+        if model is not None and model in self.availability.cold_models and self.availability.state == "hot":
+            return "cold"
         return self.availability.state
 
     def is_up(self, now: float) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
 import time
 from collections.abc import Sequence
@@ -31,7 +32,13 @@ def load(endpoint: Endpoint) -> int:
     return endpoint.in_flight + endpoint.others_load
 
 
-def plan(candidates: Sequence[Endpoint], rng: random.Random | None = None, limit: int | None = None) -> Plan:
+def plan(
+    candidates: Sequence[Endpoint],
+    model: str | None = None,
+    rng: random.Random | None = None,
+    limit: int | None = None,
+    round_robin: bool = False,
+) -> Plan:
     """Order ``candidates``: hot first (the less loaded of two random picks leads, the rest by load), then
     unknown, starting, queued (soonest start first) and cold; offline, maintenance and open circuit breakers
     are left out. With ``limit``, only the first ``limit`` endpoints are ordered and returned.
@@ -45,6 +52,8 @@ def plan(candidates: Sequence[Endpoint], rng: random.Random | None = None, limit
     for index, endpoint in enumerate(candidates):
         seen = endpoint.availability
         state = seen.state if wall - seen.observed_at <= endpoint.stale_after else "unknown"
+        if state == "hot" and seen.cold_models and model in seen.cold_models:
+            state = "cold"
         if endpoint.maintenance is not None or state in SKIPPED or now < endpoint.down_until:
             skipped.append(endpoint)
         elif state == "hot":
@@ -55,7 +64,11 @@ def plan(candidates: Sequence[Endpoint], rng: random.Random | None = None, limit
             later.append((RANK[state], endpoint.in_flight + endpoint.others_load, index, endpoint))
     limit = limit or len(candidates)
     ordered: list[Endpoint] = []
-    if len(hot) >= 2:
+    if round_robin and hot:
+        # Kept for comparison and for backends whose load the gateway cannot see: each hot endpoint in turn.
+        turn = next(_turns) % len(hot)
+        ordered += hot[turn:] + hot[:turn]
+    elif len(hot) >= 2:
         # Power of two choices: the less loaded of two random hot endpoints goes first. Always taking
         # the least loaded would send a burst of simultaneous requests to one endpoint before its count moves.
         first, second = (rng or _rng).sample(hot, 2)
@@ -70,18 +83,19 @@ def plan(candidates: Sequence[Endpoint], rng: random.Random | None = None, limit
         ordered += [entry[3] for entry in heapq.nsmallest(limit - len(ordered), later)]
     if not ordered:
         return Plan([], "offline", skipped)
-    return Plan(ordered[:limit], "hot" if hot else ordered[0].state(wall), skipped)
+    return Plan(ordered[:limit], "hot" if hot else ordered[0].state(wall, model), skipped)
 
 
 _rng = random.Random()
+_turns = itertools.count()
 
 
 NOT_HOT = frozenset({"starting", "queued", "cold"})
 
 
-def explain(endpoint: Endpoint) -> str:
-    """The endpoint's state in words, for a 503 that tells the caller what is happening."""
-    state = endpoint.state(time.time())
+def explain(endpoint: Endpoint, model: str | None = None) -> str:
+    """The endpoint's state (for ``model``) in words, for a 503 that tells the caller what is happening."""
+    state = endpoint.state(time.time(), model)
     where = f"on cluster '{endpoint.cluster}'"
     if state == "queued":
         start = endpoint.availability.estimated_start

@@ -35,13 +35,24 @@ class Rule:
     text: str
 
 
-class Reservation:
-    """What one request took from its rules, to be given back or topped up by ``settle``."""
+class Plan:
+    """The rules for one user on one model, with whatever the limiter keeps to apply them fast (``state``)."""
 
-    __slots__ = ("id", "rules", "tokens")
+    __slots__ = ("counts_tokens", "rules", "state")
 
-    def __init__(self, rules: tuple[Rule, ...], tokens: int, id: str = "") -> None:
+    def __init__(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
+        self.counts_tokens = any(rule.kind == TOKENS for rule in rules)
+        self.state: Any = None
+
+
+class Reservation:
+    """What one request took from its plan's rules, to be given back or topped up by ``settle``."""
+
+    __slots__ = ("id", "plan", "tokens")
+
+    def __init__(self, plan: Plan | None, tokens: int, id: str = "") -> None:
+        self.plan = plan
         self.tokens = tokens
         self.id = id
 
@@ -135,26 +146,24 @@ class RateLimiter(ABC):
     def __init__(self, settings: LimitSettings) -> None:
         self.settings = settings
         self.refusals: dict[str, int] = {}
-        self._plans: dict[tuple[str, str], tuple[tuple[Rule, ...], bool]] = {}
+        self._plans: dict[tuple[str, str], Plan] = {}
         limits = [settings.defaults, *settings.users.values()]
         limits += [limit for model in settings.models.values() for limit in (model.total, model.per_user)]
         self.enabled = any(value is not None for limit in limits for value in limit.model_dump().values())
 
-    def _plan(self, user: str, model: str) -> tuple[tuple[Rule, ...], bool]:
-        plan = self._plans.get((user, model))
-        if plan is None:
-            rules = rules_for(self.settings, user, model)
-            plan = rules, any(rule.kind == TOKENS for rule in rules)
-            self._plans[(user, model)] = plan
+    def _plan(self, user: str, model: str) -> Plan:
+        plan = Plan(rules_for(self.settings, user, model))
+        plan.state = self.prepare(plan.rules)
+        self._plans[(user, model)] = plan
         return plan
 
     async def reserve(self, user: str, model: str, op: str, body: dict[str, Any]) -> Reservation | None:
         """Take this request from every rule that applies, or raise ``RateLimited``; None when no rule applies."""
-        rules, counts_tokens = self._plan(user, model)
-        if not rules:
+        plan = self._plans.get((user, model)) or self._plan(user, model)
+        if not plan.rules:
             return None
-        tokens = requested_tokens(op, body, self.settings.assumed_max_tokens) if counts_tokens else 0
-        return await self._reserve(rules, tokens)
+        tokens = requested_tokens(op, body, self.settings.assumed_max_tokens) if plan.counts_tokens else 0
+        return await self._reserve(plan, tokens)
 
     def refuse(self, rule: Rule, wait: float) -> RateLimited:
         self.refusals[rule.setting] = self.refusals.get(rule.setting, 0) + 1
@@ -165,7 +174,11 @@ class RateLimiter(ABC):
         )
 
     @abstractmethod
-    async def _reserve(self, rules: tuple[Rule, ...], tokens: int) -> Reservation: ...
+    def prepare(self, rules: tuple[Rule, ...]) -> Any:
+        """What this limiter keeps with a plan to apply ``rules`` without looking anything up."""
+
+    @abstractmethod
+    async def _reserve(self, plan: Plan, tokens: int) -> Reservation: ...
 
     @abstractmethod
     def settle(self, reservation: Reservation, used_tokens: int | None) -> None:

@@ -5,48 +5,57 @@ from __future__ import annotations
 import time
 
 from gateway.config import LimitSettings
-from gateway.limits.base import CONCURRENT, REQUESTS, TOKENS, RateLimiter, Reservation, Rule
+from gateway.limits.base import CONCURRENT, REQUESTS, TOKENS, Plan, RateLimiter, Reservation, Rule
+
+
+class _Cell:
+    """A token bucket's level and when it was last brought up to date, or a count of running requests."""
+
+    __slots__ = ("level", "stamp")
+
+    def __init__(self, level: float) -> None:
+        self.level = level
+        self.stamp = time.monotonic()
 
 
 class MemoryRateLimiter(RateLimiter):
-    """Token buckets (requests, tokens) and slot counts (concurrency) in plain dicts."""
+    """Token buckets (requests, tokens) and slot counts (concurrency), one cell per rule key, shared by plans."""
 
     def __init__(self, settings: LimitSettings) -> None:
         super().__init__(settings)
-        # key -> [level, monotonic time of the level]
-        self._buckets: dict[str, list[float]] = {}
-        self._running: dict[str, int] = {}
+        self._cells: dict[str, _Cell] = {}
 
-    async def _reserve(self, rules: tuple[Rule, ...], tokens: int) -> Reservation:
-        now = time.monotonic()
-        buckets = self._buckets
+    def prepare(self, rules: tuple[Rule, ...]) -> tuple[tuple[Rule, _Cell], ...]:
+        cells = []
         for rule in rules:
+            cell = self._cells.get(rule.key)
+            if cell is None:
+                cell = self._cells[rule.key] = _Cell(0.0 if rule.kind == CONCURRENT else rule.capacity)
+            cells.append((rule, cell))
+        return tuple(cells)
+
+    async def _reserve(self, plan: Plan, tokens: int) -> Reservation:
+        now = time.monotonic()
+        cells: tuple[tuple[Rule, _Cell], ...] = plan.state
+        for rule, cell in cells:
             if rule.kind == CONCURRENT:
-                if self._running.get(rule.key, 0) >= rule.capacity:
+                if cell.level >= rule.capacity:
                     raise self.refuse(rule, 1)
                 continue
-            bucket = buckets.get(rule.key)
-            if bucket is None:
-                bucket = buckets[rule.key] = [rule.capacity, now]
-            else:
-                bucket[0] = min(rule.capacity, bucket[0] + (now - bucket[1]) * rule.rate)
-                bucket[1] = now
+            level = min(rule.capacity, cell.level + (now - cell.stamp) * rule.rate)
+            cell.level = level
+            cell.stamp = now
             need = 1.0 if rule.kind == REQUESTS else min(float(tokens), rule.capacity)
-            if bucket[0] < need:
-                raise self.refuse(rule, (need - bucket[0]) / rule.rate)
-        for rule in rules:
-            if rule.kind == REQUESTS:
-                buckets[rule.key][0] -= 1.0
-            elif rule.kind == TOKENS:
-                buckets[rule.key][0] -= tokens
-            else:
-                self._running[rule.key] = self._running.get(rule.key, 0) + 1
-        return Reservation(rules, tokens)
+            if level < need:
+                raise self.refuse(rule, (need - level) / rule.rate)
+        for rule, cell in cells:
+            cell.level -= tokens if rule.kind == TOKENS else 1.0 if rule.kind == REQUESTS else -1.0
+        return Reservation(plan, tokens)
 
     def settle(self, reservation: Reservation, used_tokens: int | None) -> None:
-        for rule in reservation.rules:
+        assert reservation.plan is not None
+        for rule, cell in reservation.plan.state:
             if rule.kind == CONCURRENT:
-                self._running[rule.key] -= 1
+                cell.level -= 1.0
             elif rule.kind == TOKENS and used_tokens is not None:
-                bucket = self._buckets[rule.key]
-                bucket[0] = min(rule.capacity, bucket[0] + reservation.tokens - used_tokens)
+                cell.level = min(rule.capacity, cell.level + reservation.tokens - used_tokens)

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.config import LimitSettings
-from gateway.limits.base import CONCURRENT, REQUESTS, RateLimiter, Reservation, Rule
+from gateway.limits.base import CONCURRENT, REQUESTS, Plan, RateLimiter, Reservation, Rule
 
 log = logging.getLogger("gateway.limits")
 
@@ -97,48 +97,45 @@ class RedisRateLimiter(RateLimiter):
         self.client = aioredis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self._reserve_script = self.client.register_script(_RESERVE)
         self._settle_script = self.client.register_script(_SETTLE)
-        self._arguments: dict[tuple[Rule, ...], tuple[list[str], list[Any], list[Any]]] = {}
         self._pending: list[tuple[Reservation, int]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._failing_since = 0.0
 
-    def _script_arguments(self, rules: tuple[Rule, ...]) -> tuple[list[str], list[Any], list[Any]]:
-        arguments = self._arguments.get(rules)
-        if arguments is None:
-            keys = [self.prefix + rule.key for rule in rules]
-            reserve: list[Any] = []
-            settle: list[Any] = []
-            for rule in rules:
-                kind = _KIND.get(rule.kind, "t")
-                reserve += [kind, rule.capacity, rule.rate / 1000.0]
-                settle += [kind, rule.capacity]
-            arguments = self._arguments[rules] = (keys, reserve, settle)
-        return arguments
+    def prepare(self, rules: tuple[Rule, ...]) -> tuple[list[str], list[Any], list[Any]]:
+        """The scripts' keys, and their per-key arguments for reserving and for settling."""
+        keys = [self.prefix + rule.key for rule in rules]
+        reserve: list[Any] = []
+        settle: list[Any] = []
+        for rule in rules:
+            kind = _KIND.get(rule.kind, "t")
+            reserve += [kind, rule.capacity, rule.rate / 1000.0]
+            settle += [kind, rule.capacity]
+        return keys, reserve, settle
 
     def _unavailable(self, exc: Exception) -> None:
         if not self._failing_since:
             self._failing_since = time.monotonic()
             log.error("rate-limit Redis at %s unavailable, requests are let through: %s", self.url, exc)
 
-    async def _reserve(self, rules: tuple[Rule, ...], tokens: int) -> Reservation:
-        keys, arguments, _ = self._script_arguments(rules)
-        reservation = Reservation(rules, tokens, os.urandom(8).hex())
+    async def _reserve(self, plan: Plan, tokens: int) -> Reservation:
+        keys, arguments, _ = plan.state
+        reservation = Reservation(plan, tokens, os.urandom(8).hex())
         try:
             broken, wait_ms = await self._reserve_script(keys=keys, args=[tokens, reservation.id, LEASE_MS, *arguments])
         except (RedisError, OSError) as exc:
             self._unavailable(exc)
-            return Reservation((), 0)
+            return Reservation(None, 0)
         if self._failing_since:
             log.warning("rate-limit Redis at %s is back", self.url)
             self._failing_since = 0.0
         if broken:
-            raise self.refuse(rules[int(broken) - 1], int(wait_ms) / 1000.0)
+            raise self.refuse(plan.rules[int(broken) - 1], int(wait_ms) / 1000.0)
         return reservation
 
     def settle(self, reservation: Reservation, used_tokens: int | None) -> None:
-        if not reservation.rules:
+        if reservation.plan is None:
             return
         back = 0 if used_tokens is None else reservation.tokens - used_tokens
         self._pending.append((reservation, back))
@@ -157,7 +154,8 @@ class RedisRateLimiter(RateLimiter):
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
                     for reservation, back in batch:
-                        keys, _, arguments = self._script_arguments(reservation.rules)
+                        assert reservation.plan is not None
+                        keys, _, arguments = reservation.plan.state
                         await self._settle_script(keys=keys, args=[back, reservation.id, *arguments], client=pipe)
                     await pipe.execute()
             except (RedisError, OSError) as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -76,7 +77,8 @@ def test_the_usage_guide_command(fast_simulator: ModelServer, tmp_path: Path) ->
     assert done.returncode == 0, done.stderr
     assert "Serving Benchmark Result" in done.stdout
     assert "Successful requests:                     100" in done.stdout
-    assert "100/100" in done.stderr  # the progress bar
+    if importlib.util.find_spec("tqdm") is not None:
+        assert "100/100" in done.stderr  # the progress bar
     lines = records(out)
     assert [r["type"] for r in lines] == ["request"] * 100 + ["summary"]
     first = lines[0]

@@ -136,7 +136,7 @@ async def test_slow_globus_is_503_within_the_timeout(fake: FakeGlobus, build: Bu
     started = time.monotonic()
     with pytest.raises(ServiceUnavailable) as raised:
         await auth.authenticate(token)
-    assert time.monotonic() - started < 0.6 and "0.3 s" in raised.value.message
+    assert time.monotonic() - started < 0.9 and "0.3 s" in raised.value.message
     fake.delay = 0
     await asyncio.sleep(0.5)  # the look-up that timed out ends; the next request asks again
     assert (await auth.authenticate(token)).username == "jdoe@anl.gov"
@@ -160,7 +160,11 @@ async def test_missing_groups_consent_is_403(fake: FakeGlobus, build: Build) -> 
 
 
 async def test_replicas_share_verdicts_through_redis(fake: FakeGlobus, build: Build) -> None:
-    cache = {"redis_url": "redis://127.0.0.1:6379/0", "redis_prefix": f"test-auth-{os.urandom(6).hex()}:"}
+    cache = {
+        "seconds": 30,
+        "redis_url": "redis://127.0.0.1:6379/0",
+        "redis_prefix": f"test-auth-{os.urandom(6).hex()}:",
+    }
     first, second = build(cache=cache), build(cache=cache)
     token = fake.issue()
     assert (await first.authenticate(token)) == (await second.authenticate(token))

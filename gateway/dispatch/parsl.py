@@ -1,0 +1,281 @@
+"""The ``parsl`` transport: the compute functions run on the workers of Parsl executors the gateway owns.
+
+Each endpoint's ``parsl`` settings describe a ``HighThroughputExecutor`` and its provider (``local``, ``slurm`` or
+``pbspro``, their options passed through); endpoints of one cluster with the same settings share one executor, so
+one worker pool. All executors belong to one ``DataFlowKernel``, started in a thread when the gateway starts (the
+first block takes seconds to connect) and cleaned up when it stops; requests that come first wait for it.
+
+Tasks go straight to the executor (``HighThroughputExecutor.submit``); their futures are awaited without ever
+being cancelled (see ``gateway.dispatch.futures``). A streamed answer comes back through the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from parsl.config import Config
+from parsl.dataflow.dflow import DataFlowKernel
+from parsl.executors import HighThroughputExecutor
+from parsl.executors.errors import BadStateException
+from parsl.executors.high_throughput.executor import DEFAULT_LAUNCH_CMD
+from parsl.jobs.states import JobState
+from parsl.launchers import AprunLauncher, MpiExecLauncher, SimpleLauncher, SingleNodeLauncher, SrunLauncher
+from parsl.providers import LocalProvider, PBSProProvider, SlurmProvider
+
+from gateway.config import EndpointSettings, ParslSettings
+from gateway.dispatch.base import (
+    BackendFailure,
+    BackendProtocolError,
+    BackendTimeout,
+    BackendUnavailable,
+    Dispatcher,
+)
+from gateway.dispatch.compute import answer_of, compute_request, load_function
+from gateway.dispatch.futures import result_of
+from gateway.dispatch.relayed import relayed_events
+from gateway.federation.availability import Availability
+from gateway.federation.registry import Endpoint
+from gateway.streaming.relay import Relay
+
+log = logging.getLogger("gateway.dispatch.parsl")
+
+PROVIDERS: dict[str, type[Any]] = {"local": LocalProvider, "slurm": SlurmProvider, "pbspro": PBSProProvider}
+LAUNCHERS: dict[str, type[Any]] = {
+    "single_node": SingleNodeLauncher,
+    "simple": SimpleLauncher,
+    "srun": SrunLauncher,
+    "mpiexec": MpiExecLauncher,
+    "aprun": AprunLauncher,
+}
+# Beyond the model server's startup and the request itself: pickling, the interchange, a busy worker.
+_TASK_MARGIN = 30.0
+# A status task waits behind the requests when every worker is busy; the tracker gives a probe 5 s by default.
+_STATUS_LIMIT = 3.0
+
+
+def build_executor(label: str, settings: ParslSettings) -> HighThroughputExecutor:
+    """The ``HighThroughputExecutor`` that ``settings`` describe."""
+    options = dict(settings.provider_options)
+    if settings.launcher is not None:
+        options["launcher"] = LAUNCHERS[settings.launcher]()
+    provider = PROVIDERS[settings.provider](
+        init_blocks=settings.init_blocks,
+        min_blocks=settings.min_blocks,
+        max_blocks=settings.max_blocks,
+        worker_init=settings.worker_init,
+        **options,
+    )
+    # Parsl starts its helper scripts by name from PATH. The gateway may run from a virtualenv that is not on
+    # PATH; the interchange always runs here, and so do the workers of the local provider.
+    scripts = Path(sys.executable).parent
+    extra: dict[str, Any] = {}
+    if (scripts / "interchange.py").exists():
+        extra["interchange_launch_cmd"] = [str(scripts / "interchange.py")]
+    if settings.provider == "local" and (scripts / "process_worker_pool.py").exists():
+        pool = shlex.quote(str(scripts / "process_worker_pool.py"))
+        extra["launch_cmd"] = DEFAULT_LAUNCH_CMD.replace("process_worker_pool.py", pool, 1)
+    return HighThroughputExecutor(
+        label=label,
+        provider=provider,
+        max_workers_per_node=settings.max_workers_per_node,
+        heartbeat_period=settings.heartbeat_period,
+        heartbeat_threshold=settings.heartbeat_threshold,
+        **extra,
+    )
+
+
+class ParslDispatcher(Dispatcher):
+    """Runs the compute functions on Parsl executors owned by the gateway; see the module docstring."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[EndpointSettings],
+        *,
+        relay: Relay,
+        relay_url: str | None,
+        request_timeout: float,
+        state_dir: Path,
+    ) -> None:
+        self._relay = relay
+        self._relay_url = relay_url
+        self._request_timeout = request_timeout
+        self._run_dir = state_dir / "parsl"
+        self._executors: dict[str, HighThroughputExecutor] = {}
+        self._settings: dict[str, ParslSettings] = {}
+        self._model_server: dict[str, dict[str, Any]] = {}
+        self._task_timeout: dict[str, float] = {}
+        shared: dict[tuple[str, str], HighThroughputExecutor] = {}
+        for settings in endpoints:
+            endpoint_id = f"{settings.cluster}/{settings.framework}"
+            parsl, launch = settings.parsl, settings.worker_model_server
+            assert parsl is not None and launch is not None
+            key = (settings.cluster, parsl.model_dump_json())
+            if key not in shared:
+                shared[key] = build_executor(f"{settings.cluster}-{len(shared)}", parsl)
+            self._executors[endpoint_id] = shared[key]
+            self._settings[endpoint_id] = parsl
+            model_server = launch.model_dump()
+            if model_server["state_dir"] is None and parsl.provider == "local":
+                # The workers run on this machine: their model servers keep their files beside the gateway's.
+                model_server["state_dir"] = str(state_dir / "servers")
+            self._model_server[endpoint_id] = model_server
+            self._task_timeout[endpoint_id] = launch.startup_timeout + request_timeout + _TASK_MARGIN
+        self._inference = load_function("inference")
+        self._status = load_function("status")
+        self._loading: asyncio.Task[DataFlowKernel] | None = None
+
+    def _load(self) -> DataFlowKernel:
+        # Parsl logs at DEBUG into its run directory; passed on, that would drown the gateway's own log.
+        logging.getLogger("parsl").propagate = False
+        config = Config(
+            executors=list({id(executor): executor for executor in self._executors.values()}.values()),
+            run_dir=str(self._run_dir),
+            usage_tracking=0,
+        )
+        return DataFlowKernel(config)
+
+    async def start(self) -> None:
+        if self._executors:
+            self._loading = asyncio.create_task(asyncio.to_thread(self._load), name="parsl-start")
+
+    async def close(self) -> None:
+        if self._loading is None:
+            return
+        try:
+            dfk = await self._loading
+        except Exception:
+            return
+        await asyncio.to_thread(dfk.cleanup)
+
+    async def check(self) -> str | None:
+        if self._loading is None or not self._loading.done():
+            return None
+        if self._loading.cancelled() or self._loading.exception() is not None:
+            return f"Parsl did not start: {self._loading.exception()}"
+        broken = [executor.label for executor in set(self._executors.values()) if executor.bad_state_is_set]
+        return f"Parsl executors failed: {', '.join(sorted(broken))}" if broken else None
+
+    async def _executor(self, endpoint: Endpoint) -> HighThroughputExecutor:
+        assert self._loading is not None, "the dispatcher was not started"
+        try:
+            await asyncio.shield(self._loading)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise BackendUnavailable(endpoint, f"Parsl did not start: {exc}") from None
+        return self._executors[endpoint.id]
+
+    async def _run(self, endpoint: Endpoint, function: Any, request: dict[str, Any], limit: float) -> Any:
+        """Run ``function(request)`` on a worker of ``endpoint``'s executor and return what it returns."""
+        executor = await self._executor(endpoint)
+        try:
+            future = executor.submit(function, {}, request)
+        except Exception as exc:
+            raise BackendUnavailable(endpoint, f"Parsl refused the task: {exc.__class__.__name__}: {exc}") from None
+        try:
+            async with asyncio.timeout(limit):
+                return await result_of(future)
+        except TimeoutError:
+            raise BackendTimeout(endpoint, f"no result from the worker within {limit:g} s") from None
+        except BadStateException as exc:
+            raise BackendUnavailable(endpoint, f"the Parsl executor failed: {exc}") from None
+        except Exception as exc:
+            # WorkerLost, ManagerLost, or the function raised: the worker did not finish its answer.
+            log.warning("%s: task failed on the worker: %s: %s", endpoint.id, exc.__class__.__name__, exc)
+            raise BackendProtocolError(endpoint, f"the worker failed: {exc.__class__.__name__}: {exc}") from None
+
+    async def call(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        request = compute_request(
+            op, payload, model_server=self._model_server[endpoint.id], timeout=self._request_timeout
+        )
+        result = await self._run(endpoint, self._inference, request, self._task_timeout[endpoint.id])
+        return answer_of(endpoint, result)
+
+    async def stream(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> AsyncIterator[bytes]:
+        if self._relay_url is None:
+            raise BackendUnavailable(endpoint, "relay.url is not set, so workers cannot stream answers back")
+        timeout = self._task_timeout[endpoint.id]
+
+        async def run(stream: dict[str, str]) -> Any:
+            request = compute_request(
+                op, payload, model_server=self._model_server[endpoint.id], timeout=self._request_timeout, stream=stream
+            )
+            return await self._run(endpoint, self._inference, request, timeout)
+
+        events = relayed_events(endpoint, self._relay, self._relay_url, run, wait=timeout, idle=self._request_timeout)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+    async def status(self, endpoint: Endpoint) -> Availability:
+        """From the executor's blocks and workers, the scheduler's jobs, and a worker's view of its model servers."""
+        if self._loading is None or not self._loading.done():
+            return Availability("starting", detail="Parsl is starting")
+        if self._loading.cancelled() or self._loading.exception() is not None:
+            return Availability("offline", detail=f"Parsl did not start: {self._loading.exception()}")
+        executor = self._executors[endpoint.id]
+        if executor.bad_state_is_set:
+            return Availability("offline", detail=f"the Parsl executor failed: {executor.executor_exception}")
+        jobs = await self._scheduler_jobs(endpoint, executor)
+        managers = await asyncio.to_thread(executor.connected_managers)
+        workers = sum(int(manager.get("worker_count", 0)) for manager in managers if manager.get("active", True))
+        if workers == 0:
+            states = {status.state for status in executor.status_facade.values()}
+            queued = [job for job in jobs if job["state"] == "queued"]
+            estimated = [_epoch(job.get("estimated_start")) for job in queued]
+            start = min((when for when in estimated if when is not None), default=None)
+            if JobState.RUNNING in states:
+                return Availability("starting", detail="the workers' job runs; they are connecting", jobs=jobs)
+            if JobState.PENDING in states:
+                return Availability("queued", detail="the workers' job waits", estimated_start=start, jobs=jobs)
+            return Availability("cold", detail="no workers; a request starts them", jobs=jobs)
+        request = {"model_server": {"state_dir": self._model_server[endpoint.id]["state_dir"]}, "scheduler": "none"}
+        if self._settings[endpoint.id].provider == "local":
+            # The workers' node is this machine: look without taking a worker from the requests.
+            report = await asyncio.to_thread(self._status, request)
+        else:
+            try:
+                report = await self._run(endpoint, self._status, request, _STATUS_LIMIT)
+            except BackendFailure as exc:
+                return Availability("unknown", detail=f"{workers} workers, busy: {exc.detail}", jobs=jobs)
+        wanted = {endpoint.backend_model(model) for model in endpoint.models}
+        served = [entry for entry in report.get("models", []) if entry.get("model") in wanted and entry["healthy"]]
+        if not served:
+            return Availability("cold", detail=f"{workers} workers; the model server starts with a request", jobs=jobs)
+        return Availability(
+            "hot",
+            detail=f"{workers} workers",
+            running=sum(int(entry["running"]) for entry in served),
+            waiting=sum(int(entry["waiting"]) for entry in served),
+            jobs=jobs,
+        )
+
+    async def _scheduler_jobs(self, endpoint: Endpoint, executor: HighThroughputExecutor) -> tuple[dict[str, Any], ...]:
+        """The scheduler's entries for the executor's blocks; the provider's commands work where the gateway runs."""
+        provider = self._settings[endpoint.id].provider
+        job_ids = [job_id for job_id in executor.blocks_to_job_id.values() if job_id]
+        if provider == "local" or not job_ids:
+            return ()
+        report = await asyncio.to_thread(self._status, {"scheduler": provider, "job_ids": job_ids})
+        if report.get("scheduler_error"):
+            log.warning("%s: %s", endpoint.id, report["scheduler_error"])
+        return tuple(report.get("jobs", []))
+
+
+def _epoch(when: Any) -> float | None:
+    """Epoch seconds of a scheduler's local ISO time."""
+    if not isinstance(when, str):
+        return None
+    try:
+        return float(time.mktime(time.strptime(when, "%Y-%m-%dT%H:%M:%S")))
+    except (ValueError, OverflowError):
+        return None

@@ -1,0 +1,314 @@
+"""The ``globus`` transport at the SDK boundary: the real compute functions, run by an executor double."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from globus_compute_sdk.errors import TaskExecutionFailed
+
+from gateway.config import EndpointSettings
+from gateway.dispatch.base import BackendError, BackendProtocolError, BackendTimeout, BackendUnavailable
+from gateway.dispatch.globus import GlobusDispatcher, availability_of
+from gateway.federation.registry import Endpoint
+from tests.globus_doubles import ComputeService, ExecutorFactory
+
+MODEL = "facebook/opt-125m"
+GLOBUS_ENDPOINT = "11111111-2222-4444-8888-000000000001"
+FUNCTION_IDS = {"inference": "aaaaaaaa-0000-4000-8000-000000000001", "status": "aaaaaaaa-0000-4000-8000-000000000002"}
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "What is machine learning?"}], "max_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def node_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Where the workers' model servers keep their files; every server started here is stopped at the end."""
+    directory = tmp_path_factory.mktemp("node")
+    yield directory
+    watchdogs = []
+    for state_file in directory.glob("*.json"):
+        pid = json.loads(state_file.read_text()).get("watchdog")
+        if isinstance(pid, int):
+            watchdogs.append(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while watchdogs and time.monotonic() < deadline:
+        watchdogs = [pid for pid in watchdogs if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
+        time.sleep(0.1)
+    assert not watchdogs, f"model server watchdogs still running: {watchdogs}"
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def simulator_launch(node_dir: Path, *extra: str) -> dict[str, Any]:
+    command = ["{python}", "-m", "gateway.simulator", "--host", "{host}", "--port", "{port}", "--model", MODEL]
+    return {"command": [*command, *extra], "startup_timeout": 60, "state_dir": str(node_dir)}
+
+
+def globus_endpoint(worker_model_server: dict[str, Any], framework: str = "vllm", **globus: Any) -> Endpoint:
+    settings = EndpointSettings.model_validate(
+        {
+            "cluster": "polaris",
+            "framework": framework,
+            "models": [MODEL],
+            "transport": "globus",
+            "globus": {"endpoint_id": GLOBUS_ENDPOINT, "function_ids": FUNCTION_IDS, **globus},
+            "worker_model_server": worker_model_server,
+        }
+    )
+    return Endpoint.from_settings(settings, "")
+
+
+@pytest.fixture
+def service() -> ComputeService:
+    return ComputeService()
+
+
+@pytest.fixture
+def executors() -> ExecutorFactory:
+    return ExecutorFactory()
+
+
+@pytest.fixture
+async def dispatcher(service: ComputeService, executors: ExecutorFactory) -> AsyncIterator[GlobusDispatcher]:
+    dispatcher = GlobusDispatcher(client_factory=lambda: service, executor_factory=executors)
+    await dispatcher.start()
+    yield dispatcher
+    await dispatcher.close()
+
+
+@pytest.fixture
+def endpoint(node_dir: Path) -> Endpoint:
+    return globus_endpoint(simulator_launch(node_dir))
+
+
+async def test_chat_completion_runs_the_registered_inference_function(
+    dispatcher: GlobusDispatcher, executors: ExecutorFactory, endpoint: Endpoint
+) -> None:
+    answer = await dispatcher.call(endpoint, "chat/completions", CHAT)
+
+    assert answer["object"] == "chat.completion" and answer["model"] == MODEL
+    assert answer["choices"][0]["message"]["content"]
+    (executor,) = executors.made
+    assert executor.endpoint_id == GLOBUS_ENDPOINT
+    ((function_id, (request,)),) = executor.submitted
+    assert function_id == FUNCTION_IDS["inference"]
+    assert request["op"] == "chat/completions" and request["payload"] == CHAT and request["stream"] is None
+    assert request["model_server"] == endpoint.worker_model_server
+
+
+async def test_one_executor_per_globus_endpoint_made_on_first_use(
+    dispatcher: GlobusDispatcher, executors: ExecutorFactory, node_dir: Path
+) -> None:
+    first = globus_endpoint(simulator_launch(node_dir), framework="vllm")
+    second = globus_endpoint(simulator_launch(node_dir), framework="vllm-other")
+    assert executors.made == []
+
+    await asyncio.gather(
+        *(
+            dispatcher.call(endpoint, "completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2})
+            for endpoint in (first, second, first, second)
+        )
+    )
+
+    assert len(executors.made) == 1 and len(executors.made[0].submitted) == 4
+
+
+async def test_embeddings_and_completions_come_back_whole(dispatcher: GlobusDispatcher, endpoint: Endpoint) -> None:
+    completion = await dispatcher.call(endpoint, "completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 3})
+    assert completion["object"] == "text_completion" and completion["usage"]["completion_tokens"] == 3
+
+    embedding = await dispatcher.call(endpoint, "embeddings", {"model": MODEL, "input": ["one", "two"]})
+    assert [item["index"] for item in embedding["data"]] == [0, 1]
+
+
+async def test_model_server_error_is_the_backends_error(dispatcher: GlobusDispatcher, endpoint: Endpoint) -> None:
+    with pytest.raises(BackendError) as raised:
+        await dispatcher.call(endpoint, "chat/completions", {**CHAT, "model": "no-such-model"})
+
+    assert raised.value.status == 404
+    assert b"no-such-model" in raised.value.body
+
+
+async def test_model_server_that_cannot_start_is_unavailable(dispatcher: GlobusDispatcher, node_dir: Path) -> None:
+    broken = globus_endpoint(
+        {
+            "command": ["{python}", "-c", "raise SystemExit('no GPU here')"],
+            "startup_timeout": 20,
+            "state_dir": str(node_dir),
+        }
+    )
+
+    with pytest.raises(BackendUnavailable, match="model_start_failed"):
+        await dispatcher.call(broken, "chat/completions", CHAT)
+
+
+async def test_compute_function_raising_on_the_worker_is_a_protocol_error(
+    dispatcher: GlobusDispatcher, endpoint: Endpoint
+) -> None:
+    with pytest.raises(BackendProtocolError, match="unknown operation"):
+        await dispatcher.call(endpoint, "images/generations", {"model": MODEL})
+
+
+async def test_lost_worker_is_unavailable_so_failover_may_try_elsewhere(
+    dispatcher: GlobusDispatcher, executors: ExecutorFactory, endpoint: Endpoint
+) -> None:
+    await dispatcher.call(endpoint, "completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1})
+
+    def lost(request: dict[str, Any]) -> dict[str, Any]:
+        raise TaskExecutionFailed(
+            "Traceback (most recent call last):\n"
+            "parsl.executors.high_throughput.errors.WorkerLost: Task failure due to loss of worker 3 on host x3004"
+        )
+
+    executors.made[0].functions[FUNCTION_IDS["inference"]] = lost
+    with pytest.raises(BackendUnavailable, match="worker lost"):
+        await dispatcher.call(endpoint, "chat/completions", CHAT)
+
+
+async def test_refused_submission_is_unavailable_and_the_next_request_gets_a_new_executor(
+    dispatcher: GlobusDispatcher, executors: ExecutorFactory, endpoint: Endpoint
+) -> None:
+    await dispatcher.call(endpoint, "completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1})
+    executors.made[0].fail_submissions = ConnectionError("compute.api.globus.org unreachable")
+
+    with pytest.raises(BackendUnavailable, match="unreachable"):
+        await dispatcher.call(endpoint, "chat/completions", CHAT)
+
+    answer = await dispatcher.call(endpoint, "chat/completions", CHAT)
+    assert answer["choices"]
+    assert len(executors.made) == 2 and executors.made[0].stopped and not executors.made[1].stopped
+
+
+async def test_offline_endpoint_is_refused_without_submitting(
+    dispatcher: GlobusDispatcher, service: ComputeService, executors: ExecutorFactory, endpoint: Endpoint
+) -> None:
+    service.status = {"status": "offline"}
+    endpoint.observe(await dispatcher.status(endpoint))
+
+    with pytest.raises(BackendUnavailable, match="offline"):
+        await dispatcher.call(endpoint, "chat/completions", CHAT)
+    assert all(not executor.submitted for executor in executors.made)
+
+    service.status = {"status": "online", "details": {"total_workers": 1, "idle_workers": 1}}
+    endpoint.observe(await dispatcher.status(endpoint))
+    assert (await dispatcher.call(endpoint, "chat/completions", CHAT))["choices"]
+
+
+async def test_cannot_log_in_is_unavailable_and_reported_by_check(
+    executors: ExecutorFactory, endpoint: Endpoint
+) -> None:
+    def no_credentials() -> ComputeService:
+        raise ValueError("Both GLOBUS_COMPUTE_CLIENT_ID and GLOBUS_COMPUTE_CLIENT_SECRET must be set")
+
+    dispatcher = GlobusDispatcher(client_factory=no_credentials, executor_factory=executors)
+    try:
+        with pytest.raises(BackendUnavailable, match="GLOBUS_COMPUTE_CLIENT_SECRET"):
+            await dispatcher.call(endpoint, "chat/completions", CHAT)
+        reason = await dispatcher.check()
+        assert reason is not None and "cannot log in" in reason
+    finally:
+        await dispatcher.close()
+
+
+@pytest.mark.parametrize(
+    ("report", "state", "running", "waiting"),
+    [
+        ({"status": "online", "details": {"total_workers": 8, "idle_workers": 6, "pending_tasks": 1}}, "hot", 2, 1),
+        (
+            {"status": "online", "details": {"total_workers": 0, "idle_workers": 0, "pending_tasks": 3}},
+            "queued",
+            None,
+            3,
+        ),
+        ({"status": "online", "details": {"total_workers": 0, "idle_workers": 0, "pending_tasks": 0}}, "cold", 0, 0),
+        ({"status": "online"}, "unknown", None, None),
+        ({"status": "offline", "details": {}}, "offline", None, None),
+        (None, "offline", None, None),
+    ],
+)
+def test_globus_status_reports_become_availability(
+    report: Any, state: str, running: int | None, waiting: int | None
+) -> None:
+    availability = availability_of(report)
+
+    assert (availability.state, availability.running, availability.waiting) == (state, running, waiting)
+    assert availability.age() < 5
+
+
+async def test_status_asks_the_service_about_the_endpoint(
+    dispatcher: GlobusDispatcher, service: ComputeService, executors: ExecutorFactory, endpoint: Endpoint
+) -> None:
+    availability = await dispatcher.status(endpoint)
+
+    assert availability.state == "hot" and availability.running == 1
+    assert service.status_calls == [GLOBUS_ENDPOINT]
+    assert executors.made == []  # asking for status must not submit work that would start a batch job
+
+
+async def test_timed_out_tasks_leave_no_threads_and_no_executors(
+    service: ComputeService, executors: ExecutorFactory, node_dir: Path
+) -> None:
+    # One output token every 50 ms: a long answer outlasts the task timeout, a short one does not.
+    launch = simulator_launch(node_dir, "--tpot", "0.05")
+    patient = globus_endpoint(launch)
+    hasty = globus_endpoint(launch, framework="hasty", task_timeout=0.5)
+    long_answer = {**CHAT, "max_tokens": 400}
+    before = set(threading.enumerate())
+
+    dispatcher = GlobusDispatcher(client_factory=lambda: service, executor_factory=executors)
+    await dispatcher.start()
+    await dispatcher.call(patient, "chat/completions", CHAT)
+    started = time.monotonic()
+    for _ in range(3):
+        # The worker gives up on the model server after the same time, so either side may report it first.
+        with pytest.raises(BackendTimeout):
+            await dispatcher.call(hasty, "chat/completions", long_answer)
+    assert time.monotonic() - started < 5
+    await dispatcher.close()
+
+    assert len(executors.made) == 1 and executors.made[0].stopped
+    deadline = time.monotonic() + 20
+    while (left := [t for t in threading.enumerate() if t not in before]) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert left == [], f"threads left behind: {[t.name for t in left]}"
+
+
+async def test_a_late_result_after_the_timeout_goes_nowhere(
+    service: ComputeService, executors: ExecutorFactory, node_dir: Path
+) -> None:
+    hasty = globus_endpoint(simulator_launch(node_dir, "--tpot", "0.05"), framework="hasty", task_timeout=0.3)
+    dispatcher = GlobusDispatcher(client_factory=lambda: service, executor_factory=executors)
+    slow = threading.Event()
+
+    def answers_late(request: dict[str, Any]) -> dict[str, Any]:
+        slow.wait(5)
+        return {"ok": True, "response": {"late": True}}
+
+    problems: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: problems.append(context))
+    try:
+        await dispatcher.call(hasty, "completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1})
+        executors.made[0].functions[FUNCTION_IDS["inference"]] = answers_late
+        with pytest.raises(BackendTimeout):
+            await dispatcher.call(hasty, "completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1})
+        slow.set()
+        await asyncio.sleep(0.3)
+        assert (await dispatcher.call(hasty, "completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1}))["late"]
+    finally:
+        await dispatcher.close()
+    assert problems == []
