@@ -267,17 +267,21 @@ def watch(directory: str, key: str) -> None:
         pass
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        with _locked(files.lock, float("inf")):
-            if server.running():
-                with open(files.log, "ab") as log:
-                    log.write(f"\n[watchdog] stopping the model server: {reason}\n".encode())
+        try:
+            with _locked(files.lock, float("inf")):
+                if server.running():
+                    with open(files.log, "ab") as log:
+                        log.write(f"\n[watchdog] stopping the model server: {reason}\n".encode())
+                server.stop()
+                current = _read(files.state)
+                if current is not None and current.get("watchdog") == os.getpid() and current.get("status") != "failed":
+                    files.state.unlink(missing_ok=True)
+                    files.used.unlink(missing_ok=True)
+                    for client in files.clients.glob("*"):
+                        client.unlink(missing_ok=True)
+        finally:
+            # Whatever happened to the files (a directory removed under it), the server must not outlive this.
             server.stop()
-            current = _read(files.state)
-            if current is not None and current.get("watchdog") == os.getpid() and current.get("status") != "failed":
-                files.state.unlink(missing_ok=True)
-                files.used.unlink(missing_ok=True)
-                for client in files.clients.glob("*"):
-                    client.unlink(missing_ok=True)
 
 
 def _reason_to_stop(files: _Files, base_url: str, idle_timeout: float) -> str | None:
@@ -336,6 +340,7 @@ def _alive(pid: object) -> bool:
 
 @contextlib.contextmanager
 def _locked(path: Path, deadline: float) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         while True:

@@ -216,7 +216,9 @@ class GlobusComputeSettings(_Strict):
 
     endpoint_id: UUID
     function_ids: ComputeFunctionIds | None = None
-    task_timeout: float = Field(default=600.0, gt=0)
+    # How long the gateway waits for a task's result; by default the model server's startup_timeout,
+    # plus server.request_timeout, plus a minute for the round trips through the Globus Compute service.
+    task_timeout: float | None = Field(default=None, gt=0)
     amqp_port: Literal[443, 5671, 5672] | None = None
     # The SDK delays submissions beyond this many calls per window; its own default (4 per 16 s)
     # would make interactive requests wait seconds under load.

@@ -87,6 +87,13 @@ class Runtime:
                 request_timeout=config.server.request_timeout,
                 state_dir=self.state_dir,
             )
+        if any(settings.transport == "globus" for settings in config.endpoints):
+            # The SDK is imported on first use, not here: importing it starts a thread.
+            from gateway.dispatch.globus import GlobusDispatcher
+
+            self.dispatchers["globus"] = GlobusDispatcher(
+                relay=self.relay, relay_url=config.relay.url, request_timeout=config.server.request_timeout
+            )
         self.authenticator: Authenticator = ProviderChain([])
         self.limiter = build_limiter(config.limits)
         database = config.database

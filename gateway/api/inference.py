@@ -137,6 +137,7 @@ async def _whole(
     for endpoint in endpoints:
         record.sent_to(endpoint)
         endpoint.in_flight += 1
+        began = perf_counter()
         try:
             answer = await runtime.dispatcher(endpoint).call(endpoint, op, _payload(body, endpoint, model))
         except BackendFailure as exc:
@@ -147,7 +148,7 @@ async def _whole(
             break
         finally:
             endpoint.in_flight -= 1
-        endpoint.record_success()
+        endpoint.record_success(perf_counter() - began)
         if "model" in answer and endpoint.backend_model(model) != model:
             answer["model"] = model
         record.take_usage(answer.get("usage"))
@@ -171,7 +172,7 @@ async def _relay(
             if event:
                 yield event
         finished = True
-        endpoint.record_success()
+        endpoint.record_success(perf_counter() - record.started)
     except BackendFailure as exc:
         # The 200 and some events are already with the client: say what happened in-band, then end the stream.
         finished = True

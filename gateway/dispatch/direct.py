@@ -90,7 +90,7 @@ class DirectDispatcher(Dispatcher):
 
     async def stream(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> AsyncIterator[bytes]:
         response = await self._post(endpoint, op, payload)
-        finished = False
+        finished = sent = False
         try:
             if response.status >= 400:
                 raise BackendError(endpoint, response.status, await response.read())
@@ -100,6 +100,7 @@ class DirectDispatcher(Dispatcher):
             async for data in response.content.iter_any():
                 complete = events.feed(data)
                 if complete:
+                    sent = True
                     yield complete
             finished = True
             if events.inside_event:
@@ -107,6 +108,11 @@ class DirectDispatcher(Dispatcher):
         except TimeoutError:
             raise BackendTimeout(endpoint, "stream stalled") from None
         except aiohttp.ClientError as exc:
+            if not sent:
+                # Nothing reached the client yet, so another endpoint may still serve the request.
+                raise BackendUnavailable(
+                    endpoint, f"connection lost before the first event: {exc.__class__.__name__}"
+                ) from None
             raise BackendProtocolError(endpoint, f"stream broken off: {exc.__class__.__name__}") from None
         finally:
             if finished:

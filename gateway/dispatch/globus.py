@@ -14,7 +14,6 @@ it starts a thread, and a gateway without ``globus`` endpoints should not pay fo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 import time
@@ -25,10 +24,16 @@ from typing import Any, Protocol, TypeVar, cast
 from gateway.config import GlobusComputeSettings
 from gateway.dispatch.base import BackendFailure, BackendProtocolError, BackendTimeout, BackendUnavailable, Dispatcher
 from gateway.dispatch.compute import answer_of, compute_request
+from gateway.dispatch.futures import result_of
+from gateway.dispatch.relayed import relayed_events
 from gateway.federation.availability import Availability
 from gateway.federation.registry import Endpoint
+from gateway.streaming.relay import Relay
 
 log = logging.getLogger("gateway.dispatch.globus")
+
+# Beyond the model server's startup and the request itself: the round trips through the Globus Compute service.
+_TASK_MARGIN = 60.0
 
 T = TypeVar("T")
 
@@ -116,28 +121,51 @@ class GlobusDispatcher(Dispatcher):
     """Runs the compute functions on Globus Compute endpoints; see the module docstring.
 
     ``client_factory`` and ``executor_factory`` are the SDK boundary: by default
-    a ``globus_compute_sdk.Client`` and one ``Executor`` per endpoint.
+    a ``globus_compute_sdk.Client`` and one ``Executor`` per endpoint. Streamed
+    answers come back through ``relay``, which workers reach at ``relay_url``.
     """
 
     def __init__(
         self,
         *,
+        relay: Relay,
+        relay_url: str | None,
+        request_timeout: float,
         client_factory: ClientFactory = sdk_client,
         executor_factory: ExecutorFactory = sdk_executor,
     ) -> None:
+        self._relay = relay
+        self._relay_url = relay_url
+        self._request_timeout = request_timeout
         self._client_factory = client_factory
         self._executor_factory = executor_factory
         self._client: ComputeClient | None = None
+        self._client_error: str | None = None
         self._executors: dict[str, ComputeExecutor] = {}
         self._creating = asyncio.Lock()
         self._blocking = ThreadPoolExecutor(max_workers=2, thread_name_prefix="globus-dispatch")
-        self._client_error: str | None = None
 
     @staticmethod
     def _settings(endpoint: Endpoint) -> GlobusComputeSettings:
         if endpoint.globus is None:
             raise BackendUnavailable(endpoint, "endpoint has no Globus Compute settings")
         return endpoint.globus
+
+    def _task_timeout(self, endpoint: Endpoint) -> float:
+        configured = self._settings(endpoint).task_timeout
+        if configured is not None:
+            return configured
+        startup = float((endpoint.worker_model_server or {}).get("startup_timeout") or 0.0)
+        return startup + self._request_timeout + _TASK_MARGIN
+
+    def _request(
+        self, endpoint: Endpoint, op: str, payload: dict[str, Any], stream: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        if endpoint.worker_model_server is None:
+            raise BackendUnavailable(endpoint, "no worker_model_server: the workers would not know what to start")
+        return compute_request(
+            op, payload, model_server=endpoint.worker_model_server, timeout=self._request_timeout, stream=stream
+        )
 
     async def _in_thread(self, function: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._blocking, function)
@@ -186,15 +214,16 @@ class GlobusDispatcher(Dispatcher):
     async def run(self, endpoint: Endpoint, function: str, request: dict[str, Any]) -> Any:
         """Run the registered compute function ``function`` with ``request`` on ``endpoint`` and return its result.
 
-        Raises ``BackendTimeout`` when no result comes within the endpoint's
-        ``task_timeout``, ``BackendUnavailable`` when the task could not be
-        submitted or its worker was lost, and ``BackendProtocolError`` when the
-        function raised on the worker.
+        Raises ``BackendTimeout`` when no result comes within the endpoint's task
+        timeout, ``BackendUnavailable`` when the task could not be submitted or its
+        worker was lost, and ``BackendProtocolError`` when the function raised on
+        the worker. Giving up never cancels the SDK's future (see ``result_of``).
         """
         settings = self._settings(endpoint)
         function_id = getattr(settings.function_ids, function, None) if settings.function_ids else None
         if function_id is None:
             raise BackendUnavailable(endpoint, f"no function id registered for {function!r}")
+        limit = self._task_timeout(endpoint)
         executor = await self._executor(endpoint)
         try:
             future = executor.submit_to_registered_function(str(function_id), args=(request,))
@@ -204,12 +233,10 @@ class GlobusDispatcher(Dispatcher):
             executor = await self._executor(endpoint)
             future = executor.submit_to_registered_function(str(function_id), args=(request,))
         try:
-            async with asyncio.timeout(settings.task_timeout):
-                return await _result(future)
+            async with asyncio.timeout(limit):
+                return await result_of(future)
         except TimeoutError:
-            raise BackendTimeout(
-                endpoint, f"no result from Globus Compute within {settings.task_timeout:g} s"
-            ) from None
+            raise BackendTimeout(endpoint, f"no result from Globus Compute within {limit:g} s") from None
         except Exception as exc:
             failure = _failure(endpoint, exc)
             if isinstance(failure, BackendUnavailable):
@@ -218,13 +245,24 @@ class GlobusDispatcher(Dispatcher):
 
     async def call(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> dict[str, Any]:
         self._refuse_if_offline(endpoint)
-        settings = self._settings(endpoint)
-        request = compute_request(op, payload, model_server=endpoint.worker_model_server, timeout=settings.task_timeout)
-        return answer_of(endpoint, await self.run(endpoint, "inference", request))
+        return answer_of(endpoint, await self.run(endpoint, "inference", self._request(endpoint, op, payload)))
 
     async def stream(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> AsyncIterator[bytes]:
-        raise NotImplementedError
-        yield b""
+        self._refuse_if_offline(endpoint)
+        if self._relay_url is None:
+            raise BackendUnavailable(endpoint, "relay.url is not set, so workers cannot stream answers back")
+
+        async def run(stream: dict[str, str]) -> Any:
+            return await self.run(endpoint, "inference", self._request(endpoint, op, payload, stream))
+
+        events = relayed_events(
+            endpoint, self._relay, self._relay_url, run, wait=self._task_timeout(endpoint), idle=self._request_timeout
+        )
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
 
     async def status(self, endpoint: Endpoint) -> Availability:
         """What the Globus Compute service reports of ``endpoint``: online or not, and its workers.
@@ -246,35 +284,6 @@ class GlobusDispatcher(Dispatcher):
         if executors:
             await self._in_thread(_stop_result_watchers)
         self._blocking.shutdown(wait=False, cancel_futures=True)
-
-
-async def _result(future: Future[Any]) -> Any:
-    """The result of an SDK future, waited for without blocking the loop; giving up does not cancel the future.
-
-    ``asyncio.wrap_future`` would cancel the SDK future when the wait is given up; the SDK then
-    cannot match the late result to it and logs an error, or keeps the result
-    forever if the task had not been sent yet. Left alone, the future is
-    completed and forgotten by the SDK when the late result arrives.
-    """
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[Any] = loop.create_future()
-
-    def settle(done: Future[Any]) -> None:
-        if not waiter.done():
-            if done.cancelled():
-                waiter.set_exception(RuntimeError("the Globus Compute SDK cancelled the task"))
-            elif (error := done.exception()) is not None:
-                waiter.set_exception(error)
-            else:
-                waiter.set_result(done.result())
-
-    def settle_soon(done: Future[Any]) -> None:
-        # A closed loop raises RuntimeError here: nobody waits any more.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(settle, done)
-
-    future.add_done_callback(settle_soon)
-    return await waiter
 
 
 def _failure(endpoint: Endpoint, error: BaseException) -> BackendFailure:

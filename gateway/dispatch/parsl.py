@@ -130,14 +130,23 @@ class ParslDispatcher(Dispatcher):
         self._inference = load_function("inference")
         self._status = load_function("status")
         self._loading: asyncio.Task[DataFlowKernel] | None = None
+        self._log_handler: logging.Handler | None = None
 
     def _load(self) -> DataFlowKernel:
-        # Parsl logs at DEBUG into its run directory; passed on, that would drown the gateway's own log.
-        logging.getLogger("parsl").propagate = False
+        # Parsl's own log setup wants process and thread ids, which the gateway's logging does not record, and
+        # logs every task at DEBUG, which costs time per request: its INFO lines go to a file of their own.
+        self._run_dir.mkdir(parents=True, exist_ok=True)
+        self._log_handler = logging.FileHandler(self._run_dir / "parsl.log")
+        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s:%(lineno)d %(levelname)s: %(message)s"))
+        parsl_log = logging.getLogger("parsl")
+        parsl_log.propagate = False
+        parsl_log.setLevel(logging.INFO)
+        parsl_log.addHandler(self._log_handler)
         config = Config(
             executors=list({id(executor): executor for executor in self._executors.values()}.values()),
             run_dir=str(self._run_dir),
             usage_tracking=0,
+            initialize_logging=False,
         )
         return DataFlowKernel(config)
 
@@ -151,8 +160,12 @@ class ParslDispatcher(Dispatcher):
         try:
             dfk = await self._loading
         except Exception:
-            return
-        await asyncio.to_thread(dfk.cleanup)
+            dfk = None
+        if dfk is not None:
+            await asyncio.to_thread(dfk.cleanup)
+        if self._log_handler is not None:
+            logging.getLogger("parsl").removeHandler(self._log_handler)
+            self._log_handler.close()
 
     async def check(self) -> str | None:
         if self._loading is None or not self._loading.done():

@@ -71,11 +71,12 @@ def write_function_ids(text: str, positions: Iterable[int], ids: Mapping[str, st
     return text
 
 
-def _child(node: yaml.Node, key: str) -> yaml.Node | None:
+def _child(node: yaml.Node | None, key: str) -> yaml.Node | None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             if key_node.value == key:
-                return value_node
+                found: yaml.Node = value_node
+                return found
     return None
 
 

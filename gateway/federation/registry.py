@@ -16,6 +16,8 @@ from gateway.federation.availability import Availability, State
 # unless the availability tracker sees the endpoint serving again first.
 BREAKER_FAILURES = 3
 BREAKER_SECONDS = 30.0
+# Weight of the newest request in the moving average of request time.
+LATENCY_WEIGHT = 0.2
 # An observation older than this no longer says anything: the endpoint's state becomes ``unknown``.
 STALE_SECONDS = 60.0
 
@@ -44,6 +46,7 @@ class Endpoint:
     maintenance: str | None = None
     in_flight: int = 0
     others_load: int = 0
+    latency: float = 0.0
     failures: int = 0
     down_until: float = 0.0
     stale_after: float = STALE_SECONDS
@@ -102,8 +105,11 @@ class Endpoint:
         if unreachable or self.failures >= self.breaker_failures:
             self.down_until = time.monotonic() + self.breaker_seconds
 
-    def record_success(self) -> None:
+    def record_success(self, seconds: float | None = None) -> None:
+        """A request succeeded here, taking ``seconds`` when known (kept as a moving average)."""
         self.failures = 0
+        if seconds is not None:
+            self.latency = seconds if not self.latency else self.latency + LATENCY_WEIGHT * (seconds - self.latency)
 
     @classmethod
     def from_settings(

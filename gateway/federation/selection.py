@@ -32,6 +32,12 @@ def load(endpoint: Endpoint) -> int:
     return endpoint.in_flight + endpoint.others_load
 
 
+def cost(endpoint: Endpoint) -> float:
+    """The expected wait for one more request: the requests ahead of it times the endpoint's recent request
+    time. An endpoint with no request time yet costs nothing, so that it gets tried."""
+    return (endpoint.in_flight + endpoint.others_load + 1) * endpoint.latency
+
+
 def plan(
     candidates: Sequence[Endpoint],
     model: str | None = None,
@@ -39,7 +45,7 @@ def plan(
     limit: int | None = None,
     round_robin: bool = False,
 ) -> Plan:
-    """Order ``candidates``: hot first (the less loaded of two random picks leads, the rest by load), then
+    """Order ``candidates``: hot first (the cheaper of two random picks leads, the rest by cost), then
     unknown, starting, queued (soonest start first) and cold; offline, maintenance and open circuit breakers
     are left out. With ``limit``, only the first ``limit`` endpoints are ordered and returned.
 
@@ -69,14 +75,15 @@ def plan(
         turn = next(_turns) % len(hot)
         ordered += hot[turn:] + hot[:turn]
     elif len(hot) >= 2:
-        # Power of two choices: the less loaded of two random hot endpoints goes first. Always taking
-        # the least loaded would send a burst of simultaneous requests to one endpoint before its count moves.
+        # Power of two choices: of two random hot endpoints, the one where a request should finish sooner
+        # (requests ahead times recent request time) goes first. Always taking the cheapest of all would
+        # send a burst of simultaneous requests to one endpoint before its count moves.
         first, second = (rng or _rng).sample(hot, 2)
-        pick = first if first.in_flight + first.others_load <= second.in_flight + second.others_load else second
+        pick = first if cost(first) <= cost(second) else second
         ordered.append(pick)
         if limit > 1:
             rest = [endpoint for endpoint in hot if endpoint is not pick]
-            ordered += heapq.nsmallest(limit - 1, rest, key=load)
+            ordered += heapq.nsmallest(limit - 1, rest, key=cost)
     else:
         ordered += hot
     if len(ordered) < limit and later:

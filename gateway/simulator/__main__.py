@@ -32,6 +32,13 @@ def parse_args(argv: Sequence[str] | None = None) -> SimulatorSettings:
     )
     parser.add_argument("--tpot", type=float, default=0.0, metavar="SECONDS", help="time per further output token")
     parser.add_argument(
+        "--tpot-batch-factor",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="how much slower each token gets per other running sequence, as in a batched GPU engine (default 0)",
+    )
+    parser.add_argument(
         "--max-num-seqs",
         type=int,
         default=256,
@@ -60,6 +67,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SimulatorSettings:
             port=args.port,
             ttft=args.ttft,
             tpot=args.tpot,
+            tpot_batch_factor=args.tpot_batch_factor,
             max_num_seqs=args.max_num_seqs,
             default_max_tokens=args.default_max_tokens,
             embedding_dim=args.embedding_dim,

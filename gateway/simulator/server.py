@@ -39,6 +39,7 @@ class SimulatorSettings:
     port: int = 8001
     ttft: float = 0.0
     tpot: float = 0.0
+    tpot_batch_factor: float = 0.0
     max_num_seqs: int = 256
     default_max_tokens: int = 16
     embedding_dim: int = 16
@@ -48,8 +49,8 @@ class SimulatorSettings:
     def __post_init__(self) -> None:
         if not self.models:
             raise ValueError("at least one model name is needed")
-        if self.ttft < 0 or self.tpot < 0:
-            raise ValueError("ttft and tpot cannot be negative")
+        if self.ttft < 0 or self.tpot < 0 or self.tpot_batch_factor < 0:
+            raise ValueError("ttft, tpot and tpot_batch_factor cannot be negative")
         for name in ("max_num_seqs", "default_max_tokens", "embedding_dim", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -288,8 +289,12 @@ class SimulatorApp:
             engine, answer.prompt_tokens, lambda: self._answer_stream(answer, chunks, progress, send), receive, progress
         )
 
+    def _tpot(self, engine: Any) -> float:
+        """Time per token now: a batched engine slows down as more sequences run beside this one."""
+        return self.settings.tpot * (1 + self.settings.tpot_batch_factor * max(engine.running - 1, 0))
+
     async def _answer_whole(self, answer: _Answer, send: Send) -> None:
-        delay = self.settings.ttft + (answer.steps - 1) * self.settings.tpot
+        delay = self.settings.ttft + (answer.steps - 1) * self._tpot(answer.engine)
         if delay > 0:
             await asyncio.sleep(delay)
         completion_tokens = sum(len(output.pieces) for output in answer.outputs)
@@ -306,6 +311,7 @@ class SimulatorApp:
 
     async def _answer_stream(self, answer: _Answer, chunks: _Chunks, progress: _Progress, send: Send) -> None:
         tpot = self.settings.tpot
+        batched = self.settings.tpot_batch_factor > 0
         if self.settings.ttft > 0:
             await asyncio.sleep(self.settings.ttft)
         if answer.protocol.chat:
@@ -314,7 +320,7 @@ class SimulatorApp:
         for step in range(answer.steps):
             if step:
                 if tpot > 0:
-                    await asyncio.sleep(tpot)
+                    await asyncio.sleep(self._tpot(answer.engine) if batched else tpot)
                 elif step % _YIELD_EVERY_TOKENS == 0:
                     await asyncio.sleep(0)
             for output in answer.outputs:

@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from gateway.config import EndpointSettings
 from gateway.dispatch.base import BackendError, BackendProtocolError, BackendTimeout, BackendUnavailable
 from gateway.dispatch.globus import GlobusDispatcher, availability_of
 from gateway.federation.registry import Endpoint
+from gateway.streaming.relay import LocalRelay
 from tests.globus_doubles import ComputeService, ExecutorFactory
 
 MODEL = "facebook/opt-125m"
@@ -73,6 +75,18 @@ def globus_endpoint(worker_model_server: dict[str, Any], framework: str = "vllm"
     return Endpoint.from_settings(settings, "")
 
 
+def make_dispatcher(
+    service: ComputeService | Callable[[], ComputeService], executors: ExecutorFactory, request_timeout: float = 30.0
+) -> GlobusDispatcher:
+    return GlobusDispatcher(
+        relay=LocalRelay(secrets.token_bytes(32)),
+        relay_url=None,
+        request_timeout=request_timeout,
+        client_factory=service if callable(service) else lambda: service,
+        executor_factory=executors,
+    )
+
+
 @pytest.fixture
 def service() -> ComputeService:
     return ComputeService()
@@ -85,7 +99,7 @@ def executors() -> ExecutorFactory:
 
 @pytest.fixture
 async def dispatcher(service: ComputeService, executors: ExecutorFactory) -> AsyncIterator[GlobusDispatcher]:
-    dispatcher = GlobusDispatcher(client_factory=lambda: service, executor_factory=executors)
+    dispatcher = make_dispatcher(service, executors)
     await dispatcher.start()
     yield dispatcher
     await dispatcher.close()
@@ -215,7 +229,7 @@ async def test_cannot_log_in_is_unavailable_and_reported_by_check(
     def no_credentials() -> ComputeService:
         raise ValueError("Both GLOBUS_COMPUTE_CLIENT_ID and GLOBUS_COMPUTE_CLIENT_SECRET must be set")
 
-    dispatcher = GlobusDispatcher(client_factory=no_credentials, executor_factory=executors)
+    dispatcher = make_dispatcher(no_credentials, executors)
     try:
         with pytest.raises(BackendUnavailable, match="GLOBUS_COMPUTE_CLIENT_SECRET"):
             await dispatcher.call(endpoint, "chat/completions", CHAT)
@@ -270,13 +284,12 @@ async def test_timed_out_tasks_leave_no_threads_and_no_executors(
     long_answer = {**CHAT, "max_tokens": 400}
     before = set(threading.enumerate())
 
-    dispatcher = GlobusDispatcher(client_factory=lambda: service, executor_factory=executors)
+    dispatcher = make_dispatcher(service, executors, request_timeout=2.0)
     await dispatcher.start()
     await dispatcher.call(patient, "chat/completions", CHAT)
     started = time.monotonic()
     for _ in range(3):
-        # The worker gives up on the model server after the same time, so either side may report it first.
-        with pytest.raises(BackendTimeout):
+        with pytest.raises(BackendTimeout, match=r"within 0\.5 s"):
             await dispatcher.call(hasty, "chat/completions", long_answer)
     assert time.monotonic() - started < 5
     await dispatcher.close()
@@ -292,7 +305,7 @@ async def test_a_late_result_after_the_timeout_goes_nowhere(
     service: ComputeService, executors: ExecutorFactory, node_dir: Path
 ) -> None:
     hasty = globus_endpoint(simulator_launch(node_dir, "--tpot", "0.05"), framework="hasty", task_timeout=0.3)
-    dispatcher = GlobusDispatcher(client_factory=lambda: service, executor_factory=executors)
+    dispatcher = make_dispatcher(service, executors)
     slow = threading.Event()
 
     def answers_late(request: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.federation.availability import Availability
 from gateway.federation.registry import Endpoint
-from gateway.federation.selection import describe, explain, load, plan
+from gateway.federation.selection import cost, describe, explain, load, plan
 
 
 def make(name: str, state: str = "hot", **seen: object) -> Endpoint:
@@ -59,6 +59,7 @@ def test_stale_observation_becomes_unknown() -> None:
 
 def test_power_of_two_choices_prefers_the_less_loaded() -> None:
     busy, idle = make("busy"), make("idle")
+    busy.latency = idle.latency = 0.1
     busy.in_flight = 10
     firsts = Counter(ids(plan([busy, idle], random.Random(seed)).endpoints)[0] for seed in range(200))
     assert firsts == {"idle": 200}
@@ -69,6 +70,29 @@ def test_equal_load_spreads_evenly() -> None:
     rng = random.Random(1)
     firsts = Counter(plan(endpoints, rng).endpoints[0].cluster for _ in range(3000))
     assert all(900 < count < 1100 for count in firsts.values()), firsts
+
+
+def test_a_slower_endpoint_costs_more_for_the_same_load() -> None:
+    fast, slow = make("fast"), make("slow")
+    fast.record_success(0.1)
+    slow.record_success(0.2)
+    fast.in_flight = slow.in_flight = 2
+    assert cost(slow) == 2 * cost(fast)
+    fast.in_flight = 6  # now seven requests at 0.1 s against three at 0.2 s
+    assert ids(plan([fast, slow], random.Random(0)).endpoints)[0] == "slow"
+
+
+def test_untried_endpoint_is_tried_first() -> None:
+    tried, new = make("tried"), make("new")
+    tried.record_success(0.05)
+    assert cost(new) == 0 and ids(plan([tried, new], random.Random(0)).endpoints)[0] == "new"
+
+
+def test_request_time_is_a_moving_average() -> None:
+    endpoint = make("a")
+    endpoint.record_success(1.0)
+    endpoint.record_success(2.0)
+    assert endpoint.latency == pytest.approx(1.2)
 
 
 def test_load_counts_others_reported_by_the_backend_but_not_our_own_twice() -> None:
