@@ -67,7 +67,7 @@ def inference(request: dict[str, Any]) -> dict[str, Any]:
         try:
             base_url = node.ensure_server(spec)
         except ModelServerFailed as exc:
-            return failure("model_start_failed", "the model server did not start", body=str(exc))
+            return failure("model_start_failed", f"the model server did not start: {exc}", body=str(exc))
         try:
             if stream:
                 return _streamed(f"{base_url}/{op}", payload, timeout, stream)

@@ -4,7 +4,8 @@ A server is known by a key made from its launch settings (command template, mode
 Its files sit in a node-local directory:
 
     KEY.lock      flock'd while the server is launched or stopped, and while its state changes
-    KEY.json      its state: starting, ready or failed; its address; the watchdog's pid; the launch settings
+    KEY.json      its state: starting, ready or failed; its address; the watchdog's and the server's pids;
+                  the launch settings
     KEY.log       the server's output
     KEY.used      touched when a request starts and ends; its mtime is the last use
     KEY.clients/  one empty file per worker process that used the server, named by its pid
@@ -46,8 +47,9 @@ _WATCHDOG = (
 _LOCK_MARGIN = 30.0
 _POLL = 0.05
 
-# Base URLs of the servers this worker process has already found ready, by key: the common case skips the lock.
-_ready: dict[str, str] = {}
+# Base URLs of the servers this worker process has already found ready, by state file: the common case skips
+# the lock.
+_ready: dict[Path, str] = {}
 _watchdogs: list[subprocess.Popen[bytes]] = []
 
 
@@ -128,17 +130,17 @@ def ensure_server(spec: LaunchSpec) -> str:
     Raises ``ModelServerFailed``, with the end of the server's log, when it cannot be started.
     """
     files = _Files(Path(spec.state_dir), spec.key)
-    base_url = _ready.get(spec.key)
+    base_url = _ready.get(files.state)
     if base_url is None:
         base_url = _acquire(spec, files)
-        _ready[spec.key] = base_url
+        _ready[files.state] = base_url
     mark_used(spec)
     return base_url
 
 
 def forget(spec: LaunchSpec) -> None:
     """Stop trusting the remembered address of ``spec``'s server (it refused a connection)."""
-    _ready.pop(spec.key, None)
+    _ready.pop(_Files(Path(spec.state_dir), spec.key).state, None)
 
 
 def mark_used(spec: LaunchSpec) -> None:
@@ -250,7 +252,9 @@ def watch(directory: str, key: str) -> None:
         except ModelServerFailed as exc:
             _update(files, status="failed", error=str(exc))
             return
-        _update(files, status="ready")
+        assert server.process is not None
+        # The server leads its own process group; everything it started goes with it.
+        _update(files, status="ready", server=server.process.pid)
         idle_timeout = float(launch["idle_timeout"])
         poll = min(1.0, idle_timeout / 4)
         while True:

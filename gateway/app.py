@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.api import admin, catalog, identity, inference, monitoring, streams
+from gateway.api import admin, batches, catalog, identity, inference, monitoring, streams
 from gateway.api.responses import request_id
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_response
@@ -29,6 +29,22 @@ ROUTES = [
     Route(f"{CLUSTER}/chat/completions", inference.chat_completions, methods=["POST"]),
     Route(f"{CLUSTER}/completions", inference.completions, methods=["POST"]),
     Route(f"{CLUSTER}/embeddings", inference.embeddings, methods=["POST"]),
+    Route("/resource_server/v1/batches", batches.create_batch, methods=["POST"]),
+    Route("/resource_server/v1/batches", batches.list_batches, methods=["GET"]),
+    Route("/resource_server/v1/batches/{batch_id}", batches.get_batch, methods=["GET"]),
+    Route("/resource_server/v1/batches/{batch_id}/cancel", batches.cancel_batch, methods=["POST"]),
+    Route("/resource_server/v1/batches/{batch_id}/result", batches.batch_result, methods=["GET"]),
+    Route("/resource_server/v1/files", batches.upload_file, methods=["POST"]),
+    Route("/resource_server/v1/files/{file_id}", batches.get_file, methods=["GET"]),
+    Route("/resource_server/v1/files/{file_id}/content", batches.file_content, methods=["GET"]),
+    Route(f"{CLUSTER}/batches", batches.create_batch, methods=["POST"]),
+    Route(f"{CLUSTER}/batches", batches.list_batches, methods=["GET"]),
+    Route(f"{CLUSTER}/batches/{{batch_id}}", batches.get_batch, methods=["GET"]),
+    Route(f"{CLUSTER}/batches/{{batch_id}}/cancel", batches.cancel_batch, methods=["POST"]),
+    Route(f"{CLUSTER}/batches/{{batch_id}}/result", batches.batch_result, methods=["GET"]),
+    Route(f"{CLUSTER}/files", batches.upload_file, methods=["POST"]),
+    Route(f"{CLUSTER}/files/{{file_id}}", batches.get_file, methods=["GET"]),
+    Route(f"{CLUSTER}/files/{{file_id}}/content", batches.file_content, methods=["GET"]),
     Route("/resource_server/list-endpoints", catalog.list_endpoints, methods=["GET"]),
     Route("/resource_server/health", catalog.health, methods=["GET"]),
     Route("/resource_server/ready", monitoring.ready, methods=["GET"]),
@@ -72,7 +88,7 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
         routes=ROUTES,
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error},
-        middleware=[Middleware(ObservingMiddleware, runtime=runtime)],
+        middleware=[Middleware(ObservingMiddleware, runtime=runtime)] if ObservingMiddleware.needed(runtime) else [],
     )
     app.state.runtime = runtime
     return app

@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="update only this globus endpoint (repeatable; default: every globus endpoint)",
     )
     register.set_defaults(run=_register_functions)
+
+    from gateway.batches.cli import add_commands
+
+    add_commands(commands)
     return parser
 
 

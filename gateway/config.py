@@ -209,6 +209,7 @@ class ComputeFunctionIds(_Strict):
 
     inference: UUID
     status: UUID | None = None
+    batch: UUID | None = None
 
 
 class GlobusComputeSettings(_Strict):
@@ -393,6 +394,48 @@ class FederationSettings(_Strict):
         return self
 
 
+class OfflineRunnerSettings(_Strict):
+    """vLLM's offline batch runner, run on a worker for each ``chunk_lines`` lines of a batch instead of a server.
+
+    ``command`` is a template: ``{python}`` (the worker's interpreter), ``{input}``, ``{output}`` and ``{model}``.
+    """
+
+    command: list[str] = Field(min_length=1)
+    chunk_lines: int = Field(default=10_000, ge=1)
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class ClusterBatchSettings(_Strict):
+    """What one cluster changes of the batch settings: its own roots, and how its workers answer batches."""
+
+    allowed_roots: list[str] | None = None
+    offline_runner: OfflineRunnerSettings | None = None
+
+
+class BatchSettings(_Strict):
+    """Batch jobs: the folders their files may be in, what each user may run, and how they are run.
+
+    A root is a path, relative ones from the folder the gateway was started in; ``{username}`` in it becomes the
+    caller's username, for a folder per user.
+    """
+
+    allowed_roots: list[str] = Field(default_factory=lambda: ["."])
+    clusters: dict[str, ClusterBatchSettings] = Field(default_factory=dict)
+    max_active_per_user: int = Field(default=10, ge=1)
+    max_lines: int = Field(default=1_000_000, ge=1)
+    max_line_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    max_upload_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    # Requests one batch keeps in flight, and batches one gateway runs at once.
+    concurrency: int = Field(default=64, ge=1)
+    max_running: int = Field(default=4, ge=1)
+    # A worker works on a batch for this long per task, then the gateway sends the next task.
+    slice_seconds: float = Field(default=60.0, gt=0)
+    poll_interval: float = Field(default=2.0, gt=0)
+    completion_window: str = Field(default="24h", pattern=r"^[1-9][0-9]*h$")
+    # Tasks in a row that fail without progress before the batch fails.
+    max_attempts: int = Field(default=10, ge=1)
+
+
 class GatewayConfig(_Strict):
     server: ServerSettings = Field(default_factory=ServerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
@@ -405,6 +448,7 @@ class GatewayConfig(_Strict):
     admin: AdminSettings = Field(default_factory=AdminSettings)
     federation: FederationSettings = Field(default_factory=FederationSettings)
     relay: RelaySettings = Field(default_factory=RelaySettings)
+    batches: BatchSettings = Field(default_factory=BatchSettings)
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
@@ -442,6 +486,21 @@ class GatewayConfig(_Strict):
         unknown = set(self.limits.models) - served
         if unknown:
             raise ValueError(f"limits.models names models no endpoint serves: {', '.join(sorted(unknown))}")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_clusters(self) -> GatewayConfig:
+        transports: dict[str, set[str]] = {}
+        for endpoint in self.endpoints:
+            transports.setdefault(endpoint.cluster, set()).add(endpoint.transport)
+        unknown = set(self.batches.clusters) - set(transports)
+        if unknown:
+            raise ValueError(f"batches.clusters names clusters no endpoint serves: {', '.join(sorted(unknown))}")
+        for cluster, settings in self.batches.clusters.items():
+            if settings.offline_runner is not None and "direct" in transports[cluster]:
+                raise ValueError(
+                    f"batches.clusters.{cluster}.offline_runner needs workers: cluster {cluster} has a direct endpoint"
+                )
         return self
 
     def state_dir(self) -> Path:

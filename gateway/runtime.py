@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from gateway.accounting.recorder import UsageRecorder
 from gateway.auth.base import Authenticator
 from gateway.auth.bearer import ProviderChain
 from gateway.auth.dev import DevAuthenticator, dev_token
+from gateway.batches.service import Batches
 from gateway.config import GatewayConfig
 from gateway.dispatch.base import Dispatcher
 from gateway.dispatch.direct import DirectDispatcher
@@ -111,6 +113,7 @@ class Runtime:
             else None
         )
         self.metrics = GatewayMetrics(self.registry, self.usage, self.limiter)
+        self.batches = Batches(config, self.registry, self.dispatcher, self.database, self.state_dir)
         self.access_log = AccessLog(config.logging) if config.logging.access_log else None
 
     def _build_authenticator(self) -> Authenticator:
@@ -152,14 +155,20 @@ class Runtime:
             await self.usage.start()
         if self.access_log is not None:
             await self.access_log.start()
+        await self.batches.start()
         if "dev" in self.config.auth.providers:
             print(
                 "Dev auth is on. Export the token with:\n  export MY_TOKEN=$(inference-gateway dev-token)",
                 file=sys.stderr,
                 flush=True,
             )
+        # What startup built lives as long as the process. Left to the collector, all of it is walked at every
+        # full collection, which a busy gateway sets off several times a second: a quarter of its CPU, measured.
+        gc.collect()
+        gc.freeze()
 
     async def close(self) -> None:
+        await self.batches.close()
         await self.tracker.close()
         for task in self._warming.values():
             task.cancel()

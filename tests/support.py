@@ -106,6 +106,16 @@ def metric(text: str, name: str) -> float:
     return total
 
 
+def aborted(metrics_url: str) -> float:
+    """Requests a vLLM (or the simulator) saw abandoned by their client, from its ``/metrics``."""
+    lines = scrape(metrics_url).splitlines()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith("vllm:request_success_total{") and 'finished_reason="abort"' in line
+    )
+
+
 class ScriptedBackend:
     """An OpenAI-compatible server whose answer is chosen by the request's model name.
 

@@ -94,6 +94,6 @@ def record_of(request: Request) -> RequestRecord:
     """The request's record; a stand-in when the app runs without the observing middleware."""
     record: RequestRecord | None = request.scope.get(SCOPE_KEY)
     if record is None:
-        record = RequestRecord(request.method, request.url.path, None)
+        record = RequestRecord(request.method, request.scope["path"], None)
         request.scope[SCOPE_KEY] = record
     return record

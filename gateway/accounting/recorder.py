@@ -48,7 +48,7 @@ class UsageRecorder:
         self.written = 0
         self.spooled = 0
         self.database_up = False
-        self._pending: list[RequestRecord] = []
+        self._pending: list[Row] = []
         # Ids that grow within a process keep inserts at the end of the primary key's index; the start time and
         # random part keep them apart from every other process's.
         self._id_prefix = f"{int(time.time()):08x}{os.urandom(6).hex()}"
@@ -69,7 +69,8 @@ class UsageRecorder:
             if self.dropped == 1 or self.dropped % 10_000 == 0:
                 log.error("usage queue full (%d rows): %d usage rows dropped so far", self.queue_size, self.dropped)
             return
-        pending.append(record)
+        # A tuple of plain values, not the record: the collector stops tracking it, and the record goes now.
+        pending.append(self._row(record))
         if len(pending) == self.batch_size:
             self._wake.set()
 
@@ -129,8 +130,7 @@ class UsageRecorder:
             self.written += done
 
     async def _flush(self) -> None:
-        records, self._pending = self._pending, []
-        rows = [self._row(record) for record in records]
+        rows, self._pending = self._pending, []
         if not self.database_up and (time.monotonic() < self._retry_at or not await self._connect()):
             await self._keep(rows)
             return
@@ -167,6 +167,12 @@ class UsageRecorder:
         )
 
     async def _keep(self, rows: list[Row]) -> None:
-        if rows:
+        if not rows:
+            return
+        try:
             await asyncio.to_thread(self.spool.append, rows)
-            self.spooled += len(rows)
+        except OSError as exc:
+            self.dropped += len(rows)
+            log.error("could not spool %d usage rows to %s, they are lost: %s", len(rows), self.spool.path, exc)
+            return
+        self.spooled += len(rows)

@@ -39,9 +39,11 @@ async def _bounded(check: Awaitable[str | None]) -> str:
 
 @api_handler
 async def ready(request: Request) -> Response:
-    """200 when the database, every transport and the rate limiter can work; 503 naming what cannot."""
+    """200 when the usage database, every transport and the rate limiter can work; 503 naming what cannot."""
     runtime: Runtime = request.app.state.runtime
-    checks = {"database": _database(runtime), "limits": runtime.limiter.check()}
+    checks = {"limits": runtime.limiter.check()}
+    if runtime.usage is not None:
+        checks["database"] = _database(runtime)
     for transport, dispatcher in runtime.dispatchers.items():
         checks[f"transport {transport}"] = dispatcher.check()
     results = await asyncio.gather(*(_bounded(check) for check in checks.values()))

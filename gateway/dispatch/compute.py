@@ -23,6 +23,7 @@ from gateway.dispatch.base import (
     BackendTimeout,
     BackendUnavailable,
 )
+from gateway.federation.availability import Availability
 from gateway.federation.registry import Endpoint
 
 ComputeFunction = Callable[[dict[str, Any]], dict[str, Any]]
@@ -31,6 +32,7 @@ ComputeFunction = Callable[[dict[str, Any]], dict[str, Any]]
 FUNCTIONS = {
     "inference": "compute_functions.inference:inference",
     "status": "compute_functions.status:status",
+    "batch": "compute_functions.batch:run_batch",
 }
 
 
@@ -98,3 +100,30 @@ def streamed_count(endpoint: Endpoint, result: Any) -> int:
     if not isinstance(streamed, int) or isinstance(streamed, bool):
         raise BackendProtocolError(endpoint, "compute function result does not say how many events it streamed")
     return streamed
+
+
+def served_availability(endpoint: Endpoint, report: Any, detail: str) -> Availability:
+    """What a node's ``status`` report says of ``endpoint``'s models.
+
+    ``hot``, with their load, when a model server of the node answers for any of
+    them (the others are ``cold_models``); ``cold`` when none is loaded, since a
+    request would start its server first.
+    """
+    if not isinstance(report, dict) or not isinstance(report.get("models"), list):
+        raise BackendProtocolError(endpoint, "the status function returned something other than its report")
+    public = {endpoint.backend_model(model): model for model in endpoint.models}
+    served = [
+        entry
+        for entry in report["models"]
+        if isinstance(entry, dict) and entry.get("model") in public and entry.get("healthy")
+    ]
+    if not served:
+        return Availability("cold", detail=f"{detail}; the model server starts with a request")
+    loaded = {public[entry["model"]] for entry in served}
+    return Availability(
+        "hot",
+        detail=detail,
+        running=sum(int(entry.get("running") or 0) for entry in served),
+        waiting=sum(int(entry.get("waiting") or 0) for entry in served),
+        cold_models=frozenset(endpoint.models) - loaded,
+    )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +24,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 from gateway.config import GlobusComputeSettings
 from gateway.dispatch.base import BackendFailure, BackendProtocolError, BackendTimeout, BackendUnavailable, Dispatcher
-from gateway.dispatch.compute import answer_of, compute_request
+from gateway.dispatch.compute import answer_of, compute_request, served_availability
 from gateway.dispatch.futures import result_of
 from gateway.dispatch.relayed import relayed_events
 from gateway.federation.availability import Availability
@@ -34,6 +35,8 @@ log = logging.getLogger("gateway.dispatch.globus")
 
 # Beyond the model server's startup and the request itself: the round trips through the Globus Compute service.
 _TASK_MARGIN = 60.0
+# A status task waits behind the requests when every worker is busy; the tracker gives a probe 5 s by default.
+_STATUS_LIMIT = 3.0
 
 T = TypeVar("T")
 
@@ -140,6 +143,7 @@ class GlobusDispatcher(Dispatcher):
         self._client_factory = client_factory
         self._executor_factory = executor_factory
         self._client: ComputeClient | None = None
+        self._client_lock = threading.Lock()
         self._client_error: str | None = None
         self._executors: dict[str, ComputeExecutor] = {}
         self._creating = asyncio.Lock()
@@ -171,14 +175,16 @@ class GlobusDispatcher(Dispatcher):
         return await asyncio.get_running_loop().run_in_executor(self._blocking, function)
 
     def _new_client(self) -> ComputeClient:
-        if self._client is None:
-            try:
-                self._client = self._client_factory()
-            except Exception as exc:
-                self._client_error = f"cannot log in to Globus Compute: {exc.__class__.__name__}: {exc}"
-                raise
-            self._client_error = None
-        return self._client
+        # Called from the dispatcher's threads: a status probe and a first request may ask at once.
+        with self._client_lock:
+            if self._client is None:
+                try:
+                    self._client = self._client_factory()
+                except Exception as exc:
+                    self._client_error = f"cannot log in to Globus Compute: {exc.__class__.__name__}: {exc}"
+                    raise
+                self._client_error = None
+            return self._client
 
     async def _executor(self, endpoint: Endpoint) -> ComputeExecutor:
         settings = self._settings(endpoint)
@@ -211,19 +217,20 @@ class GlobusDispatcher(Dispatcher):
         if endpoint.state(time.time()) == "offline":
             raise BackendUnavailable(endpoint, endpoint.availability.detail or "Globus Compute endpoint is offline")
 
-    async def run(self, endpoint: Endpoint, function: str, request: dict[str, Any]) -> Any:
+    async def run(self, endpoint: Endpoint, function: str, request: dict[str, Any], limit: float | None = None) -> Any:
         """Run the registered compute function ``function`` with ``request`` on ``endpoint`` and return its result.
 
-        Raises ``BackendTimeout`` when no result comes within the endpoint's task
-        timeout, ``BackendUnavailable`` when the task could not be submitted or its
-        worker was lost, and ``BackendProtocolError`` when the function raised on
-        the worker. Giving up never cancels the SDK's future (see ``result_of``).
+        Raises ``BackendTimeout`` when no result comes within ``limit`` seconds (by
+        default the endpoint's task timeout), ``BackendUnavailable`` when the task
+        could not be submitted or its worker was lost, and ``BackendProtocolError``
+        when the function raised on the worker. Giving up never cancels the SDK's
+        future (see ``result_of``).
         """
         settings = self._settings(endpoint)
         function_id = getattr(settings.function_ids, function, None) if settings.function_ids else None
         if function_id is None:
             raise BackendUnavailable(endpoint, f"no function id registered for {function!r}")
-        limit = self._task_timeout(endpoint)
+        limit = limit or self._task_timeout(endpoint)
         executor = await self._executor(endpoint)
         try:
             future = executor.submit_to_registered_function(str(function_id), args=(request,))
@@ -265,14 +272,24 @@ class GlobusDispatcher(Dispatcher):
             await events.aclose()
 
     async def status(self, endpoint: Endpoint) -> Availability:
-        """What the Globus Compute service reports of ``endpoint``: online or not, and its workers.
+        """What the Globus Compute service reports of ``endpoint`` and, when it has workers, what one of them serves.
 
-        Only the service is asked: a status task would need a worker, and on a
-        batch-scheduled endpoint asking for one submits a job.
+        The ``status`` function runs only while workers are up: on a batch-scheduled
+        endpoint without workers, a task would make it submit a job.
         """
-        endpoint_id = str(self._settings(endpoint).endpoint_id)
+        settings = self._settings(endpoint)
+        endpoint_id = str(settings.endpoint_id)
         report = await self._in_thread(lambda: self._new_client().get_endpoint_status(endpoint_id))
-        return availability_of(report)
+        seen = availability_of(report)
+        if seen.state != "hot" or settings.function_ids is None or settings.function_ids.status is None:
+            return seen
+        state_dir = (endpoint.worker_model_server or {}).get("state_dir")
+        request = {"model_server": {"state_dir": state_dir}, "scheduler": "none"}
+        try:
+            node = await self.run(endpoint, "status", request, limit=_STATUS_LIMIT)
+        except BackendFailure as exc:
+            return Availability("unknown", detail=f"{seen.detail}, busy: {exc.detail}")
+        return served_availability(endpoint, node, seen.detail)
 
     async def check(self) -> str | None:
         return self._client_error

@@ -17,6 +17,7 @@ import shlex
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from gateway.dispatch.base import (
     BackendUnavailable,
     Dispatcher,
 )
-from gateway.dispatch.compute import answer_of, compute_request, load_function
+from gateway.dispatch.compute import answer_of, compute_request, load_function, served_availability
 from gateway.dispatch.futures import result_of
 from gateway.dispatch.relayed import relayed_events
 from gateway.federation.availability import Availability
@@ -54,6 +55,14 @@ LAUNCHERS: dict[str, type[Any]] = {
     "mpiexec": MpiExecLauncher,
     "aprun": AprunLauncher,
 }
+# The interchange runs in a process group of its own, so that a terminal's Ctrl-C (or a signal to the gateway's
+# group) reaches only the gateway, which then stops Parsl in order; Parsl's cleanup waits forever for an interchange
+# that died first. It still dies with the gateway: the kernel signals it when its parent goes (Linux).
+_OWN_GROUP = (
+    "import ctypes, os, signal, sys; os.setpgrp(); "
+    "sys.platform == 'linux' and ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
 # Beyond the model server's startup and the request itself: pickling, the interchange, a busy worker.
 _TASK_MARGIN = 30.0
 # A status task waits behind the requests when every worker is busy; the tracker gives a probe 5 s by default.
@@ -77,7 +86,7 @@ def build_executor(label: str, settings: ParslSettings) -> HighThroughputExecuto
     scripts = Path(sys.executable).parent
     extra: dict[str, Any] = {}
     if (scripts / "interchange.py").exists():
-        extra["interchange_launch_cmd"] = [str(scripts / "interchange.py")]
+        extra["interchange_launch_cmd"] = [sys.executable, "-c", _OWN_GROUP, str(scripts / "interchange.py")]
     if settings.provider == "local" and (scripts / "process_worker_pool.py").exists():
         pool = shlex.quote(str(scripts / "process_worker_pool.py"))
         extra["launch_cmd"] = DEFAULT_LAUNCH_CMD.replace("process_worker_pool.py", pool, 1)
@@ -162,6 +171,14 @@ class ParslDispatcher(Dispatcher):
         except Exception:
             dfk = None
         if dfk is not None:
+            failed = [executor for executor in set(self._executors.values()) if _failed_if_interchange_gone(executor)]
+            # Cleaning up would wait forever for a dead interchange's answer to the scale-in, so a failed executor
+            # is not scaled in: its blocks are cancelled here instead, or they would run on until they miss the
+            # interchange's heartbeat.
+            for executor in failed:
+                jobs = [job for job in executor.blocks_to_job_id.values() if job]
+                if jobs and executor.provider is not None:
+                    await asyncio.to_thread(executor.provider.cancel, jobs)
             await asyncio.to_thread(dfk.cleanup)
         if self._log_handler is not None:
             logging.getLogger("parsl").removeHandler(self._log_handler)
@@ -172,7 +189,7 @@ class ParslDispatcher(Dispatcher):
             return None
         if self._loading.cancelled() or self._loading.exception() is not None:
             return f"Parsl did not start: {self._loading.exception()}"
-        broken = [executor.label for executor in set(self._executors.values()) if executor.bad_state_is_set]
+        broken = [executor.label for executor in set(self._executors.values()) if _failed_if_interchange_gone(executor)]
         return f"Parsl executors failed: {', '.join(sorted(broken))}" if broken else None
 
     async def _executor(self, endpoint: Endpoint) -> HighThroughputExecutor:
@@ -204,12 +221,25 @@ class ParslDispatcher(Dispatcher):
             log.warning("%s: task failed on the worker: %s: %s", endpoint.id, exc.__class__.__name__, exc)
             raise BackendProtocolError(endpoint, f"the worker failed: {exc.__class__.__name__}: {exc}") from None
 
+    async def run(self, endpoint: Endpoint, function: str, request: dict[str, Any], limit: float | None = None) -> Any:
+        """Run the compute function named ``function`` (a key of ``FUNCTIONS``) on a worker of ``endpoint``.
+
+        Raises what a request would: ``BackendUnavailable``, ``BackendTimeout`` (after ``limit`` seconds, by
+        default the endpoint's task timeout) or ``BackendProtocolError``.
+        """
+        limit = limit or self._task_timeout[endpoint.id]
+        return await self._run(endpoint, load_function(function), request, limit)
+
+    def model_server(self, endpoint: Endpoint) -> dict[str, Any]:
+        """The ``model_server`` argument of the compute functions for ``endpoint``."""
+        return self._model_server[endpoint.id]
+
     async def call(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> dict[str, Any]:
         request = compute_request(
             op, payload, model_server=self._model_server[endpoint.id], timeout=self._request_timeout
         )
         result = await self._run(endpoint, self._inference, request, self._task_timeout[endpoint.id])
-        return answer_of(endpoint, result)
+        return answer_of(endpoint, _logged(endpoint, result))
 
     async def stream(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> AsyncIterator[bytes]:
         if self._relay_url is None:
@@ -220,7 +250,7 @@ class ParslDispatcher(Dispatcher):
             request = compute_request(
                 op, payload, model_server=self._model_server[endpoint.id], timeout=self._request_timeout, stream=stream
             )
-            return await self._run(endpoint, self._inference, request, timeout)
+            return _logged(endpoint, await self._run(endpoint, self._inference, request, timeout))
 
         events = relayed_events(endpoint, self._relay, self._relay_url, run, wait=timeout, idle=self._request_timeout)
         try:
@@ -236,7 +266,7 @@ class ParslDispatcher(Dispatcher):
         if self._loading.cancelled() or self._loading.exception() is not None:
             return Availability("offline", detail=f"Parsl did not start: {self._loading.exception()}")
         executor = self._executors[endpoint.id]
-        if executor.bad_state_is_set:
+        if _failed_if_interchange_gone(executor):
             return Availability("offline", detail=f"the Parsl executor failed: {executor.executor_exception}")
         jobs = await self._scheduler_jobs(endpoint, executor)
         managers = await asyncio.to_thread(executor.connected_managers)
@@ -260,17 +290,7 @@ class ParslDispatcher(Dispatcher):
                 report = await self._run(endpoint, self._status, request, _STATUS_LIMIT)
             except BackendFailure as exc:
                 return Availability("unknown", detail=f"{workers} workers, busy: {exc.detail}", jobs=jobs)
-        wanted = {endpoint.backend_model(model) for model in endpoint.models}
-        served = [entry for entry in report.get("models", []) if entry.get("model") in wanted and entry["healthy"]]
-        if not served:
-            return Availability("cold", detail=f"{workers} workers; the model server starts with a request", jobs=jobs)
-        return Availability(
-            "hot",
-            detail=f"{workers} workers",
-            running=sum(int(entry["running"]) for entry in served),
-            waiting=sum(int(entry["waiting"]) for entry in served),
-            jobs=jobs,
-        )
+        return replace(served_availability(endpoint, report, f"{workers} workers"), jobs=jobs)
 
     async def _scheduler_jobs(self, endpoint: Endpoint, executor: HighThroughputExecutor) -> tuple[dict[str, Any], ...]:
         """The scheduler's entries for the executor's blocks; the provider's commands work where the gateway runs."""
@@ -282,6 +302,25 @@ class ParslDispatcher(Dispatcher):
         if report.get("scheduler_error"):
             log.warning("%s: %s", endpoint.id, report["scheduler_error"])
         return tuple(report.get("jobs", []))
+
+
+def _failed_if_interchange_gone(executor: HighThroughputExecutor) -> bool:
+    """Whether ``executor`` failed; an interchange that exited fails it, and with it the tasks still waiting.
+
+    Nothing restarts an interchange, and asking a dead one anything waits forever.
+    """
+    process = executor.interchange_proc
+    if not executor.bad_state_is_set and process is not None and process.poll() is not None:
+        executor.set_bad_state_and_fail_all(RuntimeError(f"its interchange exited with status {process.returncode}"))
+    return bool(executor.bad_state_is_set)
+
+
+def _logged(endpoint: Endpoint, result: Any) -> Any:
+    """``result``, after logging a failure the client will not see in full (a model server that did not start)."""
+    error = result.get("error") if isinstance(result, dict) else None
+    if isinstance(error, dict) and error.get("kind") not in ("upstream", "cancelled"):
+        log.warning("%s: %s: %s", endpoint.id, error.get("kind"), error.get("message"))
+    return result
 
 
 def _epoch(when: Any) -> float | None:

@@ -3,8 +3,8 @@
 ``inference-gateway register-functions --config FILE`` registers every function
 of ``FUNCTIONS`` once, then sets ``globus.function_ids`` of the file's ``globus``
 endpoints. The file is edited in place at the positions the YAML parser reports,
-so its comments, order and quoting stay as the operator wrote them; the result
-is validated before it replaces the original.
+so its comments, order and quoting stay as the operator wrote them; the updated
+endpoints are validated before the file is replaced.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
-from gateway.config import ConfigError, parse_config
+from gateway.config import ConfigError, EndpointSettings, parse_config
 from gateway.dispatch.compute import FUNCTIONS, load_function
 from gateway.dispatch.globus import ComputeClient
 
@@ -138,8 +139,8 @@ def register_into_file(
     """Register the compute functions and write their ids into the ``globus`` endpoints of the registry ``path``.
 
     The ids are reported before the file is touched, so that they are not lost if
-    the file cannot be written; the file is replaced only by a version that
-    validates.
+    the file cannot be written; the file is replaced only when the updated
+    endpoints validate with their new ids.
     """
     source = str(path)
     try:
@@ -151,14 +152,31 @@ def register_into_file(
     for name, function_id in ids.items():
         report(f"registered {FUNCTIONS[name]} as {function_id}")
     updated = write_function_ids(text, targets, ids)
-    parse_config(updated, source)
+    _check_written(updated, source, targets, ids)
     _replace(path, updated)
     report(f"{source}: function_ids written for {', '.join(targets.values())}")
+    try:
+        parse_config(updated, source)
+    except ConfigError as exc:
+        report(f"note: the file does not validate yet, for other reasons:\n{exc}")
     report(
         "To let only these functions run on the endpoint, add to its config.yaml:\n"
         "allowed_functions:\n" + "".join(f"  - {function_id}\n" for function_id in ids.values())
     )
     return ids
+
+
+def _check_written(text: str, source: str, targets: Mapping[int, str], ids: Mapping[str, str]) -> None:
+    """Refuse an edit that did not put ``ids`` exactly where they belong, or broke an updated endpoint."""
+    entries = yaml.safe_load(text)["endpoints"]
+    for index, name in targets.items():
+        written = entries[index]["globus"].get("function_ids") or {}
+        if any(str(written.get(function)) != function_id for function, function_id in ids.items()):
+            raise ConfigError(f"{source}: could not write function_ids for {name}; set them by hand: {dict(ids)}")
+        try:
+            EndpointSettings.model_validate(entries[index])
+        except ValidationError as exc:
+            raise ConfigError(f"{source}: endpoint {name} is not valid: {exc}") from None
 
 
 def _replace(path: Path, text: str) -> None:

@@ -114,26 +114,34 @@ def rules_for(settings: LimitSettings, user: str, model: str) -> tuple[Rule, ...
     return tuple(rules)
 
 
-def _text_length(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value) // 4 + 1
-    if isinstance(value, list):
-        if value and isinstance(value[0], int):
-            return len(value)
-        return sum(_text_length(item) for item in value)
-    if isinstance(value, dict):
-        return _text_length(value.get("content") if "content" in value else value.get("text"))
-    return 0
+def _characters(value: Any) -> int:
+    """Characters of text in a prompt, a list of prompts, or messages with string or multi-part content."""
+    if value.__class__ is str:
+        return len(value)
+    total = 0
+    if value.__class__ is list:
+        for item in value:
+            if item.__class__ is dict:
+                content = item.get("content", item.get("text"))
+                total += len(content) if content.__class__ is str else _characters(content)
+            elif item.__class__ is str:
+                total += len(item)
+            elif item.__class__ is int:
+                # A token id: count it as one token's worth of characters.
+                total += 4
+            elif item.__class__ is list:
+                total += _characters(item)
+    return total
 
 
 def requested_tokens(op: str, body: dict[str, Any], assumed_max_tokens: int) -> int:
     """An upper estimate of a request's tokens: about four characters a prompt token, plus what it may generate."""
     if op == "chat/completions":
-        prompt = _text_length(body.get("messages"))
+        prompt = _characters(body.get("messages")) // 4 + 1
     elif op == "completions":
-        prompt = _text_length(body.get("prompt"))
+        prompt = _characters(body.get("prompt")) // 4 + 1
     else:
-        return _text_length(body.get("input"))
+        return _characters(body.get("input")) // 4 + 1
     limit = body.get("max_completion_tokens") or body.get("max_tokens") or assumed_max_tokens
     n = body.get("n")
     choices = n if isinstance(n, int) and n > 1 else 1
@@ -149,7 +157,9 @@ class RateLimiter(ABC):
         self._plans: dict[tuple[str, str], Plan] = {}
         limits = [settings.defaults, *settings.users.values()]
         limits += [limit for model in settings.models.values() for limit in (model.total, model.per_user)]
-        self.enabled = any(value is not None for limit in limits for value in limit.model_dump().values())
+        self.enabled = any(
+            limit.requests_per_second or limit.tokens_per_minute or limit.concurrent_requests for limit in limits
+        )
 
     def _plan(self, user: str, model: str) -> Plan:
         plan = Plan(rules_for(self.settings, user, model))

@@ -3,59 +3,74 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from gateway.config import LimitSettings
 from gateway.limits.base import CONCURRENT, REQUESTS, TOKENS, Plan, RateLimiter, Reservation, Rule
 
 
 class _Cell:
-    """A token bucket's level and when it was last brought up to date, or a count of running requests."""
+    """One rule's state: a token bucket's level and when it was last brought up to date, or a count of running
+    requests. It carries its rule's numbers so that a reservation reads nothing else."""
 
-    __slots__ = ("level", "stamp")
+    __slots__ = ("capacity", "kind", "level", "rate", "rule", "stamp")
 
-    def __init__(self, level: float) -> None:
-        self.level = level
-        self.stamp = time.monotonic()
+    def __init__(self, rule: Rule, stamp: float) -> None:
+        self.rule = rule
+        self.kind = rule.kind
+        self.capacity = rule.capacity
+        self.rate = rule.rate
+        self.level = 0.0 if rule.kind == CONCURRENT else rule.capacity
+        self.stamp = stamp
 
 
 class MemoryRateLimiter(RateLimiter):
     """Token buckets (requests, tokens) and slot counts (concurrency), one cell per rule key, shared by plans."""
 
-    def __init__(self, settings: LimitSettings) -> None:
+    def __init__(self, settings: LimitSettings, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(settings)
+        self._clock = clock
         self._cells: dict[str, _Cell] = {}
 
-    def prepare(self, rules: tuple[Rule, ...]) -> tuple[tuple[Rule, _Cell], ...]:
+    def prepare(self, rules: tuple[Rule, ...]) -> tuple[_Cell, ...]:
         cells = []
         for rule in rules:
             cell = self._cells.get(rule.key)
             if cell is None:
-                cell = self._cells[rule.key] = _Cell(0.0 if rule.kind == CONCURRENT else rule.capacity)
-            cells.append((rule, cell))
+                cell = self._cells[rule.key] = _Cell(rule, self._clock())
+            cells.append(cell)
         return tuple(cells)
 
     async def _reserve(self, plan: Plan, tokens: int) -> Reservation:
-        now = time.monotonic()
-        cells: tuple[tuple[Rule, _Cell], ...] = plan.state
-        for rule, cell in cells:
-            if rule.kind == CONCURRENT:
-                if cell.level >= rule.capacity:
-                    raise self.refuse(rule, 1)
+        now = self._clock()
+        cells: tuple[_Cell, ...] = plan.state
+        for cell in cells:
+            if cell.kind is CONCURRENT:
+                if cell.level >= cell.capacity:
+                    raise self.refuse(cell.rule, 1)
                 continue
-            level = min(rule.capacity, cell.level + (now - cell.stamp) * rule.rate)
+            level = cell.level + (now - cell.stamp) * cell.rate
+            if level > cell.capacity:
+                level = cell.capacity
             cell.level = level
             cell.stamp = now
-            need = 1.0 if rule.kind == REQUESTS else min(float(tokens), rule.capacity)
+            need = 1.0 if cell.kind is REQUESTS else tokens if tokens < cell.capacity else cell.capacity
             if level < need:
-                raise self.refuse(rule, (need - level) / rule.rate)
-        for rule, cell in cells:
-            cell.level -= tokens if rule.kind == TOKENS else 1.0 if rule.kind == REQUESTS else -1.0
+                raise self.refuse(cell.rule, (need - level) / cell.rate)
+        for cell in cells:
+            if cell.kind is REQUESTS:
+                cell.level -= 1.0
+            elif cell.kind is TOKENS:
+                cell.level -= tokens
+            else:
+                cell.level += 1.0
         return Reservation(plan, tokens)
 
     def settle(self, reservation: Reservation, used_tokens: int | None) -> None:
         assert reservation.plan is not None
-        for rule, cell in reservation.plan.state:
-            if rule.kind == CONCURRENT:
+        for cell in reservation.plan.state:
+            if cell.kind is CONCURRENT:
                 cell.level -= 1.0
-            elif rule.kind == TOKENS and used_tokens is not None:
-                cell.level = min(rule.capacity, cell.level + reservation.tokens - used_tokens)
+            elif cell.kind is TOKENS and used_tokens is not None:
+                level = cell.level + reservation.tokens - used_tokens
+                cell.level = level if level < cell.capacity else cell.capacity

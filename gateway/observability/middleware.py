@@ -32,6 +32,16 @@ class ObservingMiddleware:
         self.runtime = runtime
         self.metrics = runtime.metrics if runtime.config.metrics.enabled else None
 
+    @staticmethod
+    def needed(runtime: Runtime) -> bool:
+        """Whether anything reads the records: with all of it turned off, requests skip the middleware."""
+        return (
+            runtime.config.metrics.enabled
+            or runtime.usage is not None
+            or runtime.access_log is not None
+            or runtime.limiter.enabled
+        )
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)

@@ -289,7 +289,7 @@ class SimulatorApp:
             engine, answer.prompt_tokens, lambda: self._answer_stream(answer, chunks, progress, send), receive, progress
         )
 
-    def _tpot(self, engine: Any) -> float:
+    def _tpot(self, engine: Engine) -> float:
         """Time per token now: a batched engine slows down as more sequences run beside this one."""
         return self.settings.tpot * (1 + self.settings.tpot_batch_factor * max(engine.running - 1, 0))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import sqlite3
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -31,9 +32,16 @@ REPORT_DIMENSIONS: dict[str, sa.ColumnElement[Any]] = {
 
 
 # The order of a usage row's values, as ``insert_usage`` takes them.
-USAGE_COLUMNS = tuple(column.name for column in usage_log.columns)
+USAGE_COLUMNS = tuple(str(column.name) for column in usage_log.columns)
 _EPOCH = datetime(1970, 1, 1)
-_SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
+# SQLite takes at most 32766 parameters in one statement (999 before 3.32).
+_SQLITE_ROWS_PER_STATEMENT = (
+    32766 // len(USAGE_COLUMNS) if sqlite3.sqlite_version_info >= (3, 32) else 999 // len(USAGE_COLUMNS)
+)
+
+
+def _utc(when: float) -> datetime:
+    return _EPOCH + timedelta(seconds=when)
 
 
 class DatabaseUnavailable(Exception):
@@ -73,11 +81,14 @@ class Database:
             options["pool_size"] = 2
             insert = postgresql.insert(usage_log).on_conflict_do_nothing(index_elements=["id"])
         self.engine: AsyncEngine = create_async_engine(self.url, **options)
-        # Usage rows go straight to the driver's executemany, in the driver's own parameter style: SQLAlchemy's
-        # per-row processing costs more than everything else the gateway does for a request.
+        # Usage rows go straight to the driver, in its own parameter style: SQLAlchemy's per-row processing
+        # costs more than everything else the gateway does for a request.
         compiled = insert.compile(dialect=self.engine.dialect)
         assert tuple(compiled.positiontup or ()) == USAGE_COLUMNS, compiled.positiontup
         self._insert_sql = compiled.string
+        self._multi_row_sql: dict[int, str] = {}
+        self._second = -1
+        self._second_text = ""
         if self.dialect == "sqlite":
             sa.event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
 
@@ -121,19 +132,51 @@ class Database:
     async def insert_usage(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Insert usage rows (values in ``USAGE_COLUMNS`` order, ``created_at`` as a UNIX time) in one
         transaction; a row whose id is already stored is skipped."""
-        if self.dialect == "sqlite":
-            # The text SQLAlchemy's DateTime keeps in SQLite, so that reports compare like with like.
-            values = [
-                (row[0], row[1], (_EPOCH + timedelta(seconds=row[2])).strftime(_SQLITE_TIME), *row[3:]) for row in rows
-            ]
-        else:
-            values = [(row[0], row[1], _EPOCH + timedelta(seconds=row[2]), *row[3:]) for row in rows]
+        if self.dialect != "sqlite":
+            values = [(row[0], row[1], _utc(row[2]), *row[3:]) for row in rows]
 
-        async def insert() -> None:
+            async def insert() -> None:
+                async with self.engine.begin() as connection:
+                    await connection.exec_driver_sql(self._insert_sql, values)
+
+            await self._bounded(insert())
+            return
+        stamp = self._sqlite_time
+        width = len(USAGE_COLUMNS)
+        flat: list[Any] = []
+        for row in rows:
+            flat.extend(row)
+        for index in range(2, len(flat), width):
+            flat[index] = stamp(flat[index])
+        # Many rows to one statement: sqlite3's executemany lets go of the GIL and takes it back for every row,
+        # and each time it has to wait for the event loop's thread, which then waits for it.
+        step = _SQLITE_ROWS_PER_STATEMENT * width
+
+        async def insert_sqlite() -> None:
             async with self.engine.begin() as connection:
-                await connection.exec_driver_sql(self._insert_sql, values)
+                for start in range(0, len(flat), step):
+                    chunk = flat[start : start + step]
+                    await connection.exec_driver_sql(self._rows_sql(len(chunk) // width), tuple(chunk))
 
-        await self._bounded(insert())
+        await self._bounded(insert_sqlite())
+
+    def _rows_sql(self, count: int) -> str:
+        sql = self._multi_row_sql.get(count)
+        if sql is None:
+            one = "(" + ", ".join(["?"] * len(USAGE_COLUMNS)) + ")"
+            head, _, tail = self._insert_sql.partition(one)
+            assert tail, self._insert_sql
+            sql = self._multi_row_sql[count] = head + ", ".join([one] * count) + tail
+        return sql
+
+    def _sqlite_time(self, when: float) -> str:
+        # The text SQLAlchemy's DateTime keeps in SQLite (so that reports compare like with like), made down to
+        # the second once a second.
+        second = int(when)
+        if second != self._second:
+            self._second = second
+            self._second_text = (_EPOCH + timedelta(seconds=second)).strftime("%Y-%m-%d %H:%M:%S")
+        return f"{self._second_text}.{int((when - second) * 1_000_000):06d}"
 
     async def usage_report(
         self, by: Sequence[str], since: datetime | None = None, until: datetime | None = None

@@ -2,7 +2,7 @@
 
 Under the configured prefix:
 
-    stream:{id}   key, while a replica waits for the stream (it expires with the token)
+    stream:{id}   key, set when a replica opens the stream (it outlives the token by a few minutes)
     claim:{id}    key, set (NX) by the replica that receives the worker's request: tokens are single-use
     gone:{id}     key and channel, set and published when the waiting replica gives the stream up
     data:{id}     channel the waiting replica listens on: b"d" + chunk, then b"e" (complete) or b"x" (broken)
@@ -29,6 +29,8 @@ from gateway.streaming.tokens import StreamTokens
 log = logging.getLogger("gateway.streaming")
 
 _SUBSCRIBE_TIMEOUT = 5.0
+# A stream is known for this long past its token's expiry, so that a late worker hears 401 rather than 404.
+_REMEMBERED = 300
 
 
 def _frame(data: bytes) -> Item:
@@ -125,7 +127,7 @@ class RedisRelay(Relay):
         expires = time.time() + ttl
         inbox = Inbox(stream_id, self.tokens.issue(stream_id, expires), expires, self._closed)
         await self._subscribe(self._name("data", stream_id), lambda data: inbox.put(_frame(data)))
-        await self._redis.set(self._name("stream", stream_id), b"1", ex=math.ceil(ttl))
+        await self._redis.set(self._name("stream", stream_id), b"1", ex=math.ceil(ttl) + _REMEMBERED)
         return inbox
 
     def _closed(self, inbox: Inbox) -> None:

@@ -129,7 +129,8 @@ def test_the_simulator_says_what_it_is(default_gateway: tuple[ModelServer, str])
     client = openai.OpenAI(base_url=f"http://localhost:{server.port}/resource_server/v1", api_key=token)
     assert {"facebook/opt-125m", "meta-llama/Meta-Llama-3-8B-Instruct"} <= {m.id for m in client.models.list()}
     state = Path(server.env["INFERENCE_GATEWAY_STATE_DIR"])
-    assert "simulator" in (state / "logs" / "simulator.log").read_text()
+    # The local Parsl worker launched it; its log sits with the node's model-server files.
+    assert any("simulator" in log.read_text() for log in (state / "servers").glob("*.log"))
 
 
 def test_readme_commands_are_the_ones_make_runs() -> None:

@@ -64,4 +64,4 @@ def test_bad_options_are_refused() -> None:
     command = [sys.executable, "-m", "gateway.simulator", "--model", MODEL, "--ttft", "-1"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
-    assert "ttft and tpot cannot be negative" in result.stderr
+    assert "ttft, tpot and tpot_batch_factor cannot be negative" in result.stderr

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import os
 import secrets
-import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -19,46 +15,29 @@ from globus_compute_sdk.errors import TaskExecutionFailed
 
 from gateway.config import EndpointSettings
 from gateway.dispatch.base import BackendError, BackendProtocolError, BackendTimeout, BackendUnavailable
+from gateway.dispatch.compute import served_availability
 from gateway.dispatch.globus import GlobusDispatcher, availability_of
 from gateway.federation.registry import Endpoint
 from gateway.streaming.relay import LocalRelay
-from tests.globus_doubles import ComputeService, ExecutorFactory
+from tests.globus_doubles import (
+    FUNCTION_IDS,
+    GLOBUS_ENDPOINT,
+    MODEL,
+    ComputeService,
+    ExecutorFactory,
+    simulator_launch,
+    stop_model_servers,
+)
 
-MODEL = "facebook/opt-125m"
-GLOBUS_ENDPOINT = "11111111-2222-4444-8888-000000000001"
-FUNCTION_IDS = {"inference": "aaaaaaaa-0000-4000-8000-000000000001", "status": "aaaaaaaa-0000-4000-8000-000000000002"}
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "What is machine learning?"}], "max_tokens": 4}
 
 
 @pytest.fixture(scope="module")
 def node_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Where the workers' model servers keep their files; every server started here is stopped at the end."""
+    """Where the workers' model servers keep their files; every server started there is stopped at the end."""
     directory = tmp_path_factory.mktemp("node")
     yield directory
-    watchdogs = []
-    for state_file in directory.glob("*.json"):
-        pid = json.loads(state_file.read_text()).get("watchdog")
-        if isinstance(pid, int):
-            watchdogs.append(pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while watchdogs and time.monotonic() < deadline:
-        watchdogs = [pid for pid in watchdogs if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
-        time.sleep(0.1)
-    assert not watchdogs, f"model server watchdogs still running: {watchdogs}"
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def simulator_launch(node_dir: Path, *extra: str) -> dict[str, Any]:
-    command = ["{python}", "-m", "gateway.simulator", "--host", "{host}", "--port", "{port}", "--model", MODEL]
-    return {"command": [*command, *extra], "startup_timeout": 60, "state_dir": str(node_dir)}
+    stop_model_servers(directory)
 
 
 def globus_endpoint(worker_model_server: dict[str, Any], framework: str = "vllm", **globus: Any) -> Endpoint:
@@ -264,14 +243,54 @@ def test_globus_status_reports_become_availability(
     assert availability.age() < 5
 
 
-async def test_status_asks_the_service_about_the_endpoint(
+async def test_status_without_workers_submits_nothing(
     dispatcher: GlobusDispatcher, service: ComputeService, executors: ExecutorFactory, endpoint: Endpoint
 ) -> None:
+    service.status = {"status": "online", "details": {"total_workers": 0, "idle_workers": 0, "pending_tasks": 0}}
+
     availability = await dispatcher.status(endpoint)
 
-    assert availability.state == "hot" and availability.running == 1
+    assert availability.state == "cold"
     assert service.status_calls == [GLOBUS_ENDPOINT]
-    assert executors.made == []  # asking for status must not submit work that would start a batch job
+    assert executors.made == []  # a task now would make a batch-scheduled endpoint submit a job
+
+
+async def test_status_of_a_node_serving_the_model_is_hot_with_its_load(
+    dispatcher: GlobusDispatcher, executors: ExecutorFactory, endpoint: Endpoint
+) -> None:
+    await dispatcher.call(endpoint, "completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1})
+
+    availability = await dispatcher.status(endpoint)
+
+    assert (availability.state, availability.running, availability.waiting) == ("hot", 0, 0)
+    assert availability.cold_models == frozenset()
+    assert [function_id for function_id, _ in executors.made[0].submitted][-1] == FUNCTION_IDS["status"]
+
+
+async def test_status_of_a_node_without_the_model_is_cold(
+    dispatcher: GlobusDispatcher, tmp_path: Path, node_dir: Path
+) -> None:
+    elsewhere = globus_endpoint({**simulator_launch(node_dir), "state_dir": str(tmp_path)})
+
+    availability = await dispatcher.status(elsewhere)
+
+    assert availability.state == "cold" and "starts with a request" in availability.detail
+
+
+async def test_status_when_every_worker_is_busy_is_unknown_in_time(
+    dispatcher: GlobusDispatcher, executors: ExecutorFactory, endpoint: Endpoint
+) -> None:
+    await dispatcher.call(endpoint, "completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1})
+    release = threading.Event()
+    executors.made[0].functions[FUNCTION_IDS["status"]] = lambda request: release.wait(10)
+    started = time.monotonic()
+    try:
+        availability = await dispatcher.status(endpoint)
+    finally:
+        release.set()
+
+    assert availability.state == "unknown" and "busy" in availability.detail
+    assert time.monotonic() - started < 4.5  # inside the tracker's default 5 s probe timeout
 
 
 async def test_timed_out_tasks_leave_no_threads_and_no_executors(
@@ -325,3 +344,56 @@ async def test_a_late_result_after_the_timeout_goes_nowhere(
     finally:
         await dispatcher.close()
     assert problems == []
+
+
+@pytest.mark.slow
+async def test_the_real_sdk_executor_fails_over_and_leaves_no_threads(node_dir: Path) -> None:
+    import globus_sdk
+    from globus_compute_sdk import Client
+
+    before = set(threading.enumerate())
+    # The SDK's "local" service address, where nothing listens: the submission itself fails, after the
+    # SDK's own retries, as when the Globus Compute service cannot be reached.
+    client = Client(local_compute_services=True, do_version_check=False, authorizer=globus_sdk.NullAuthorizer())
+    dispatcher = GlobusDispatcher(
+        relay=LocalRelay(secrets.token_bytes(32)), relay_url=None, request_timeout=5.0, client_factory=lambda: client
+    )
+    endpoint = globus_endpoint(simulator_launch(node_dir), task_timeout=60)
+
+    with pytest.raises(BackendUnavailable, match="GlobusConnectionError"):
+        await dispatcher.call(endpoint, "completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1})
+    await dispatcher.close()
+
+    deadline = time.monotonic() + 10
+    while (left := [t for t in threading.enumerate() if t not in before]) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert left == [], f"threads left behind: {[t.name for t in left]}"
+
+
+def test_a_node_serving_one_of_two_models_is_cold_for_the_other() -> None:
+    settings = EndpointSettings.model_validate(
+        {
+            "cluster": "polaris",
+            "framework": "vllm",
+            "models": ["llama-8b", "mistral-7b"],
+            "aliases": {"llama-8b": "meta-llama/Meta-Llama-3-8B-Instruct"},
+            "transport": "globus",
+            "globus": {"endpoint_id": GLOBUS_ENDPOINT, "function_ids": FUNCTION_IDS},
+            "worker_model_server": {"command": ["vllm", "serve", "{model}", "--port", "{port}"]},
+        }
+    )
+    endpoint = Endpoint.from_settings(settings, "")
+    report = {
+        "ok": True,
+        "models": [
+            {"model": "meta-llama/Meta-Llama-3-8B-Instruct", "healthy": True, "running": 3, "waiting": 2},
+            {"model": "mistral-7b", "healthy": False, "running": 0, "waiting": 0},
+        ],
+    }
+
+    availability = served_availability(endpoint, report, "4 workers")
+
+    assert (availability.state, availability.running, availability.waiting) == ("hot", 3, 2)
+    assert availability.cold_models == {"mistral-7b"}
+    with pytest.raises(BackendProtocolError):
+        served_availability(endpoint, {"ok": False}, "4 workers")

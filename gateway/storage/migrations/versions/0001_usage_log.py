@@ -37,8 +37,6 @@ def upgrade() -> None:
         sa.Column("duration", sa.Float(), nullable=False),
     )
     op.create_index("ix_usage_log_created_at", "usage_log", ["created_at"])
-    op.create_index("ix_usage_log_username_created_at", "usage_log", ["username", "created_at"])
-    op.create_index("ix_usage_log_request_id", "usage_log", ["request_id"])
 
 
 def downgrade() -> None:

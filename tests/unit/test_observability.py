@@ -1,0 +1,104 @@
+"""Metrics in the Prometheus text format and log lines as JSON, read back with their own parsers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.accounting.record import RequestRecord
+from gateway.config import LimitSettings, LoggingSettings
+from gateway.federation.registry import Endpoint, Registry
+from gateway.limits.memory import MemoryRateLimiter
+from gateway.observability.logs import AccessLog, JsonFormatter, current_scope
+from gateway.observability.metrics import GatewayMetrics
+
+ROUTE = "/resource_server/v1/chat/completions"
+
+
+def served(model: str = "m", ttft: float | None = None, status: int = 200) -> RequestRecord:
+    record = RequestRecord("POST", ROUTE, "10.0.0.1")
+    record.request_id, record.user, record.model, record.op = "rid-1", "alice", model, "chat/completions"
+    record.cluster, record.framework, record.transport, record.status = "local", "vllm", "direct", status
+    record.prompt_tokens, record.completion_tokens, record.duration, record.ttft = 5, 7, 0.3, ttft
+    return record
+
+
+def test_metrics_parse_with_prometheus_clients_own_parser() -> None:
+    endpoint = Endpoint(
+        cluster="local", framework="vllm", models=("m",), transport="direct", kind="vllm", base_url="http://x/v1"
+    )
+    metrics = GatewayMetrics(Registry([endpoint]), None, MemoryRateLimiter(LimitSettings()))
+    metrics.observe(served(), ROUTE)
+    metrics.observe(served(ttft=0.02), ROUTE)
+    metrics.observe(served(status=429), ROUTE)
+    families = {family.name: family for family in text_string_to_metric_families(metrics.exposition().decode())}
+    requests = {(s.labels["status"], s.labels["model"]): s.value for s in families["gateway_requests"].samples}
+    assert requests == {("200", "m"): 2.0, ("429", "m"): 1.0}
+    latency = {
+        s.name: s.value
+        for s in families["gateway_request_duration_seconds"].samples
+        if s.labels.get("le") in (None, "0.25", "0.5")
+    }
+    assert latency["gateway_request_duration_seconds_count"] == 3
+    assert latency["gateway_request_duration_seconds_sum"] == 0.3 * 3
+    buckets = {
+        s.labels["le"]: s.value
+        for s in families["gateway_time_to_first_token_seconds"].samples
+        if s.name.endswith("_bucket")
+    }
+    assert (buckets["0.01"], buckets["0.025"], buckets["+Inf"]) == (0.0, 1.0, 1.0)
+    tokens = {s.labels["kind"]: s.value for s in families["gateway_tokens"].samples}
+    assert tokens == {"prompt": 15.0, "completion": 21.0}
+    states = {s.labels["state"]: s.value for s in families["gateway_endpoint_state"].samples}
+    assert states == {"online": 1.0, "unreachable": 0.0}
+    assert "process_cpu_seconds" in families
+
+
+def test_log_records_are_json_with_the_request_id_and_no_bearer_token() -> None:
+    formatter = JsonFormatter()
+    token = current_scope.set({"request_id": "rid-42"})
+    try:
+        record = logging.LogRecord(
+            "gateway.api", logging.WARNING, __file__, 1, "refused %s", ("Bearer s3cret-token",), None
+        )
+        line = json.loads(formatter.format(record))
+    finally:
+        current_scope.reset(token)
+    assert line["level"] == "warning" and line["logger"] == "gateway.api" and line["request_id"] == "rid-42"
+    assert "s3cret" not in line["message"] and line["message"] == "refused Bearer [redacted]"
+    assert line["ts"].endswith("Z")
+
+
+def test_the_access_log_is_one_json_line_per_request_and_prompts_only_when_asked(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    quiet = AccessLog(LoggingSettings(), fd=fd)
+    chatty = AccessLog(LoggingSettings.model_validate({"log_prompts": True}), fd=fd)
+    record = served(ttft=0.0123)
+    record.prompt = [{"role": "user", "content": "the secret plan"}]
+    quiet.write(record)
+    chatty.write(record)
+    quiet.flush()
+    chatty.flush()
+    os.close(fd)
+    first, second = (json.loads(line) for line in path.read_text().splitlines())
+    assert first["request_id"] == "rid-1" and first["status"] == 200 and first["user"] == "alice"
+    assert first["prompt_tokens"] == 5 and first["completion_tokens"] == 7 and first["ttft_ms"] == 12.3
+    assert "prompt" not in first
+    assert second["prompt"] == [{"role": "user", "content": "the secret plan"}]
+
+
+def test_the_access_log_can_be_plain_text(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    text = AccessLog(LoggingSettings.model_validate({"json": False}), fd=fd)
+    text.write(served())
+    text.flush()
+    os.close(fd)
+    line = path.read_text()
+    assert " INFO gateway.access: POST /resource_server/v1/chat/completions 200 " in line
+    assert "request_id=rid-1" in line
