@@ -23,7 +23,7 @@ The request::
     {"batch_id", "input": path, "output": the batch's folder, "allowed_roots": [paths],
      "model": the name lines may give, "backend_model": the name the server knows,
      "endpoint": "/v1/chat/completions" | ... | None (None: each line's fields tell),
-     "max_lines", "max_line_bytes", "concurrency", "time_budget", "timeout",
+     "max_lines", "max_line_bytes", "concurrency", "time_budget", "timeout", "lock_wait" (seconds),
      "base_url" + "headers" (a server the gateway reaches directly) or "model_server" (launched on this node),
      "offline_runner": None | {"command": [...], "chunk_lines": n, "env": {...}}}
 
@@ -594,6 +594,8 @@ async def _answer_one(http: Http, job: Job, outputs: Outputs, refused: list[int]
 async def _take_slot(slots: asyncio.Semaphore, stop: Stop) -> bool:
     """Wait for a free slot; False as soon as the slice should stop instead."""
     if not slots.locked():
+        if stop.now():
+            return False
         await slots.acquire()
         return True
     while True:

@@ -20,6 +20,7 @@ with ``kind`` one of ``model_start_failed``, ``upstream``, ``timeout``, ``relay`
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -52,6 +53,11 @@ def _client(kind: str) -> httpx.Client:
 
 def failure(kind: str, message: str, status: int | None = None, body: str = "") -> dict[str, Any]:
     return {"ok": False, "error": {"kind": kind, "status": status, "body": body[:_MAX_ERROR_BODY], "message": message}}
+
+
+def invalid_answer(message: str) -> dict[str, Any]:
+    """A 200 that is not the protocol: the worker, a proxy here, reports a bad gateway."""
+    return failure("upstream", message, 502, json.dumps({"error": {"message": message, "type": "bad_gateway"}}))
 
 
 def inference(request: dict[str, Any]) -> dict[str, Any]:
@@ -94,9 +100,9 @@ def _whole(url: str, payload: dict[str, Any], timeout: httpx.Timeout) -> dict[st
     try:
         answer = response.json()
     except ValueError:
-        return failure("upstream", "the model server's answer is not JSON", response.status_code, response.text)
+        return invalid_answer("the model server's answer is not JSON")
     if not isinstance(answer, dict):
-        return failure("upstream", "the model server's answer is not a JSON object", response.status_code)
+        return invalid_answer("the model server's answer is not a JSON object")
     return {"ok": True, "response": answer}
 
 
@@ -117,7 +123,7 @@ def _streamed(url: str, payload: dict[str, Any], timeout: httpx.Timeout, stream:
             content_type = upstream.headers.get("content-type", "")
             if not content_type.startswith("text/event-stream"):
                 upstream.read()
-                return failure("upstream", f"expected an event stream, got {content_type!r}", upstream.status_code)
+                return invalid_answer(f"the model server answered {content_type!r}, not an event stream")
             return _relay(upstream, timeout, stream)
     except httpx.TimeoutException:
         return failure("timeout", "the model server did not answer in time")

@@ -426,7 +426,7 @@ class BatchSettings(_Strict):
     max_line_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
     # Requests one batch keeps in flight, and batches one gateway runs at once.
-    concurrency: int = Field(default=64, ge=1)
+    concurrency: int = Field(default=64, ge=1, le=4096)
     max_running: int = Field(default=4, ge=1)
     # A worker works on a batch for this long per task, then the gateway sends the next task.
     slice_seconds: float = Field(default=60.0, gt=0)

@@ -22,6 +22,7 @@ from gateway.federation.availability import Availability
 from gateway.federation.registry import Endpoint, Registry
 from gateway.federation.tracker import MAINTENANCE_FILE, AvailabilityTracker
 from gateway.limits import build_limiter
+from gateway.observability.ledger import RequestLedger
 from gateway.observability.logs import AccessLog
 from gateway.observability.metrics import GatewayMetrics
 from gateway.storage.database import Database
@@ -114,7 +115,11 @@ class Runtime:
         )
         self.metrics = GatewayMetrics(self.registry, self.usage, self.limiter)
         self.batches = Batches(config, self.registry, self.dispatcher, self.database, self.state_dir)
-        self.access_log = AccessLog(config.logging) if config.logging.access_log else None
+        self.ledger = RequestLedger(
+            self.metrics if config.metrics.enabled else None,
+            self.usage,
+            AccessLog(config.logging) if config.logging.access_log else None,
+        )
 
     def _build_authenticator(self) -> Authenticator:
         """The configured providers, asked in the order the configuration lists them."""
@@ -153,8 +158,7 @@ class Runtime:
         await self.limiter.start()
         if self.usage is not None:
             await self.usage.start()
-        if self.access_log is not None:
-            await self.access_log.start()
+        await self.ledger.start()
         await self.batches.start()
         if "dev" in self.config.auth.providers:
             print(
@@ -178,12 +182,11 @@ class Runtime:
         for server in self.model_servers.values():
             await asyncio.to_thread(server.stop)
         await self.authenticator.close()
+        await self.ledger.close()
         if self.usage is not None:
             await self.usage.close()
         await self.database.close()
         await self.limiter.close()
-        if self.access_log is not None:
-            await self.access_log.close()
 
     def dispatcher(self, endpoint: Endpoint) -> Dispatcher:
         return self.dispatchers[endpoint.transport]

@@ -61,7 +61,7 @@ def wrk(url: str, body: dict[str, object], connections: int, duration: int, work
     return {"rps": rps, "p50_ms": ms("50"), "p99_ms": ms("99")}
 
 
-def ttft(url: str, connections: int, prompts: int, chunks: int, workdir: Path) -> float:
+def ttft(url: str, connections: int, prompts: int, chunks: int, workdir: Path, rate: str = "inf") -> float:
     output = workdir / f"ttft-{os.urandom(3).hex()}.jsonl"
     subprocess.run(
         [
@@ -84,6 +84,8 @@ def ttft(url: str, connections: int, prompts: int, chunks: int, workdir: Path) -
             str(prompts),
             "--max-concurrency",
             str(connections),
+            "--request-rate",
+            rate,
             "--output-file",
             str(output),
             "--api-key",
@@ -172,6 +174,12 @@ def main() -> int:
             results[f"streamed/{target}"]["ttft_p50_ms"] = ttft(
                 url, args.connections, args.ttft_prompts, args.chunks, work
             )
+            # The same 64 clients, but arriving as a Poisson process at about 80% of what closed-loop clients
+            # send (64 clients / 0.2 s per answer = 320 req/s): closed-loop clients that all start together stay
+            # in step, so each wave of 64 requests queues behind itself in any single-threaded server.
+            results[f"streamed/{target}"]["ttft_poisson_p50_ms"] = ttft(
+                url, args.connections, args.ttft_prompts, args.chunks, work, rate="250"
+            )
         rss = peak_rss_mb(gateway.process.pid)
     finally:
         gateway.stop()
@@ -182,20 +190,26 @@ def main() -> int:
         f"{args.connections} connections, {args.duration} s per run, {args.chunks} tokens per answer "
         f"(streamed: {args.chunks} content chunks)\n"
     )
-    print(f"{'run':<20}{'direct':>12}{'gateway':>12}{'ratio':>9}")
+    print(f"{'run':<32}{'direct':>12}{'gateway':>12}{'ratio':>9}")
     for mode in ("whole", "streamed"):
         for key, label in (
             ("rps", "req/s"),
             ("p50_ms", "p50 ms"),
             ("p99_ms", "p99 ms"),
             ("ttft_p50_ms", "TTFT p50 ms"),
+            ("ttft_poisson_p50_ms", "TTFT p50 ms, Poisson"),
         ):
             direct, through = results[f"{mode}/direct"].get(key), results[f"{mode}/gateway"].get(key)
             if direct is None or through is None:
                 continue
-            print(f"{mode + ' ' + label:<20}{direct:>12.2f}{through:>12.2f}{through / direct:>9.2f}")
+            print(f"{mode + ' ' + label:<32}{direct:>12.2f}{through:>12.2f}{through / direct:>9.2f}")
     ttft_added = results["streamed/gateway"]["ttft_p50_ms"] - results["streamed/direct"]["ttft_p50_ms"]
-    print(f"\nadded to p50 time to first token (simulator at 50 ms TTFT, 10 ms/token): {ttft_added:.2f} ms")
+    poisson_added = (
+        results["streamed/gateway"]["ttft_poisson_p50_ms"] - results["streamed/direct"]["ttft_poisson_p50_ms"]
+    )
+    print("\nadded to p50 time to first token (simulator at 50 ms TTFT, 10 ms/token, 64 clients):")
+    print(f"  clients in step (closed loop):        {ttft_added:.2f} ms")
+    print(f"  Poisson arrivals at 250 req/s:        {poisson_added:.2f} ms")
     print(f"gateway peak RSS: {rss:.1f} MB")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
@@ -13,14 +14,30 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from compute_functions.batch import ERRORS, RESULTS
-from gateway.api.responses import api_handler, authenticate, json_response, read_json
+from gateway.api.responses import Handler, api_handler, authenticate, json_response, read_json
 from gateway.batches.service import Batches, open_nofollow
-from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge
+from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceUnavailable
 from gateway.runtime import Runtime
+from gateway.storage.database import DatabaseUnavailable
 
 _CHUNK = 256 * 1024
 # Room for the multipart framing and the small fields around an upload's content.
 _FORM_OVERHEAD = 64 * 1024
+
+
+def batch_handler(handler: Handler) -> Handler:
+    """``api_handler``, with the batch database being down answered as 503 rather than as an internal error."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except DatabaseUnavailable as exc:
+            raise ServiceUnavailable(
+                f"The batch database cannot be reached now ({exc}); try again shortly.", code="database_unavailable"
+            ) from None
+
+    return api_handler(wrapped)
 
 
 def _batches(request: Request) -> Batches:
@@ -28,7 +45,7 @@ def _batches(request: Request) -> Batches:
     return runtime.batches
 
 
-@api_handler
+@batch_handler
 async def create_batch(request: Request) -> Response:
     batches = _batches(request)
     identity = await authenticate(request)
@@ -38,7 +55,7 @@ async def create_batch(request: Request) -> Response:
     return json_response(job.view())
 
 
-@api_handler
+@batch_handler
 async def list_batches(request: Request) -> Response:
     batches = _batches(request)
     identity = await authenticate(request)
@@ -59,7 +76,7 @@ async def list_batches(request: Request) -> Response:
     )
 
 
-@api_handler
+@batch_handler
 async def get_batch(request: Request) -> Response:
     batches = _batches(request)
     identity = await authenticate(request)
@@ -67,7 +84,7 @@ async def get_batch(request: Request) -> Response:
     return json_response(job.view())
 
 
-@api_handler
+@batch_handler
 async def cancel_batch(request: Request) -> Response:
     batches = _batches(request)
     identity = await authenticate(request)
@@ -75,7 +92,7 @@ async def cancel_batch(request: Request) -> Response:
     return json_response(job.view())
 
 
-@api_handler
+@batch_handler
 async def batch_result(request: Request) -> Response:
     """The batch's results file as written so far (``?file=errors``: its errors file), as JSON lines."""
     batches = _batches(request)
@@ -118,7 +135,7 @@ async def _limited(request: Request, limit: int) -> AsyncGenerator[bytes]:
         yield chunk
 
 
-@api_handler
+@batch_handler
 async def upload_file(request: Request) -> Response:
     """``POST /v1/files`` with ``purpose=batch`` and a JSONL ``file``, as the ``openai`` SDK sends it."""
     batches = _batches(request)
@@ -149,7 +166,7 @@ async def upload_file(request: Request) -> Response:
     return json_response(stored.view())
 
 
-@api_handler
+@batch_handler
 async def get_file(request: Request) -> Response:
     batches = _batches(request)
     identity = await authenticate(request)
@@ -157,7 +174,7 @@ async def get_file(request: Request) -> Response:
     return json_response(stored.view())
 
 
-@api_handler
+@batch_handler
 async def file_content(request: Request) -> Response:
     batches = _batches(request)
     identity = await authenticate(request)

@@ -77,4 +77,5 @@ async def metrics(request: Request) -> Response:
         if settings.token_env and request.headers.get("authorization"):
             raise AuthenticationFailed("The metrics token is not valid.")
         raise PermissionDenied("Metrics are served only to the monitoring network.", code="metrics_forbidden")
+    runtime.ledger.drain()
     return Response(runtime.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

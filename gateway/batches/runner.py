@@ -176,8 +176,8 @@ class BatchRunner:
             now = time.time()
             for batch_id, job in list(self.slicing.items()):
                 before = (job.total, job.completed, job.failed)
-                fresh = self.progress(job)
                 try:
+                    fresh = self.progress(job)
                     if (fresh.total, fresh.completed, fresh.failed) != before:
                         await self.store.update(
                             batch_id, total=fresh.total, completed=fresh.completed, failed=fresh.failed

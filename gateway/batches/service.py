@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import shutil
@@ -23,7 +24,9 @@ from gateway.dispatch.base import Dispatcher
 from gateway.errors import InvalidRequest, NotFound, RateLimited
 from gateway.federation.registry import Endpoint, Registry
 from gateway.federation.selection import plan
-from gateway.storage.database import Database
+from gateway.storage.database import Database, DatabaseUnavailable
+
+log = logging.getLogger("gateway.batches")
 
 _WINDOW = re.compile(r"^[1-9][0-9]*h$")
 _MAX_METADATA = 16
@@ -96,6 +99,11 @@ class Batches:
         self.runner = BatchRunner(config, self.store, registry, dispatcher_of, self.roots_of, state_dir)
 
     async def start(self) -> None:
+        try:
+            # Before the first request: a batch submitted at once needs the tables.
+            await self.store.database.migrate()
+        except DatabaseUnavailable as exc:
+            log.warning("batches wait for the database: %s", exc)
         await self.runner.start()
 
     async def close(self) -> None:

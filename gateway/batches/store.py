@@ -7,7 +7,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from gateway.batches.jobs import ACTIVE, BatchJob, StoredFile
-from gateway.storage.database import Database
+from gateway.storage.database import Database, DatabaseUnavailable
 from gateway.storage.tables import batches, files
 
 
@@ -17,14 +17,20 @@ class BatchStore:
     def __init__(self, database: Database) -> None:
         self.database = database
 
-    async def _execute(self, statement: sa.Executable) -> sa.CursorResult[Any]:
-        async with self.database.engine.begin() as connection:
-            return await connection.execute(statement)
+    async def _execute(self, statement: sa.Executable) -> None:
+        try:
+            async with self.database.engine.begin() as connection:
+                await connection.execute(statement)
+        except (OSError, sa.exc.SQLAlchemyError) as exc:
+            raise _unavailable(exc) from exc
 
     async def _rows(self, query: sa.Select[Any]) -> list[dict[str, Any]]:
-        async with self.database.engine.connect() as connection:
-            result = await connection.execute(query)
-            return [dict(row._mapping) for row in result]
+        try:
+            async with self.database.engine.connect() as connection:
+                result = await connection.execute(query)
+                return [dict(row._mapping) for row in result]
+        except (OSError, sa.exc.SQLAlchemyError) as exc:
+            raise _unavailable(exc) from exc
 
     async def add(self, job: BatchJob) -> None:
         await self._execute(sa.insert(batches).values(**vars(job)))
@@ -54,9 +60,10 @@ class BatchStore:
         return [BatchJob(**row) for row in await self._rows(query)]
 
     async def active_count(self, username: str) -> int:
-        query = sa.select(sa.func.count()).where(batches.c.username == username, batches.c.status.in_(ACTIVE))
-        async with self.database.engine.connect() as connection:
-            return int((await connection.execute(query)).scalar_one())
+        query = sa.select(sa.func.count().label("count")).where(
+            batches.c.username == username, batches.c.status.in_(ACTIVE)
+        )
+        return int((await self._rows(query))[0]["count"])
 
     async def unfinished(self) -> list[BatchJob]:
         query = sa.select(batches).where(batches.c.status.in_(ACTIVE)).order_by(batches.c.created_at)
@@ -68,3 +75,7 @@ class BatchStore:
     async def file(self, file_id: str) -> StoredFile | None:
         rows = await self._rows(sa.select(files).where(files.c.id == file_id))
         return StoredFile(**rows[0]) if rows else None
+
+
+def _unavailable(exc: BaseException) -> DatabaseUnavailable:
+    return DatabaseUnavailable(f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}")

@@ -196,8 +196,6 @@ class ParslDispatcher(Dispatcher):
         assert self._loading is not None, "the dispatcher was not started"
         try:
             await asyncio.shield(self._loading)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             raise BackendUnavailable(endpoint, f"Parsl did not start: {exc}") from None
         return self._executors[endpoint.id]

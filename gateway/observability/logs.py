@@ -7,7 +7,6 @@ the access log holds no headers, and the formatter masks anything that looks lik
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -90,18 +89,16 @@ def configure_logging(settings: LoggingSettings, level: str) -> None:
 class AccessLog:
     """One line per HTTP request, at its end, with what the gateway learned about it.
 
-    Lines are buffered and written to ``fd`` by the event loop every ``interval`` seconds (or when
-    the buffer grows large), so a request costs a dict and a serialisation, not a system call.
+    Lines are buffered and written to ``fd`` by ``flush`` (the request ledger calls it after each
+    batch), so a request costs a dict and a serialisation, not a system call.
     """
 
-    def __init__(self, settings: LoggingSettings, fd: int = 2, interval: float = 0.25) -> None:
+    def __init__(self, settings: LoggingSettings, fd: int = 2) -> None:
         self.json_lines = settings.json_lines
         self.log_prompts = settings.log_prompts
         self.fd = fd
-        self.interval = interval
         self._buffer: list[str] = []
         self._clock = _Clock()
-        self._task: asyncio.Task[None] | None = None
 
     def write(self, record: RequestRecord) -> None:
         """Log one finished request; every line has the same keys, null where a fact does not apply."""
@@ -154,19 +151,3 @@ class AccessLog:
         with contextlib.suppress(OSError):
             while data:
                 data = data[os.write(self.fd, data) :]
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._flush_regularly(), name="access-log")
-
-    async def _flush_regularly(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            self.flush()
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        self.flush()

@@ -1,9 +1,9 @@
 """The ASGI middleware that watches every HTTP request from arrival to last byte.
 
 It makes the request's ``RequestRecord``, notes the status and error code of the response as it is
-sent, and when the response is over (finished, failed or abandoned by the client) hands the record
-to the metrics, the rate limiter, the usage log and the access log. Being outermost to the
-routes, it sees streamed responses end, which a handler cannot.
+sent, and when the response is over (finished, failed or abandoned by the client) settles the
+request with the rate limiter and hands the record to the ledger, which counts, logs and records it.
+Being outermost to the routes, it sees streamed responses end, which a handler cannot.
 """
 
 from __future__ import annotations
@@ -30,15 +30,16 @@ class ObservingMiddleware:
     def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
         self.app = app
         self.runtime = runtime
-        self.metrics = runtime.metrics if runtime.config.metrics.enabled else None
+        self.metrics = runtime.ledger.metrics
 
     @staticmethod
     def needed(runtime: Runtime) -> bool:
         """Whether anything reads the records: with all of it turned off, requests skip the middleware."""
+        ledger = runtime.ledger
         return (
-            runtime.config.metrics.enabled
-            or runtime.usage is not None
-            or runtime.access_log is not None
+            ledger.metrics is not None
+            or ledger.usage is not None
+            or ledger.access_log is not None
             or runtime.limiter.enabled
         )
 
@@ -64,10 +65,16 @@ class ObservingMiddleware:
                 if record.stream and status == 200 and metrics is not None:
                     streaming = True
                     metrics.streams_open += 1
-            elif failed and kind == "http.response.body":
-                failed = False
-                if record.error_code is None:
-                    record.error_code = _error_code(message.get("body", b""))
+            elif kind == "http.response.body":
+                if failed:
+                    failed = False
+                    if record.error_code is None:
+                        record.error_code = _error_code(message.get("body", b""))
+                if not message.get("more_body", False) and record.reservation is not None:
+                    # Give the limits back before the last byte leaves: a client that sends its next request
+                    # as soon as this answer ends must not find its own finished request still counted.
+                    self.runtime.limiter.settle(record.reservation, _used_tokens(record))
+                    record.reservation = None
             await send(message)
 
         try:
@@ -88,16 +95,12 @@ class ObservingMiddleware:
         metrics = self.metrics
         if metrics is not None:
             metrics.in_flight -= 1
-            route = scope.get("route")
-            metrics.observe(record, route.path if route is not None else "unmatched")
             if streaming:
                 metrics.stream_ended(record.error_code or "completed")
         if record.reservation is not None:
             runtime.limiter.settle(record.reservation, _used_tokens(record))
-        if record.model is not None and runtime.usage is not None:
-            runtime.usage.add(record)
-        if runtime.access_log is not None:
-            runtime.access_log.write(record)
+        route = scope.get("route")
+        runtime.ledger.add(record, route.path if route is not None else "unmatched")
 
 
 def _used_tokens(record: RequestRecord) -> int | None:

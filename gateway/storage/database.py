@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import sqlite3
+import threading
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,14 +22,9 @@ from gateway.storage.tables import usage_log
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
-# What a usage report can be grouped by, and the column (or expression) behind each name.
-REPORT_DIMENSIONS: dict[str, sa.ColumnElement[Any]] = {
-    "user": usage_log.c.username,
-    "model": usage_log.c.model,
-    "day": sa.func.date(usage_log.c.created_at),
-    "cluster": usage_log.c.cluster,
-    "endpoint": usage_log.c.endpoint,
-}
+# What a usage report can be grouped by.
+REPORT_DIMENSIONS = ("user", "model", "day", "cluster", "endpoint")
+_COLUMNS = {"user": "username", "model": "model", "cluster": "cluster", "endpoint": "endpoint"}
 
 
 # The order of a usage row's values, as ``insert_usage`` takes them.
@@ -40,8 +36,20 @@ _SQLITE_ROWS_PER_STATEMENT = (
 )
 
 
-def _utc(when: float) -> datetime:
-    return _EPOCH + timedelta(seconds=when)
+def _unix(when: datetime) -> float:
+    """A naive UTC time (or an aware one) as UNIX seconds."""
+    if when.tzinfo is not None:
+        return when.timestamp()
+    return (when - _EPOCH).total_seconds()
+
+
+def _dimension(name: str, dialect: str) -> sa.ColumnElement[Any]:
+    if name != "day":
+        return usage_log.c[_COLUMNS[name]]
+    # The UTC day of ``created_at`` (UNIX seconds), as YYYY-MM-DD.
+    if dialect == "sqlite":
+        return sa.func.date(usage_log.c.created_at, "unixepoch")
+    return sa.func.to_char(sa.func.to_timestamp(usage_log.c.created_at).op("AT TIME ZONE")("UTC"), "YYYY-MM-DD")
 
 
 class DatabaseUnavailable(Exception):
@@ -87,8 +95,8 @@ class Database:
         assert tuple(compiled.positiontup or ()) == USAGE_COLUMNS, compiled.positiontup
         self._insert_sql = compiled.string
         self._multi_row_sql: dict[int, str] = {}
-        self._second = -1
-        self._second_text = ""
+        self._sqlite: sqlite3.Connection | None = None
+        self._sqlite_lock = threading.Lock()
         if self.dialect == "sqlite":
             sa.event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
 
@@ -101,7 +109,7 @@ class Database:
     async def _bounded(self, work: Any) -> Any:
         try:
             return await asyncio.wait_for(work, self.timeout)
-        except (OSError, TimeoutError, sa.exc.SQLAlchemyError) as exc:
+        except (OSError, TimeoutError, sa.exc.SQLAlchemyError, sqlite3.Error) as exc:
             raise DatabaseUnavailable(f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}") from exc
 
     async def migrate(self) -> None:
@@ -130,35 +138,43 @@ class Database:
         await self._bounded(probe())
 
     async def insert_usage(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Insert usage rows (values in ``USAGE_COLUMNS`` order, ``created_at`` as a UNIX time) in one
-        transaction; a row whose id is already stored is skipped."""
+        """Insert usage rows (values in ``USAGE_COLUMNS`` order) in one transaction; a row whose id is already
+        stored is skipped."""
         if self.dialect != "sqlite":
-            values = [(row[0], row[1], _utc(row[2]), *row[3:]) for row in rows]
 
             async def insert() -> None:
                 async with self.engine.begin() as connection:
-                    await connection.exec_driver_sql(self._insert_sql, values)
+                    await connection.exec_driver_sql(self._insert_sql, list(rows))
 
             await self._bounded(insert())
             return
-        stamp = self._sqlite_time
         width = len(USAGE_COLUMNS)
         flat: list[Any] = []
         for row in rows:
             flat.extend(row)
-        for index in range(2, len(flat), width):
-            flat[index] = stamp(flat[index])
-        # Many rows to one statement: sqlite3's executemany lets go of the GIL and takes it back for every row,
-        # and each time it has to wait for the event loop's thread, which then waits for it.
         step = _SQLITE_ROWS_PER_STATEMENT * width
+        statements = [
+            (self._rows_sql(len(chunk) // width), tuple(chunk))
+            for chunk in (flat[start : start + step] for start in range(0, len(flat), step))
+        ]
+        await self._bounded(asyncio.to_thread(self._sqlite_write, statements))
 
-        async def insert_sqlite() -> None:
-            async with self.engine.begin() as connection:
-                for start in range(0, len(flat), step):
-                    chunk = flat[start : start + step]
-                    await connection.exec_driver_sql(self._rows_sql(len(chunk) // width), tuple(chunk))
+    def _sqlite_write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """Run ``statements`` in one transaction, in a worker thread, on a connection kept for usage rows.
 
-        await self._bounded(insert_sqlite())
+        Every hand-over between this thread and the event loop's costs both of them a wait for the GIL, and
+        the async driver makes several per transaction (and sqlite3's executemany one per row); so the whole
+        transaction is one call here, and the rows go many to a statement.
+        """
+        with self._sqlite_lock:
+            if self._sqlite is None:
+                path = self.sqlite_path
+                assert path is not None
+                self._sqlite = sqlite3.connect(path, timeout=min(self.timeout, 2.0), check_same_thread=False)
+                _sqlite_pragmas(self._sqlite, None)
+            with self._sqlite:
+                for sql, parameters in statements:
+                    self._sqlite.execute(sql, parameters)
 
     def _rows_sql(self, count: int) -> str:
         sql = self._multi_row_sql.get(count)
@@ -169,20 +185,11 @@ class Database:
             sql = self._multi_row_sql[count] = head + ", ".join([one] * count) + tail
         return sql
 
-    def _sqlite_time(self, when: float) -> str:
-        # The text SQLAlchemy's DateTime keeps in SQLite (so that reports compare like with like), made down to
-        # the second once a second.
-        second = int(when)
-        if second != self._second:
-            self._second = second
-            self._second_text = (_EPOCH + timedelta(seconds=second)).strftime("%Y-%m-%d %H:%M:%S")
-        return f"{self._second_text}.{int((when - second) * 1_000_000):06d}"
-
     async def usage_report(
         self, by: Sequence[str], since: datetime | None = None, until: datetime | None = None
     ) -> list[dict[str, Any]]:
         """Requests, errors and tokens grouped by ``by`` (names from ``REPORT_DIMENSIONS``), oldest day first."""
-        keys = [REPORT_DIMENSIONS[name].label(name) for name in by]
+        keys = [_dimension(name, self.dialect).label(name) for name in by]
         query = sa.select(
             *keys,
             sa.func.count().label("requests"),
@@ -191,9 +198,9 @@ class Database:
             sa.func.coalesce(sa.func.sum(usage_log.c.completion_tokens), 0).label("completion_tokens"),
         )
         if since is not None:
-            query = query.where(usage_log.c.created_at >= since)
+            query = query.where(usage_log.c.created_at >= _unix(since))
         if until is not None:
-            query = query.where(usage_log.c.created_at < until)
+            query = query.where(usage_log.c.created_at < _unix(until))
         if keys:
             query = query.group_by(*keys).order_by(*keys)
 
@@ -211,6 +218,10 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+        with self._sqlite_lock:
+            if self._sqlite is not None:
+                self._sqlite.close()
+                self._sqlite = None
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:

@@ -12,8 +12,8 @@ usage_log = sa.Table(
     # Made by the gateway, not the client, so that replaying a spooled row can never collide with another.
     sa.Column("id", sa.String(32), primary_key=True),
     sa.Column("request_id", sa.String(128), nullable=False),
-    # UTC without a zone, so that a day is the same day on SQLite and PostgreSQL.
-    sa.Column("created_at", sa.DateTime(), nullable=False),
+    # UNIX seconds, as the batches keep their times: no conversion on the way in, the same on every database.
+    sa.Column("created_at", sa.Double(), nullable=False),
     sa.Column("username", sa.String(255), nullable=False),
     sa.Column("cluster", sa.String(64)),
     sa.Column("framework", sa.String(64)),

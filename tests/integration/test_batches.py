@@ -177,7 +177,8 @@ def test_paths_must_resolve_inside_the_allowed_roots(front: ModelServer, root: P
 
 def test_another_users_batch_is_not_theirs(front: ModelServer, root: Path, fake: FakeGlobus) -> None:
     source = write_lines(root / "mine" / "input.jsonl", [question(index) for index in range(3)])
-    mine = submit(front, input_file_path=str(source), output_folder_path=str(root / "mine" / "out"), model=MODEL)
+    # ``input_file`` is the other name the usage guide's users give the input path.
+    mine = submit(front, input_file=str(source), output_folder_path=str(root / "mine" / "out"), model=MODEL)
     batch_id = mine.json()["id"]
     stranger = {"authorization": f"Bearer {fake.issue('jdoe@anl.gov')}"}
     base = api_url(front)
@@ -347,6 +348,23 @@ def test_the_active_batches_of_a_user_are_limited(slow_front: tuple[ModelServer,
     )
 
 
+def holder_of(lock: Path, parsl_run: str) -> int | None:
+    """The worker that has ``lock`` open, if it belongs to the worker pool of Parsl run ``parsl_run`` (``001``...)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if not any(os.readlink(fd) == str(lock) for fd in (entry / "fd").iterdir()):
+                continue
+            stat = (entry / "stat").read_text()
+            parent = stat[stat.rfind(")") + 2 :].split()[1]
+            if f"/parsl/{parsl_run}/".encode() in Path(f"/proc/{parent}/cmdline").read_bytes():
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
 def parsl_config(root: Path) -> dict[str, Any]:
     simulator_command = [
         "{python}",
@@ -383,7 +401,7 @@ def parsl_config(root: Path) -> dict[str, Any]:
     }
 
 
-def test_10000_lines_through_parsl_survive_a_killed_gateway(tmp_path: Path) -> None:
+def test_10000_lines_through_parsl_survive_a_killed_gateway_and_a_killed_worker(tmp_path: Path) -> None:
     root = tmp_path / "scratch"
     source = write_lines(root / "input.jsonl", [question(index) for index in range(10_000)])
     config = parsl_config(root)
@@ -400,6 +418,13 @@ def test_10000_lines_through_parsl_survive_a_killed_gateway(tmp_path: Path) -> N
     at_kill = len(answered(folder))
     assert 1500 <= at_kill < 10_000
     with gateway(config, tmp_path) as second:
+        # Then one of the new gateway's workers is lost in the middle of a slice (the killed gateway's worker may
+        # still finish its own slice first): Parsl starts another, and the gateway sends the next slice to it.
+        deadline = time.monotonic() + 90
+        while (worker := holder_of(folder / "lock", "001")) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert worker is not None
+        os.kill(worker, signal.SIGKILL)
         batch = wait_for(second, batch_id, timeout=120)
     assert batch["status"] == "completed", batch
     assert batch["request_counts"] == {"total": 10_000, "completed": 10_000, "failed": 0}

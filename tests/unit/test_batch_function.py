@@ -55,6 +55,13 @@ def request(tmp_path: Path, backend: ModelServer, source: Path, **extra: Any) ->
     }
 
 
+def written(folder: Path) -> int:
+    try:
+        return (folder / "results.jsonl").read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
 def lines_of(folder: Path, name: str) -> list[int]:
     path = folder / name
     return [json.loads(line)["line"] for line in path.read_text().splitlines()] if path.exists() else []
@@ -66,14 +73,17 @@ def test_a_run_killed_at_any_moment_is_finished_by_the_next_without_repeats(
     source = write_input(tmp_path / "input.jsonl", 6000)
     job = request(tmp_path, backend, source)
     folder = Path(job["output"])
-    for delay in (0.4, 0.9, 0.6):
+    for target in (1000, 2500, 4000):
         child = subprocess.Popen(
             [sys.executable, "-m", "compute_functions.batch"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
         )
         assert child.stdin is not None
         child.stdin.write(json.dumps(job).encode())
         child.stdin.close()
-        time.sleep(delay)
+        # Killed in the middle of its work, wherever that is: between checkpoints, or in the middle of a write.
+        deadline = time.monotonic() + 60
+        while written(folder) < target and time.monotonic() < deadline:
+            time.sleep(0.01)
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
     killed_with = len(lines_of(folder, "results.jsonl"))

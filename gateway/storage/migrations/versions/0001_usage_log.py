@@ -21,7 +21,7 @@ def upgrade() -> None:
         "usage_log",
         sa.Column("id", sa.String(32), primary_key=True),
         sa.Column("request_id", sa.String(128), nullable=False),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("created_at", sa.Double(), nullable=False),
         sa.Column("username", sa.String(255), nullable=False),
         sa.Column("cluster", sa.String(64)),
         sa.Column("framework", sa.String(64)),
