@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from compute_functions.model_server import ModelServer, free_port
-from tests.integration.test_federation import MODEL, MESSAGES, Front, served, wait_for
+from tests.integration.test_federation import MODEL, Front, served, wait_for
 from tests.support import direct_config, endpoint, gateway, metric, scrape, simulator
 
 PARSL = {"provider": "local", "max_workers_per_node": 4, "init_blocks": 1, "min_blocks": 1, "max_blocks": 1}
