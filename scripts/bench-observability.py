@@ -16,6 +16,7 @@ with everything on fall below --min-ratio of off.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
@@ -66,6 +67,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / 100
 
 
+class RoundFailed(Exception):
+    """wrk saw errors: the round does not count."""
+
+
 def wrk(url: str, script: Path, connections: int, seconds: int) -> tuple[float, int]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
@@ -74,7 +79,7 @@ def wrk(url: str, script: Path, connections: int, seconds: int) -> tuple[float, 
         check=True,
     ).stdout
     if "Non-2xx" in out or "Socket errors" in out:
-        raise SystemExit(f"wrk saw errors against {url}:\n{out}")
+        raise RoundFailed(f"wrk saw errors against {url}:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     return rps, requests
@@ -86,6 +91,8 @@ def start_gateway(name: str, backend: str, work: Path) -> ModelServer:
         json.dumps(
             {
                 "endpoints": [{"cluster": "local", "framework": "vllm", "models": [MODEL], "base_url": backend}],
+                # A connection lost to the simulator marks it offline until the next status check: keep that short.
+                "federation": {"status_interval": 1.0, "status_jitter": 0.0},
                 **SETTINGS[name],
             }
         )
@@ -120,6 +127,21 @@ def keep_warm(urls: list[str], stop: threading.Event) -> None:
         for url in urls:
             with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=10) as answer:
                 answer.read()
+
+
+def measure(server: ModelServer, url: str, script: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """Requests/s and the gateway's CPU microseconds per request for one round; a failed round is run again."""
+    assert server.process is not None
+    for attempt in range(3):
+        before = cpu_seconds(server.process.pid)
+        try:
+            rps, requests = wrk(url, script, args.connections, args.duration)
+        except RoundFailed as failed:
+            print(f"round again ({failed.args[0].splitlines()[0]})", file=sys.stderr)
+            time.sleep(2.0 * (attempt + 1))
+            continue
+        return rps, (cpu_seconds(server.process.pid) - before) / requests * 1e6
+    raise SystemExit(f"three rounds in a row failed against {url}")
 
 
 def main() -> int:
@@ -158,14 +180,12 @@ def main() -> int:
             script.write_text(LUA.format(body=json.dumps({**body, **extra}), token=TOKEN))
             results[mode] = {name: [] for name in gateways}
             for url in urls.values():
-                wrk(url, script, args.connections, 2)
+                with contextlib.suppress(RoundFailed):
+                    wrk(url, script, args.connections, 2)
             for index in range(args.rounds):
                 names = list(gateways) if index % 2 == 0 else list(reversed(gateways))
                 for name in names:
-                    pid = gateways[name].process.pid  # type: ignore[union-attr]
-                    before = cpu_seconds(pid)
-                    rps, requests = wrk(urls[name], script, args.connections, args.duration)
-                    results[mode][name].append((rps, (cpu_seconds(pid) - before) / requests * 1e6))
+                    results[mode][name].append(measure(gateways[name], urls[name], script, args))
         stop.set()
         warmer.join()
         time.sleep(1.5)

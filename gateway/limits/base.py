@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,7 +155,7 @@ class RateLimiter(ABC):
     def __init__(self, settings: LimitSettings) -> None:
         self.settings = settings
         self.refusals: dict[str, int] = {}
-        self._plans: dict[tuple[str, str], Plan] = {}
+        self._plans: dict[str, dict[str, Plan]] = {}
         limits = [settings.defaults, *settings.users.values()]
         limits += [limit for model in settings.models.values() for limit in (model.total, model.per_user)]
         self.enabled = any(
@@ -164,16 +165,21 @@ class RateLimiter(ABC):
     def _plan(self, user: str, model: str) -> Plan:
         plan = Plan(rules_for(self.settings, user, model))
         plan.state = self.prepare(plan.rules)
-        self._plans[(user, model)] = plan
+        self._plans.setdefault(user, {})[model] = plan
         return plan
 
     async def reserve(self, user: str, model: str, op: str, body: dict[str, Any]) -> Reservation | None:
         """Take this request from every rule that applies, or raise ``RateLimited``; None when no rule applies."""
-        plan = self._plans.get((user, model)) or self._plan(user, model)
+        plans = self._plans.get(user)
+        plan = plans.get(model) if plans is not None else None
+        if plan is None:
+            plan = self._plan(user, model)
         if not plan.rules:
             return None
         tokens = requested_tokens(op, body, self.settings.assumed_max_tokens) if plan.counts_tokens else 0
-        return await self._reserve(plan, tokens)
+        taken = self._take(plan, tokens)
+        # The in-process limiter answers at once; only a shared one has to wait for its store.
+        return taken if isinstance(taken, Reservation) else await taken
 
     def refuse(self, rule: Rule, wait: float) -> RateLimited:
         self.refusals[rule.setting] = self.refusals.get(rule.setting, 0) + 1
@@ -188,7 +194,8 @@ class RateLimiter(ABC):
         """What this limiter keeps with a plan to apply ``rules`` without looking anything up."""
 
     @abstractmethod
-    async def _reserve(self, plan: Plan, tokens: int) -> Reservation: ...
+    def _take(self, plan: Plan, tokens: int) -> Reservation | Awaitable[Reservation]:
+        """Take one request and ``tokens`` from every rule of ``plan`` or raise ``RateLimited``."""
 
     @abstractmethod
     def settle(self, reservation: Reservation, used_tokens: int | None) -> None:

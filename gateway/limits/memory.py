@@ -41,7 +41,7 @@ class MemoryRateLimiter(RateLimiter):
             cells.append(cell)
         return tuple(cells)
 
-    async def _reserve(self, plan: Plan, tokens: int) -> Reservation:
+    def _take(self, plan: Plan, tokens: int) -> Reservation:
         now = self._clock()
         cells: tuple[_Cell, ...] = plan.state
         for cell in cells:

@@ -119,7 +119,7 @@ class RedisRateLimiter(RateLimiter):
             self._failing_since = time.monotonic()
             log.error("rate-limit Redis at %s unavailable, requests are let through: %s", self.url, exc)
 
-    async def _reserve(self, plan: Plan, tokens: int) -> Reservation:
+    async def _take(self, plan: Plan, tokens: int) -> Reservation:
         keys, arguments, _ = plan.state
         reservation = Reservation(plan, tokens, os.urandom(8).hex())
         try:
