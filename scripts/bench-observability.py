@@ -214,16 +214,27 @@ def main() -> int:
                 f"  {name:<10} req/s {listed}   median {medians[name]:6.0f} ({medians[name] / medians['off']:.3f})"
                 f"   CPU/request median {statistics.median(cpu for _, cpu in rounds):5.1f} us"
             )
-        ratios[mode] = {name: medians[name] / medians["off"] for name in runs}
+        # Each round's gateways ran back to back, so a round's own ratio is the least touched by the machine's
+        # other work; their median is the figure that counts.
+        ratios[mode] = {
+            name: statistics.median(rps / off for (rps, _), (off, _) in zip(rounds, runs["off"], strict=True))
+            for name, rounds in runs.items()
+        }
         print(
-            f"  logging, metrics and limits on top of accounting: "
-            f"{medians['on'] / medians['accounting']:.3f} of accounting alone\n"
+            f"  median of the rounds' ratios to off: accounting {ratios[mode]['accounting']:.3f}, "
+            f"on {ratios[mode]['on']:.3f}"
         )
+        on_accounting = statistics.median(
+            on / accounting for (on, _), (accounting, _) in zip(runs["on"], runs["accounting"], strict=True)
+        )
+        print(f"  logging, metrics and limits on top of accounting: {on_accounting:.3f} of accounting alone\n")
     print(
         f"usage rows written {value('gateway_usage_rows_written_total'):.0f}, "
         f"dropped {value('gateway_usage_rows_dropped_total'):.0f}, "
         f"access log lines {sum(1 for line in (work / 'on.log').open() if line.startswith('{'))}"
     )
+    # Hundreds of megabytes of logs and usage rows by now.
+    shutil.rmtree(work, ignore_errors=True)
     whole = ratios["whole"]["on"]
     verdict = "within" if whole >= args.min_ratio else "OUTSIDE"
     print(f"whole answers with everything on: {whole:.3f} of off ({verdict} the {args.min_ratio:.2f} budget)")

@@ -57,10 +57,15 @@ class DirectDispatcher(Dispatcher):
         return headers
 
     async def _post(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> aiohttp.ClientResponse:
+        url, body, headers = f"{endpoint.base_url}/{op}", orjson.dumps(payload), self._request_headers(endpoint)
+        session = self._session(endpoint)
         try:
-            return await self._session(endpoint).post(
-                f"{endpoint.base_url}/{op}", data=orjson.dumps(payload), headers=self._request_headers(endpoint)
-            )
+            try:
+                return await session.post(url, data=body, headers=headers)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                # A pooled keep-alive connection the server had already closed (servers drop idle ones): the
+                # request never reached it, so it goes again once, on a new connection.
+                return await session.post(url, data=body, headers=headers)
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
             raise BackendUnavailable(endpoint, f"cannot connect: {exc.__class__.__name__}") from None
         except TimeoutError:
