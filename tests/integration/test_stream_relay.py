@@ -67,7 +67,7 @@ async def door(request: pytest.FixtureRequest) -> AsyncIterator[Door]:
         waiting = receiving = LocalRelay(secrets.token_bytes(32))
     else:
         if not redis_reachable():
-            pytest.skip(f"no Redis at {REDIS_URL}")
+            pytest.fail(f"no Redis at {REDIS_URL}: the relay tests need the machine's Redis (see docs/testing.md)")
         prefix = f"test-relay-{secrets.token_hex(4)}:"
         # Two replicas sharing the secret they find in Redis: the worker reaches the one that does not wait.
         waiting, receiving = RedisRelay(REDIS_URL, prefix, None), RedisRelay(REDIS_URL, prefix, None)
