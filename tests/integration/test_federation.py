@@ -154,61 +154,44 @@ def test_maintenance_command_takes_a_cluster_out_and_back(front: Front) -> None:
 
 
 def test_cluster_killed_during_load_and_brought_back(tmp_path: Path, clusters: dict[str, ModelServer]) -> None:
-    port = free_port()
-    doomed = ModelServer(
-        [
-            "{python}",
-            "-m",
-            "gateway.simulator",
-            "--host",
-            "{host}",
-            "--port",
-            "{port}",
-            "--model",
-            MODEL,
-            "--tpot",
-            "0.002",
-        ],
-        port=port,
-    )
-    doomed.start(timeout=30)
-    config = direct_config(
-        endpoint(doomed.base_url, cluster="doomed"), endpoint(clusters["fast"].base_url, cluster="steady")
-    )
-    config["federation"] = FAST_STATUS
-    try:
-        with gateway(config, tmp_path) as server:
-            front = Front(server, tmp_path / "state")
-            wait_for(lambda: front.states() == {"doomed": "hot", "steady": "hot"})
-            results: list[int] = []
-            stop = threading.Event()
+    with simulator("--tpot", "0.002", port=free_port()) as doomed:
+        config = direct_config(
+            endpoint(doomed.base_url, cluster="doomed"), endpoint(clusters["fast"].base_url, cluster="steady")
+        )
+        config["federation"] = FAST_STATUS
+        _kill_and_bring_back(doomed, config, tmp_path)
 
-            def load() -> None:
-                with httpx.Client(timeout=30, headers={"authorization": f"Bearer {TOKEN}"}) as client:
-                    while not stop.is_set():
-                        results.append(
-                            client.post(
-                                f"{api_url(server)}/chat/completions",
-                                json={"model": MODEL, "messages": MESSAGES, "max_tokens": 8},
-                            ).status_code
-                        )
 
-            workers = [threading.Thread(target=load) for _ in range(6)]
-            for worker in workers:
-                worker.start()
-            time.sleep(1.0)
-            doomed.stop(grace=0)
-            time.sleep(1.5)
-            assert front.states()["doomed"] == "offline"
-            doomed = ModelServer(doomed.command, port=port)
-            doomed.start(timeout=30)
-            wait_for(lambda: front.states()["doomed"] == "hot")
-            before = served(doomed)
-            time.sleep(1.0)
-            stop.set()
-            for worker in workers:
-                worker.join()
-            assert results and set(results) == {200}, {code: results.count(code) for code in set(results)}
-            assert served(doomed) > before
-    finally:
-        doomed.stop()
+def _kill_and_bring_back(doomed: ModelServer, config: dict[str, Any], tmp_path: Path) -> None:
+    with gateway(config, tmp_path) as server:
+        front = Front(server, tmp_path / "state")
+        wait_for(lambda: front.states() == {"doomed": "hot", "steady": "hot"})
+        results: list[int] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(timeout=30, headers={"authorization": f"Bearer {TOKEN}"}) as client:
+                while not stop.is_set():
+                    results.append(
+                        client.post(
+                            f"{api_url(server)}/chat/completions",
+                            json={"model": MODEL, "messages": MESSAGES, "max_tokens": 8},
+                        ).status_code
+                    )
+
+        workers = [threading.Thread(target=load) for _ in range(6)]
+        for worker in workers:
+            worker.start()
+        time.sleep(1.0)
+        doomed.stop(grace=0)
+        time.sleep(1.5)
+        assert front.states()["doomed"] == "offline"
+        doomed.start(timeout=30)  # the same command on the same port
+        wait_for(lambda: front.states()["doomed"] == "hot")
+        before = served(doomed)
+        time.sleep(1.0)
+        stop.set()
+        for worker in workers:
+            worker.join()
+        assert results and set(results) == {200}, {code: results.count(code) for code in set(results)}
+        assert served(doomed) > before
