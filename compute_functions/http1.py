@@ -1,20 +1,29 @@
-"""A small HTTP/1.1 client with kept-alive connections, for talking to one model server from a worker.
+"""A small HTTP/1.1 client with kept-alive connections, for talking to OpenAI-compatible servers.
 
-A batch's hot loop: a general-purpose async client spends more CPU per request than the model server's own answer
-costs the simulator, and the batch's throughput would be that client's. It speaks what OpenAI-compatible servers
-answer (a length or chunked body, keep-alive) and nothing more; standard library only, as it runs on workers.
+A general-purpose async client spends more CPU per request than a model server's own answer costs a fast backend,
+and every microsecond of it sits between a scientist and the first token. This one speaks what OpenAI-compatible
+servers answer (a length, chunked or close-delimited body, keep-alive) and nothing more: the gateway's ``direct``
+transport and a batch's worker both use it. Standard library only, as it runs on workers too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+# Past this many unread bytes the connection stops reading until the consumer catches up.
+_HIGH_WATER = 1 << 20
+
 
 class ServerUnreachable(Exception):
-    """Nothing accepts connections at the server's address."""
+    """Nothing accepts connections at the server's address (refused, unresolvable or no answer in time)."""
+
+
+class ConnectionBroken(ConnectionError):
+    """The server closed the connection, or sent something that is not an HTTP/1.1 answer."""
 
 
 @dataclass
@@ -24,91 +33,290 @@ class Answer:
     body: bytes
 
 
-class Http:
-    """POSTs to one server over kept-alive connections; ``ServerUnreachable`` when it cannot connect."""
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
-    def __init__(self, base_url: str, headers: dict[str, str], timeout: float) -> None:
+
+class _Connection(asyncio.Protocol):
+    """One TCP (or TLS) connection: bytes in a buffer, and a way to wait for more."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.received = 0
+        self.closed = False
+        self.paused = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio's
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        self.buffer += data
+        if len(self.buffer) > _HIGH_WATER and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def more(self, patience: float | None) -> None:
+        """Wait until more bytes arrive (or the server closes); ``TimeoutError`` after ``patience`` seconds."""
+        if self.closed:
+            raise ConnectionBroken("the server closed the connection")
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        self.waiter = waiter = self.loop.create_future()
+        timer = self.loop.call_later(patience, _expire, waiter) if patience is not None else None
+        try:
+            await waiter
+        finally:
+            self.waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def take(self, size: int) -> bytes:
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return data
+
+    async def line(self, patience: float | None, limit: int = 65536) -> bytes:
+        """The bytes up to the next CRLF, without it."""
+        while (end := self.buffer.find(b"\r\n")) < 0:
+            if len(self.buffer) > limit:
+                raise ConnectionBroken("a header or chunk-size line is too long")
+            await self.more(patience)
+        line = self.take(end)
+        del self.buffer[:2]
+        return line
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Reply:
+    """A server's answer whose status and headers have arrived; the body is read with ``read`` or ``pieces``.
+
+    ``close`` must be called once, whether or not the body was read: a connection whose body was read to the
+    end goes back to the pool, any other is closed.
+    """
+
+    def __init__(self, http: Http, connection: _Connection, status: int, headers: dict[str, str]) -> None:
+        self._http = http
+        self._connection: _Connection | None = connection
+        self.status = status
+        self.headers = headers
+        self._finished = False
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        return b"".join([piece async for piece in self.pieces()])
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        """The body's bytes as they arrive: whatever is buffered at each moment, joined into one piece."""
+        connection = self._connection
+        if connection is None or self._finished:
+            return
+        patience = self._http.read_timeout
+        if self.status in (204, 304):
+            self._finished = True
+            return
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            async for piece in self._chunked(connection, patience):
+                yield piece
+        elif (declared := self.headers.get("content-length")) is not None:
+            remaining = int(declared)
+            while remaining > 0:
+                if not connection.buffer:
+                    await connection.more(patience)
+                    continue
+                piece = connection.take(remaining)
+                remaining -= len(piece)
+                yield piece
+        else:
+            # The body ends where the connection does.
+            while True:
+                if connection.buffer:
+                    yield connection.take(len(connection.buffer))
+                elif connection.closed:
+                    break
+                else:
+                    try:
+                        await connection.more(patience)
+                    except ConnectionBroken:
+                        break
+            self.headers["connection"] = "close"
+        self._finished = True
+
+    async def _chunked(self, connection: _Connection, patience: float | None) -> AsyncIterator[bytes]:
+        buffer = connection.buffer
+        while True:
+            # Every chunk already buffered goes out as one piece: events that arrived together leave together.
+            pieces: list[bytes] = []
+            while True:
+                end = buffer.find(b"\r\n")
+                if end < 0:
+                    break
+                try:
+                    size = int(bytes(buffer[:end]).split(b";", 1)[0], 16)
+                except ValueError:
+                    raise ConnectionBroken(f"bad chunk size line {bytes(buffer[:40])!r}") from None
+                if size == 0:
+                    del buffer[: end + 2]
+                    if pieces:
+                        yield b"".join(pieces)
+                    while await connection.line(patience):
+                        pass  # trailers
+                    return
+                if len(buffer) < end + 2 + size + 2:
+                    break
+                pieces.append(bytes(buffer[end + 2 : end + 2 + size]))
+                del buffer[: end + 2 + size + 2]
+            if pieces:
+                yield b"".join(pieces)
+            await connection.more(patience)
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        reusable = self._finished and "close" not in self.headers.get("connection", "").lower()
+        self._http._release(connection, reusable)
+
+
+class Http:
+    """Requests to one server over kept-alive connections, at most ``max_connections`` at a time.
+
+    ``ServerUnreachable`` when it cannot connect (within ``connect_timeout``), ``TimeoutError`` when the server
+    stays silent for ``read_timeout`` seconds, ``ConnectionBroken`` when the answer is cut or is not HTTP.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        headers: dict[str, str],
+        timeout: float | None = None,
+        *,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
+        max_connections: int = 1000,
+    ) -> None:
         parts = urlsplit(base_url)
         self.host = parts.hostname or "127.0.0.1"
         self.tls = parts.scheme == "https"
         self.port = parts.port or (443 if self.tls else 80)
         self.prefix = parts.path.rstrip("/")
         self.timeout = timeout
+        self.connect_timeout = connect_timeout if connect_timeout is not None else timeout
+        self.read_timeout = read_timeout if read_timeout is not None else timeout
         host_header = parts.netloc.rsplit("@", 1)[-1]
-        fixed = {"host": host_header, "content-type": "application/json", **{k.lower(): v for k, v in headers.items()}}
+        fixed = {"host": host_header, **{k.lower(): v for k, v in headers.items()}}
         self._headers = "".join(f"{name}: {value}\r\n" for name, value in fixed.items()).encode()
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._idle: list[_Connection] = []
+        self._slots = asyncio.Semaphore(max_connections)
         self._ssl = ssl.create_default_context() if self.tls else None
 
     async def post(self, op: str, body: bytes) -> Answer:
-        head = b"POST %s/%s HTTP/1.1\r\n%scontent-length: %d\r\n\r\n" % (
-            self.prefix.encode(),
-            op.encode(),
-            self._headers,
-            len(body),
-        )
+        """POST ``body`` (JSON) to ``{base_url}/{op}`` and read the whole answer, all within ``timeout``."""
         async with asyncio.timeout(self.timeout):
-            while self._idle:
-                reader, writer = self._idle.pop()
-                try:
-                    return await self._exchange(reader, writer, head + body)
-                except (ConnectionError, asyncio.IncompleteReadError):
-                    # A kept-alive connection the server had closed meanwhile: try another.
-                    writer.close()
+            reply = await self.request("POST", op, body)
             try:
-                reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self._ssl)
-            except OSError as exc:
-                raise ServerUnreachable(f"cannot connect to {self.host}:{self.port}: {exc}") from None
-            return await self._exchange(reader, writer, head + body)
+                content = await reply.read()
+            finally:
+                reply.close()
+        return Answer(reply.status, reply.headers.get("x-request-id", ""), content)
 
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> Answer:
-        try:
-            writer.write(data)
-            status_line, *headers = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")[:-2]
-            parts = status_line.split(b" ", 2)
-            if len(parts) < 2 or not parts[1].isdigit():
-                raise ConnectionError(f"not an HTTP answer: {status_line[:80]!r}")
-            status = int(parts[1])
-            length, chunked, close, request_id = -1, False, False, ""
-            for header in headers:
-                name, _, value = header.partition(b":")
-                name = name.strip().lower()
-                if name == b"content-length":
-                    length = int(value)
-                elif name == b"transfer-encoding":
-                    chunked = b"chunked" in value.lower()
-                elif name == b"connection":
-                    close = b"close" in value.lower()
-                elif name == b"x-request-id":
-                    request_id = value.strip().decode(errors="replace")
-            if chunked:
-                body = await self._chunks(reader)
-            elif length >= 0:
-                body = await reader.readexactly(length)
-            else:
-                body, close = await reader.read(), True
-        except BaseException:
-            writer.close()
-            raise
-        if close:
-            writer.close()
+    async def request(self, method: str, op: str, body: bytes | None = None) -> Reply:
+        """Send a request to ``{base_url}/{op}`` (JSON ``body`` if given) and wait for the answer's headers.
+
+        An ``op`` that starts with ``/`` is a path from the server's root instead (``/metrics``).
+        """
+        path = op if op.startswith("/") else f"{self.prefix}/{op}"
+        head = b"%s %s HTTP/1.1\r\n%s" % (method.encode(), path.encode(), self._headers)
+        if body is not None:
+            head += b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+            data = head + body
         else:
-            self._idle.append((reader, writer))
-        return Answer(status, request_id, body)
+            data = head + b"\r\n"
+        await self._slots.acquire()
+        try:
+            while self._idle:
+                connection = self._idle.pop()
+                if connection.closed:
+                    continue
+                try:
+                    return await self._exchange(connection, data)
+                except ConnectionBroken:
+                    # A kept-alive connection the server closed meanwhile: nothing of an answer came, so the
+                    # server never took the request, and it goes again on another connection.
+                    if connection.received:
+                        raise
+            return await self._exchange(await self._connect(), data)
+        except BaseException:
+            self._slots.release()
+            raise
 
-    @staticmethod
-    async def _chunks(reader: asyncio.StreamReader) -> bytes:
-        pieces: list[bytes] = []
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
-            if size == 0:
-                while await reader.readuntil(b"\r\n") != b"\r\n":
-                    pass
-                return b"".join(pieces)
-            pieces.append(await reader.readexactly(size))
-            await reader.readexactly(2)
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(loop), self.host, self.port, ssl=self._ssl
+                )
+        except TimeoutError:
+            raise ServerUnreachable(f"no connection to {self.host}:{self.port} in {self.connect_timeout} s") from None
+        except OSError as exc:
+            raise ServerUnreachable(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
+        return connection
+
+    async def _exchange(self, connection: _Connection, data: bytes) -> Reply:
+        try:
+            assert connection.transport is not None
+            connection.transport.write(data)
+            status_line = await connection.line(self.read_timeout)
+            parts = status_line.split(b" ", 2)
+            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+                raise ConnectionBroken(f"not an HTTP answer: {status_line[:80]!r}")
+            headers: dict[str, str] = {}
+            while line := await connection.line(self.read_timeout):
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+        except BaseException:
+            connection.close()
+            raise
+        return Reply(self, connection, int(parts[1]), headers)
+
+    def _release(self, connection: _Connection, reusable: bool) -> None:
+        self._slots.release()
+        if reusable and not connection.closed and not connection.buffer:
+            connection.received = 0
+            self._idle.append(connection)
+        else:
+            connection.close()
 
     def close(self) -> None:
-        for _, writer in self._idle:
-            writer.close()
+        for connection in self._idle:
+            connection.close()
         self._idle.clear()

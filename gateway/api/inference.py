@@ -9,11 +9,11 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from gateway.accounting.record import RequestRecord, record_of
 from gateway.accounting.streams import asks_for_usage, for_client, with_usage
-from gateway.api.responses import api_handler, authenticate, json_response, read_json, request_id
+from gateway.api.responses import EventStream, api_handler, authenticate, json_response, read_json, request_id
 from gateway.api.validation import validate
 from gateway.dispatch.base import (
     BackendError,
@@ -212,9 +212,7 @@ async def _streamed(
         except BaseException:
             endpoint.in_flight -= 1
             raise
-        return StreamingResponse(
-            _relay(first, events, endpoint, model, record), media_type="text/event-stream", headers=_STREAM_HEADERS
-        )
+        return EventStream(_relay(first, events, endpoint, model, record), headers=_STREAM_HEADERS)
     assert failure is not None
     raise client_error(failure, model)
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from gateway.auth.base import Identity
 from gateway.auth.bearer import bearer_token
@@ -56,6 +58,53 @@ def api_handler(handler: Handler) -> Handler:
 
 def json_response(content: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
+
+
+class EventStream(Response):
+    """A server-sent event stream written as its events come, stopped at once when the client goes away.
+
+    Starlette's ``StreamingResponse`` starts a task group of two tasks per response to watch for the
+    disconnect; a stream's first bytes then wait on that machinery. Here one plain task waits for the
+    disconnect and cancels the writer, which closes ``events`` and with it the upstream request.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes], headers: Mapping[str, str] | None = None) -> None:
+        self.events = events
+        self.status_code = 200
+        self.background = None
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        writer = asyncio.current_task()
+        assert writer is not None
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            writer.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            try:
+                await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+                async for chunk in self.events:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            finally:
+                watcher.cancel()
+                await self.events.aclose()  # type: ignore[attr-defined]
+            if gone:
+                # The client left after the last event was written: take the watcher's cancellation here.
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            writer.uncancel()
 
 
 async def authenticate(request: Request) -> Identity:

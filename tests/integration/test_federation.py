@@ -76,7 +76,7 @@ def front(clusters: dict[str, ModelServer], tmp_path_factory: pytest.TempPathFac
 
 def test_list_endpoints_reports_each_state_with_load_and_detail(front: Front) -> None:
     listed = {entry["cluster"]: entry for entry in front.http.get("/resource_server/list-endpoints").json()["data"]}
-    assert listed["dark"]["state"] == "offline" and "Connector" in listed["dark"]["detail"]
+    assert listed["dark"]["state"] == "offline" and "cannot connect" in listed["dark"]["detail"]
     assert listed["closed"]["detail"] == "filesystem upgrade until 14:00"
     assert listed["fast"]["load"] == {"running": 0, "waiting": 0, "gateway_in_flight": 0}
     assert listed["fast"]["breaker"] == "closed" and listed["fast"]["observed_at"].endswith("Z")
