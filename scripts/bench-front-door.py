@@ -7,7 +7,8 @@ Throughput and latency come from wrk (Debian package `wrk`), which does not bott
 simulator with no delays: this measures the most the gateway can carry. Time to first token comes from the project's
 own benchmark-serving tool at the same concurrency against a second simulator that answers like a small model on a
 GPU (50 ms to the first token, 10 ms per token): at saturation every latency is queueing, so the gateway's added
-time to first token is measured where the load leaves it headroom, as in service. Prints requests/s, p50/p99
+time to first token is measured where the load leaves it headroom, as in service: 64 clients in step, 64 clients
+arriving as a Poisson process, and one client alone. Prints requests/s, p50/p99
 latency, p50 time to first token, each ratio gateway/direct, and the gateway's peak RSS.
 """
 
@@ -180,6 +181,7 @@ def main() -> int:
             results[f"streamed/{target}"]["ttft_poisson_p50_ms"] = ttft(
                 url, args.connections, args.ttft_prompts, args.chunks, work, rate="250"
             )
+            results[f"streamed/{target}"]["ttft_one_p50_ms"] = ttft(url, 1, 100, args.chunks, work)
         rss = peak_rss_mb(gateway.process.pid)
     finally:
         gateway.stop()
@@ -198,6 +200,7 @@ def main() -> int:
             ("p99_ms", "p99 ms"),
             ("ttft_p50_ms", "TTFT p50 ms"),
             ("ttft_poisson_p50_ms", "TTFT p50 ms, Poisson"),
+            ("ttft_one_p50_ms", "TTFT p50 ms, one client"),
         ):
             direct, through = results[f"{mode}/direct"].get(key), results[f"{mode}/gateway"].get(key)
             if direct is None or through is None:
@@ -210,6 +213,8 @@ def main() -> int:
     print("\nadded to p50 time to first token (simulator at 50 ms TTFT, 10 ms/token, 64 clients):")
     print(f"  clients in step (closed loop):        {ttft_added:.2f} ms")
     print(f"  Poisson arrivals at 250 req/s:        {poisson_added:.2f} ms")
+    one_added = results["streamed/gateway"]["ttft_one_p50_ms"] - results["streamed/direct"]["ttft_one_p50_ms"]
+    print(f"  one client at a time:                 {one_added:.2f} ms")
     print(f"gateway peak RSS: {rss:.1f} MB")
     return 0
 

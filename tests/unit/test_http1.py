@@ -1,0 +1,179 @@
+"""The HTTP/1.1 client of the direct transport and the batch worker, against real servers on loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from compute_functions.http1 import ConnectionBroken, Http, ServerUnreachable
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head + await reader.readexactly(length)
+
+
+async def _serve(handler: Handler) -> tuple[asyncio.Server, str, list[int]]:
+    connections: list[int] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            await handler(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}/v1", connections
+
+
+def _json_answer(body: bytes, *extra: bytes) -> bytes:
+    headers = b"".join(extra)
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n%scontent-length: %d\r\n\r\n%s" % (
+        headers,
+        len(body),
+        body,
+    )
+
+
+async def test_kept_alive_connection_serves_many_requests() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            request = await _read_request(reader)
+            assert request.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+            writer.write(_json_answer(b'{"ok": true}', b"x-request-id: r1\r\n"))
+
+    server, url, connections = await _serve(handler)
+    async with server:
+        http = Http(url, {"authorization": "Bearer key"}, 5.0)
+        answers = [await http.post("chat/completions", b"{}") for _ in range(5)]
+        http.close()
+    assert [(a.status, a.request_id, a.body) for a in answers] == [(200, "r1", b'{"ok": true}')] * 5
+    assert len(connections) == 1
+
+
+async def test_a_kept_alive_connection_the_server_closed_is_replaced_without_an_error() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        # Answered as kept alive, then closed: what a server does when its idle timeout ends.
+        writer.write(_json_answer(b"{}"))
+        await writer.drain()
+
+    server, url, connections = await _serve(handler)
+    async with server:
+        http = Http(url, {}, 5.0)
+        for _ in range(3):
+            assert (await http.post("completions", b"{}")).status == 200
+            await asyncio.sleep(0.05)
+        http.close()
+    assert len(connections) == 3
+
+
+async def test_a_chunked_stream_arrives_piece_by_piece() -> None:
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n")
+        writer.write(b"transfer-encoding: chunked\r\n\r\n")
+        writer.write(b"9\r\ndata: 1\n\n\r\n")
+        await writer.drain()
+        await release.wait()
+        writer.write(b"9\r\ndata: 2\n\n\r\n0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    server, url, _ = await _serve(handler)
+    async with server:
+        http = Http(url, {}, read_timeout=5.0)
+        reply = await http.request("POST", "chat/completions", b"{}")
+        assert reply.status == 200 and reply.content_type == "text/event-stream"
+        pieces = reply.pieces()
+        assert await anext(pieces) == b"data: 1\n\n"  # before the server sends the rest
+        release.set()
+        assert [piece async for piece in pieces] == [b"data: 2\n\n"]
+        reply.close()
+        http.close()
+
+
+async def test_a_body_that_ends_with_the_connection() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{"a":')
+        await writer.drain()
+        writer.write(b" 1}")
+
+    server, url, _ = await _serve(handler)
+    async with server:
+        http = Http(url, {}, 5.0)
+        answer = await http.post("embeddings", b"{}")
+        http.close()
+    assert answer.body == b'{"a": 1}'
+
+
+async def test_nothing_listening_is_unreachable() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    http = Http(f"http://127.0.0.1:{port}/v1", {}, connect_timeout=2.0)
+    with pytest.raises(ServerUnreachable, match="cannot connect"):
+        await http.request("POST", "completions", b"{}")
+
+
+async def test_a_silent_server_times_out_and_a_cut_answer_is_broken() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        await asyncio.sleep(5)
+
+    server, url, _ = await _serve(silent)
+    async with server:
+        http = Http(url, {}, read_timeout=0.2)
+        with pytest.raises(TimeoutError):
+            await http.request("POST", "completions", b"{}")
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort")
+
+    server, url, _ = await _serve(cut)
+    async with server:
+        http = Http(url, {}, read_timeout=5.0)
+        reply = await http.request("POST", "completions", b"{}")
+        with pytest.raises(ConnectionBroken):
+            await reply.read()
+        reply.close()
+
+
+async def test_connections_are_limited_and_given_back() -> None:
+    inside = 0
+    most = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal inside, most
+        while True:
+            await _read_request(reader)
+            inside += 1
+            most = max(most, inside)
+            await asyncio.sleep(0.02)
+            inside -= 1
+            writer.write(_json_answer(b"{}"))
+
+    server, url, connections = await _serve(handler)
+    async with server:
+        http = Http(url, {}, 5.0, max_connections=2)
+        answers = await asyncio.gather(*(http.post("completions", b"{}") for _ in range(8)))
+        http.close()
+    assert all(answer.status == 200 for answer in answers)
+    assert most <= 2 and len(connections) <= 2
