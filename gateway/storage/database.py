@@ -30,10 +30,9 @@ _COLUMNS = {"user": "username", "model": "model", "cluster": "cluster", "endpoin
 # The order of a usage row's values, as ``insert_usage`` takes them.
 USAGE_COLUMNS = tuple(str(column.name) for column in usage_log.columns)
 _EPOCH = datetime(1970, 1, 1)
-# Rows per INSERT: many, so that the GIL changes hands a few times a batch rather than once a row; always the
-# same number, so that sqlite3's statement cache keeps the statement instead of parsing a new one every batch.
-# SQLite takes at most 999 parameters in a statement before 3.32.
-_SQLITE_ROWS_PER_STATEMENT = 128 if sqlite3.sqlite_version_info >= (3, 32) else 999 // len(USAGE_COLUMNS)
+# Rows per INSERT at most: many, so that the GIL changes hands a few times a batch rather than once a row. A power
+# of two; SQLite takes at most 999 parameters in a statement before 3.32.
+_SQLITE_ROWS_PER_STATEMENT = 128 if sqlite3.sqlite_version_info >= (3, 32) else 32
 
 
 def _unix(when: datetime) -> float:
@@ -152,11 +151,14 @@ class Database:
         flat: list[Any] = []
         for row in rows:
             flat.extend(row)
-        step = _SQLITE_ROWS_PER_STATEMENT * width
-        statements = [
-            (self._rows_sql(len(chunk) // width), tuple(chunk))
-            for chunk in (flat[start : start + step] for start in range(0, len(flat), step))
-        ]
+        statements = []
+        start, left = 0, len(rows)
+        while left:
+            # Statements of a power of two rows: a handful of statements serve every batch size, and sqlite3 keeps
+            # them all prepared; a statement for each new remainder would be parsed again every time.
+            count = min(_SQLITE_ROWS_PER_STATEMENT, 1 << (left.bit_length() - 1))
+            statements.append((self._rows_sql(count), tuple(flat[start * width : (start + count) * width])))
+            start, left = start + count, left - count
         await self._bounded(asyncio.to_thread(self._sqlite_write, statements))
 
     def _sqlite_write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
