@@ -6,16 +6,23 @@
 - on: all of them on (limits set high enough never to refuse: what is measured is their bookkeeping).
 
     python scripts/bench-observability.py [--connections 64] [--rounds 7] [--duration 5] [--min-ratio 0.9]
+    python scripts/bench-observability.py --instructions 4000
 
 The gateways run at once; wrk (Debian package `wrk`) loads them in turns, round after round and in alternating
 order, so that a change in the machine's load falls on all alike. Prints each round's requests/s, the medians, the
 gateway's CPU time per request, and the ratios to off, for whole and streamed answers. Exits 1 when whole answers
 with everything on fall below --min-ratio of off.
+
+Requests/s on a shared machine move by a quarter from one round to the next. With --instructions N, each setting
+(and each part alone) runs under valgrind's callgrind instead, which counts the instructions the gateway's process
+executes (every thread, user space) for N requests after a warm-up: the same count on a busy machine as on an idle
+one. Prints instructions per request and what each part adds to off.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import re
@@ -27,7 +34,9 @@ import tempfile
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -60,6 +69,13 @@ ON = {
     },
 }
 SETTINGS = {"off": OFF, "accounting": ACCOUNTING, "on": ON}
+# Each part alone, for --instructions: what it adds to off (the observing middleware comes with any of them).
+PARTS = {
+    "usage log": ACCOUNTING,
+    "limits": {**OFF, "limits": ON["limits"]},
+    "metrics": {**OFF, "metrics": {"enabled": True}},
+    "access log": {**OFF, "logging": ON["logging"]},
+}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -85,20 +101,24 @@ def wrk(url: str, script: Path, connections: int, seconds: int) -> tuple[float, 
     return rps, requests
 
 
-def start_gateway(name: str, backend: str, work: Path) -> ModelServer:
-    config = work / f"{name}.yaml"
+def start_gateway(
+    name: str, backend: str, work: Path, settings: dict[str, Any] | None = None, wrapper: tuple[str, ...] = ()
+) -> ModelServer:
+    slug = name.replace(" ", "-")
+    config = work / f"{slug}.yaml"
     config.write_text(
         json.dumps(
             {
                 "endpoints": [{"cluster": "local", "framework": "vllm", "models": [MODEL], "base_url": backend}],
                 # A connection lost to the simulator marks it offline until the next status check: keep that short.
                 "federation": {"status_interval": 1.0, "status_jitter": 0.0},
-                **SETTINGS[name],
+                **(settings if settings is not None else SETTINGS[name]),
             }
         )
     )
     server = ModelServer(
         [
+            *wrapper,
             sys.executable,
             "-m",
             "gateway.cli",
@@ -111,10 +131,10 @@ def start_gateway(name: str, backend: str, work: Path) -> ModelServer:
             "warning",
         ],
         health_path="/resource_server/health",
-        env={"INFERENCE_GATEWAY_DEV_TOKEN": TOKEN, "INFERENCE_GATEWAY_STATE_DIR": str(work / name)},
-        log_path=work / f"{name}.log",
+        env={"INFERENCE_GATEWAY_DEV_TOKEN": TOKEN, "INFERENCE_GATEWAY_STATE_DIR": str(work / slug)},
+        log_path=work / f"{slug}.log",
     )
-    server.start(timeout=60)
+    server.start(timeout=600 if wrapper else 60)
     return server
 
 
@@ -144,6 +164,103 @@ def measure(server: ModelServer, url: str, script: Path, args: argparse.Namespac
     raise SystemExit(f"three rounds in a row failed against {url}")
 
 
+async def drive(port: int, body: bytes, requests: int, connections: int) -> None:
+    """``requests`` POSTs over ``connections`` kept-alive connections, each answer read to its end."""
+    head = (
+        f"POST /resource_server/v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {TOKEN}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode()
+
+    async def client(count: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(count):
+            writer.write(head + body)
+            answer = await reader.readuntil(b"\r\n\r\n")
+            if not answer.startswith(b"HTTP/1.1 200"):
+                raise SystemExit(f"the gateway answered {answer.splitlines()[0]!r}")
+            if b"chunked" in answer.lower():
+                await reader.readuntil(b"\r\n0\r\n\r\n")
+            else:
+                length = re.search(rb"(?i)content-length: *(\d+)", answer)
+                assert length is not None
+                await reader.readexactly(int(length.group(1)))
+        writer.close()
+
+    await asyncio.gather(*(client(requests // connections) for _ in range(connections)))
+
+
+def count_instructions(
+    name: str, settings: dict[str, Any], backend: str, args: argparse.Namespace, work: Path
+) -> dict[str, float]:
+    """Instructions per request of one gateway under callgrind, for whole and for streamed answers."""
+    out = work / f"callgrind-{name.replace(' ', '-')}.out"
+    server = start_gateway(
+        name,
+        backend,
+        work,
+        settings,
+        ("valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={out}"),
+    )
+    assert server.process is not None
+    pid = str(server.process.pid)
+    figures: dict[str, float] = {}
+    try:
+        for part, (mode, extra) in enumerate((("whole", {}), ("streamed", {"stream": True})), start=1):
+            body = json.dumps(
+                {"model": MODEL, "messages": [{"role": "user", "content": "Explain quantum computing"}],
+                 "max_tokens": args.chunks, **extra}
+            ).encode()  # fmt: skip
+            asyncio.run(drive(server.port, body, 400, 8))
+            subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
+            asyncio.run(drive(server.port, body, args.instructions, 16))
+            subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
+            dump = Path(f"{out}.{part}")
+            for _ in range(100):
+                if dump.exists() and "summary:" in dump.read_text():
+                    break
+                time.sleep(0.1)
+            summary = re.search(r"^summary: (\d+)", dump.read_text(), re.M)
+            assert summary is not None, dump
+            figures[mode] = int(summary.group(1)) / (args.instructions // 16 * 16)
+    finally:
+        server.stop()
+    return figures
+
+
+def instructions(args: argparse.Namespace) -> int:
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is needed: apt-get install -y valgrind")
+    work = Path(tempfile.mkdtemp(prefix="bench-observability-"))
+    simulator = ModelServer(
+        ["{python}", "-m", "gateway.simulator", "--host", "{host}", "--port", "{port}", "--model", MODEL],
+        log_path=work / "simulator.log",
+    )
+    simulator.start(timeout=60)
+    configurations = {**SETTINGS, **PARTS}
+    try:
+        # The counts do not depend on how busy the machine is, so the gateways run side by side.
+        with ThreadPoolExecutor(len(configurations)) as pool:
+            futures = {
+                name: pool.submit(count_instructions, name, settings, simulator.base_url, args, work)
+                for name, settings in configurations.items()
+            }
+            counts = {name: future.result() for name, future in futures.items()}
+    finally:
+        simulator.stop()
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"instructions per request (callgrind, {args.instructions} requests after 400 of warm-up, 16 connections)\n")
+    print(f"{'setting':<14}{'whole':>12}{'added':>9}{'streamed':>12}{'added':>9}")
+    for name, figures in counts.items():
+        cells = ""
+        for mode in ("whole", "streamed"):
+            added = figures[mode] / counts["off"][mode] - 1
+            cells += f"{figures[mode]:>12,.0f}{added:>+9.1%}"
+        print(f"{name:<14}{cells}")
+    whole = counts["off"]["whole"] / counts["on"]["whole"]
+    print(f"\nwith everything on, the same CPU serves {whole:.3f} of the whole answers it serves with it off")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connections", type=int, default=64)
@@ -151,7 +268,10 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=5, help="seconds per gateway per round")
     parser.add_argument("--chunks", type=int, default=16, help="output tokens (stream chunks) per answer")
     parser.add_argument("--min-ratio", type=float, default=0.9)
+    parser.add_argument("--instructions", type=int, metavar="N", help="count instructions for N requests instead")
     args = parser.parse_args()
+    if args.instructions:
+        return instructions(args)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install -y wrk")
 
