@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.accounting.record import SCOPE_KEY, RequestRecord
 from gateway.api import admin, batches, catalog, identity, inference, monitoring, streams
 from gateway.api.responses import request_id
 from gateway.config import GatewayConfig, load_config
@@ -69,6 +70,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         )
     else:
         error = GatewayError(str(exc.detail), status=exc.status_code, code="http_error")
+    record: RequestRecord | None = request.scope.get(SCOPE_KEY)
+    if record is not None:
+        record.answered(error.status, error.code)
     return error_response(error, request_id(request))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from compute_functions.model_server import ModelServer
-from gateway.accounting.recorder import UsageRecorder
+from gateway.accounting.writer import UsageWriter
 from gateway.auth.base import Authenticator
 from gateway.auth.bearer import ProviderChain
 from gateway.auth.dev import DevAuthenticator, dev_token
@@ -23,7 +23,6 @@ from gateway.federation.registry import Endpoint, Registry
 from gateway.federation.tracker import MAINTENANCE_FILE, AvailabilityTracker
 from gateway.limits import build_limiter
 from gateway.observability.ledger import RequestLedger
-from gateway.observability.logs import AccessLog
 from gateway.observability.metrics import GatewayMetrics
 from gateway.storage.database import Database
 from gateway.streaming.relay import build_relay
@@ -102,24 +101,29 @@ class Runtime:
         database = config.database
         self.database = Database(database.resolved_url(self.state_dir), timeout=database.timeout)
         self.usage = (
-            UsageRecorder(
-                self.database,
-                self.state_dir / "usage-spool.jsonl",
-                queue_size=database.queue_size,
-                batch_size=database.batch_size,
-                flush_interval=database.flush_interval,
-                retry_interval=database.retry_interval,
+            UsageWriter(
+                {
+                    "url": database.resolved_url(self.state_dir),
+                    "timeout": database.timeout,
+                    "spool": str(self.state_dir / "usage-spool.jsonl"),
+                    "usage_log": database.usage_log,
+                    "queue_size": database.queue_size,
+                    "batch_size": database.batch_size,
+                    "flush_interval": database.flush_interval,
+                    "retry_interval": database.retry_interval,
+                    "access_log": config.logging.access_log,
+                    "logging": config.logging.model_dump(by_alias=True),
+                    "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+                    "start_timeout": database.timeout + 5.0,
+                    "stop_timeout": database.timeout + 20.0,
+                }
             )
-            if database.usage_log
+            if database.usage_log or config.logging.access_log
             else None
         )
-        self.metrics = GatewayMetrics(self.registry, self.usage, self.limiter)
+        self.metrics = GatewayMetrics(self.registry, self.usage if database.usage_log else None, self.limiter)
         self.batches = Batches(config, self.registry, self.dispatcher, self.database, self.state_dir)
-        self.ledger = RequestLedger(
-            self.metrics if config.metrics.enabled else None,
-            self.usage,
-            AccessLog(config.logging) if config.logging.access_log else None,
-        )
+        self.ledger = RequestLedger(self.metrics if config.metrics.enabled else None, self.usage)
 
     def _build_authenticator(self) -> Authenticator:
         """The configured providers, asked in the order the configuration lists them."""

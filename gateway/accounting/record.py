@@ -9,6 +9,7 @@ from starlette.requests import Request
 
 if TYPE_CHECKING:
     from gateway.federation.registry import Endpoint
+    from gateway.limits.base import RateLimiter
 
 SCOPE_KEY = "gateway.record"
 
@@ -88,6 +89,24 @@ class RequestRecord:
     @property
     def tokens(self) -> int:
         return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+
+    def answered(self, status: int, error_code: str | None = None) -> None:
+        """Note the response's status (and its error's code) as the handler hands it over."""
+        self.status = status
+        if error_code is not None and self.error_code is None:
+            self.error_code = error_code
+
+    def settle(self, limiter: RateLimiter) -> None:
+        """Give the request's rate-limit reservation back, keeping what the backend reported it used."""
+        reservation, self.reservation = self.reservation, None
+        if reservation is None:
+            return
+        if self.prompt_tokens is not None or self.completion_tokens is not None:
+            used: int | None = self.tokens
+        else:
+            # Refused before any work: give everything back. Otherwise the backend did work it did not report: keep it.
+            used = 0 if self.status >= 400 else None
+        limiter.settle(reservation, used)
 
 
 def record_of(request: Request) -> RequestRecord:

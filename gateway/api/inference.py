@@ -158,8 +158,11 @@ async def _whole(
 
 
 async def _relay(
-    first: bytes, events: AsyncIterator[bytes], endpoint: Endpoint, model: str, record: RequestRecord
+    runtime: Runtime, first: bytes, events: AsyncIterator[bytes], endpoint: Endpoint, model: str, record: RequestRecord
 ) -> AsyncIterator[bytes]:
+    metrics = runtime.ledger.metrics
+    if metrics is not None:
+        metrics.streams_open += 1
     finished = False
     try:
         if first:
@@ -185,6 +188,11 @@ async def _relay(
         if not finished:
             record.error_code = "client_disconnected"
         endpoint.in_flight -= 1
+        # Before the stream's end leaves: a client that sends its next request as soon as this answer ends must
+        # not find its own finished request still counted against its limits.
+        record.settle(runtime.limiter)
+        if metrics is not None:
+            metrics.stream_ended(record.error_code or "completed")
         await events.aclose()  # type: ignore[attr-defined]
 
 
@@ -212,7 +220,7 @@ async def _streamed(
         except BaseException:
             endpoint.in_flight -= 1
             raise
-        return EventStream(_relay(first, events, endpoint, model, record), headers=_STREAM_HEADERS)
+        return EventStream(_relay(runtime, first, events, endpoint, model, record), headers=_STREAM_HEADERS)
     assert failure is not None
     raise client_error(failure, model)
 

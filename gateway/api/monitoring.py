@@ -42,7 +42,7 @@ async def ready(request: Request) -> Response:
     """200 when the usage database, every transport and the rate limiter can work; 503 naming what cannot."""
     runtime: Runtime = request.app.state.runtime
     checks = {"limits": runtime.limiter.check()}
-    if runtime.usage is not None:
+    if runtime.config.database.usage_log:
         checks["database"] = _database(runtime)
     for transport, dispatcher in runtime.dispatchers.items():
         checks[f"transport {transport}"] = dispatcher.check()

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from gateway.accounting.record import SCOPE_KEY, RequestRecord
 from gateway.auth.base import Identity
 from gateway.auth.bearer import bearer_token
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, error_response
@@ -38,19 +39,31 @@ def request_id(request: Request) -> str:
 
 
 def api_handler(handler: Handler) -> Handler:
-    """Turn raised ``GatewayError``s into OpenAI-shaped answers and anything unexpected into a 500."""
+    """Turn raised ``GatewayError``s into OpenAI-shaped answers and anything unexpected into a 500.
+
+    The request's record learns the status and error code here; a whole answer's rate-limit reservation is
+    settled here too, before its bytes leave (a stream's is settled when its last event has been relayed).
+    """
 
     @functools.wraps(handler)
     async def wrapped(request: Request) -> Response:
         rid = request_id(request)
+        code: str | None = None
         try:
             response = await handler(request)
         except GatewayError as exc:
-            return error_response(exc, rid)
+            response, code = error_response(exc, rid), exc.code
         except Exception:
             log.exception("unexpected error in %s %s (request %s)", request.method, request.url.path, rid)
-            return error_response(GatewayError(f"Internal error; quote request id {rid} when reporting it."), rid)
-        response.headers["x-request-id"] = rid
+            error = GatewayError(f"Internal error; quote request id {rid} when reporting it.")
+            response, code = error_response(error, rid), error.code
+        else:
+            response.headers["x-request-id"] = rid
+        record: RequestRecord | None = request.scope.get(SCOPE_KEY)
+        if record is not None:
+            record.answered(response.status_code, code)
+            if not isinstance(response, EventStream):
+                record.settle(request.app.state.runtime.limiter)
         return response
 
     return wrapped

@@ -12,24 +12,16 @@ import asyncio
 import contextlib
 
 from gateway.accounting.record import RequestRecord
-from gateway.accounting.recorder import UsageRecorder
-from gateway.observability.logs import AccessLog
+from gateway.accounting.writer import UsageWriter
 from gateway.observability.metrics import GatewayMetrics
 
 
 class RequestLedger:
     """Takes finished requests on the request path and passes them on every ``interval`` seconds."""
 
-    def __init__(
-        self,
-        metrics: GatewayMetrics | None,
-        usage: UsageRecorder | None,
-        access_log: AccessLog | None,
-        interval: float = 0.1,
-    ) -> None:
+    def __init__(self, metrics: GatewayMetrics | None, writer: UsageWriter | None, interval: float = 0.1) -> None:
         self.metrics = metrics
-        self.usage = usage
-        self.access_log = access_log
+        self.writer = writer
         self.interval = interval
         self._finished: list[tuple[RequestRecord, str]] = []
         self._task: asyncio.Task[None] | None = None
@@ -38,18 +30,16 @@ class RequestLedger:
         self._finished.append((record, route))
 
     def drain(self) -> None:
-        """Count, log and record everything finished so far."""
+        """Count everything finished so far, and send it to the usage writer to be recorded and logged."""
         finished, self._finished = self._finished, []
-        metrics, usage, access_log = self.metrics, self.usage, self.access_log
+        metrics, writer = self.metrics, self.writer
         for record, route in finished:
             if metrics is not None:
                 metrics.observe(record, route)
-            if usage is not None and record.model is not None:
-                usage.add(record)
-            if access_log is not None:
-                access_log.write(record)
-        if access_log is not None:
-            access_log.flush()
+            if writer is not None:
+                writer.add(record)
+        if writer is not None:
+            writer.send()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._drain_regularly(), name="request-ledger")

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from gateway.accounting.record import RequestRecord
-from gateway.accounting.recorder import UsageRecorder
+from gateway.accounting.writer import UsageWriter
 from gateway.federation.registry import Registry
 from gateway.limits.base import RateLimiter
 
@@ -50,7 +50,7 @@ class Histogram:
 class GatewayMetrics(Collector):
     """Everything ``/metrics`` shows; see docs/observability.md for the list."""
 
-    def __init__(self, registry: Registry, usage: UsageRecorder | None, limiter: RateLimiter) -> None:
+    def __init__(self, registry: Registry, usage: UsageWriter | None, limiter: RateLimiter) -> None:
         self.endpoints = registry
         self.usage = usage
         self.limiter = limiter
