@@ -10,8 +10,8 @@
 
 The gateways run at once; wrk (Debian package `wrk`) loads them in turns, round after round and in alternating
 order, so that a change in the machine's load falls on all alike. Prints each round's requests/s, the medians, the
-gateway's CPU time per request, and the ratios to off, for whole and streamed answers. Exits 1 when whole answers
-with everything on fall below --min-ratio of off.
+gateway's CPU time per request (its usage writer's included), and the ratios to off, for whole and streamed
+answers. Exits 1 when whole answers with everything on fall below --min-ratio of off.
 
 Requests/s on a shared machine move by a quarter from one round to the next. With --instructions N, each setting
 (and each part alone) runs under valgrind's callgrind instead, which counts the instructions the gateway's process
@@ -81,6 +81,12 @@ PARTS = {
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / 100
+
+
+def gateway_cpu_seconds(pid: int) -> float:
+    """The CPU time of the gateway's process and of its children (the usage writer)."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return cpu_seconds(pid) + sum(cpu_seconds(int(child)) for child in children)
 
 
 class RoundFailed(Exception):
@@ -153,14 +159,14 @@ def measure(server: ModelServer, url: str, script: Path, args: argparse.Namespac
     """Requests/s and the gateway's CPU microseconds per request for one round; a failed round is run again."""
     assert server.process is not None
     for attempt in range(3):
-        before = cpu_seconds(server.process.pid)
+        before = gateway_cpu_seconds(server.process.pid)
         try:
             rps, requests = wrk(url, script, args.connections, args.duration)
         except RoundFailed as failed:
             print(f"round again ({failed.args[0].splitlines()[0]})", file=sys.stderr)
             time.sleep(2.0 * (attempt + 1))
             continue
-        return rps, (cpu_seconds(server.process.pid) - before) / requests * 1e6
+        return rps, (gateway_cpu_seconds(server.process.pid) - before) / requests * 1e6
     raise SystemExit(f"three rounds in a row failed against {url}")
 
 
@@ -189,6 +195,17 @@ async def drive(port: int, body: bytes, requests: int, connections: int) -> None
     await asyncio.gather(*(client(requests // connections) for _ in range(connections)))
 
 
+def idle(pid: str) -> None:
+    """Wait until process ``pid`` uses less than a tenth of a CPU second in a second."""
+    before = cpu_seconds(int(pid))
+    while True:
+        time.sleep(1.0)
+        now = cpu_seconds(int(pid))
+        if now - before < 0.1:
+            return
+        before = now
+
+
 def count_instructions(
     name: str, settings: dict[str, Any], backend: str, args: argparse.Namespace, work: Path
 ) -> dict[str, tuple[float, float]]:
@@ -214,11 +231,13 @@ def count_instructions(
                  "max_tokens": args.chunks, **extra}
             ).encode()  # fmt: skip
             asyncio.run(drive(server.port, body, 400, 8))
-            time.sleep(1.0)  # the writer catches up with the warm-up
+            for pid in children:
+                idle(pid)  # the writer has started (slow under valgrind) and caught up with the warm-up
             for pid in (serving, *children):
                 subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
             asyncio.run(drive(server.port, body, args.instructions, 16))
-            time.sleep(1.0)  # and with the measured requests
+            for pid in children:
+                idle(pid)
             counted = []
             for pid in (serving, *children):
                 subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
