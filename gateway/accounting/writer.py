@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import marshal
 import operator
@@ -211,6 +212,9 @@ class _Writer:
     async def run(self) -> None:
         if self.recorder is not None:
             await self.recorder.start()
+        # As in the gateway: what startup built (SQLAlchemy, the migrations) stays out of every full collection.
+        gc.collect()
+        gc.freeze()
         self.report()
         reporter = asyncio.create_task(self._report_regularly())
         loop = asyncio.get_running_loop()
