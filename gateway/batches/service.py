@@ -92,6 +92,7 @@ class Batches:
         self.settings = config.batches
         self.registry = registry
         self.store = BatchStore(database)
+        self._submitting: dict[str, asyncio.Lock] = {}
         # Relative roots are taken from the folder the gateway was started in.
         self.base = Path.cwd()
         self.files_dir = state_dir / "files"
@@ -158,6 +159,26 @@ class Batches:
                 "'completion_window' must be a number of hours, such as '24h'.", param="completion_window"
             )
         metadata = _metadata(body.get("metadata"))
+        # From the count of active batches to the new row, one submission of a user at a time: two at once would
+        # both find room for one more.
+        # (A lock per user who ever submitted: a few hundred bytes each.)
+        async with self._submitting.setdefault(identity.username, asyncio.Lock()):
+            return await self._admit(
+                identity, body, cluster, framework, input_path, input_file_id, endpoint, window, metadata
+            )
+
+    async def _admit(
+        self,
+        identity: Identity,
+        body: dict[str, Any],
+        cluster: str | None,
+        framework: str | None,
+        input_path: str | None,
+        input_file_id: str | None,
+        endpoint: str | None,
+        window: str,
+        metadata: dict[str, str] | None,
+    ) -> BatchJob:
         output = _text(body, "output_folder_path")
         if await self.store.active_count(identity.username) >= self.settings.max_active_per_user:
             raise RateLimited(

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -346,6 +347,34 @@ def test_the_active_batches_of_a_user_are_limited(slow_front: tuple[ModelServer,
         submit(server, input_file_path=str(source), output_folder_path=str(root / "limit"), model=MODEL).status_code
         == 200
     )
+
+
+def test_simultaneous_submissions_cannot_pass_the_active_batch_limit_together(
+    slow_front: tuple[ModelServer, Path],
+) -> None:
+    server, root = slow_front
+    listed = httpx.get(f"{api_url(server)}/batches", headers=HEADERS, timeout=30).json()["data"]
+    for batch in listed:
+        if batch["status"] not in FINISHED:
+            httpx.post(f"{api_url(server)}/batches/{batch['id']}/cancel", headers=HEADERS, timeout=30)
+            wait_for(server, batch["id"])
+    source = write_lines(root / "together" / "input.jsonl", [question(index) for index in range(3000)])
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(
+            pool.map(
+                lambda _: submit(
+                    server, input_file_path=str(source), output_folder_path=str(root / "together"), model=MODEL
+                ),
+                range(6),
+            )
+        )
+    accepted = [response.json()["id"] for response in responses if response.status_code == 200]
+    refused = [response for response in responses if response.status_code == 429]
+    assert len(accepted) == 2 and len(refused) == 4, [response.text for response in responses]
+    for batch_id in accepted:
+        httpx.post(f"{api_url(server)}/batches/{batch_id}/cancel", headers=HEADERS, timeout=30)
+    for batch_id in accepted:
+        wait_for(server, batch_id)
 
 
 def holder_of(lock: Path, parsl_run: str) -> int | None:
