@@ -175,6 +175,16 @@ async def get_file(request: Request) -> Response:
 
 
 @batch_handler
+async def delete_file(request: Request) -> Response:
+    """``DELETE /v1/files/{id}``, as ``client.files.delete`` sends it."""
+    batches = _batches(request)
+    identity = await authenticate(request)
+    file_id = request.path_params["file_id"]
+    await batches.delete_file(identity, file_id)
+    return json_response({"id": file_id, "object": "file", "deleted": True})
+
+
+@batch_handler
 async def file_content(request: Request) -> Response:
     batches = _batches(request)
     identity = await authenticate(request)

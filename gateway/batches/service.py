@@ -356,6 +356,23 @@ class Batches:
             raise NotFound(f"No file '{file_id}'.", code="file_not_found", param="file_id")
         return stored
 
+    async def delete_file(self, identity: Identity, file_id: str) -> None:
+        """Forget an upload or a finished batch's output file, and remove it from the state folder."""
+        stored = await self.file(identity, file_id)
+        reader = await self.store.active_reading(file_id)
+        if reader is not None:
+            raise InvalidRequest(
+                f"File '{file_id}' is the input of batch '{reader}', which is not finished; cancel it first.",
+                param="file_id",
+                code="file_in_use",
+            )
+        await self.store.delete_file(file_id)
+        # Uploads and the outputs of their batches are in the gateway's own folders and go with their rows; an
+        # output file in a folder of the user's own stays where it is.
+        folder = Path(stored.path).parent.resolve()
+        if folder == self.files_dir.resolve() or folder.parent == self.batches_dir.resolve():
+            await asyncio.to_thread(Path(stored.path).unlink, missing_ok=True)
+
     async def _uploaded(self, identity: Identity, file_id: str) -> StoredFile:
         stored = await self.file(identity, file_id)
         if stored.purpose != "batch":

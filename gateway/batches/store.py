@@ -76,6 +76,15 @@ class BatchStore:
         rows = await self._rows(sa.select(files).where(files.c.id == file_id))
         return StoredFile(**rows[0]) if rows else None
 
+    async def delete_file(self, file_id: str) -> None:
+        await self._execute(sa.delete(files).where(files.c.id == file_id))
+
+    async def active_reading(self, file_id: str) -> str | None:
+        """The id of an active batch whose input is ``file_id``, if any."""
+        query = sa.select(batches.c.id).where(batches.c.input_file_id == file_id, batches.c.status.in_(ACTIVE))
+        rows = await self._rows(query.limit(1))
+        return str(rows[0]["id"]) if rows else None
+
 
 def _unavailable(exc: BaseException) -> DatabaseUnavailable:
     return DatabaseUnavailable(f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}")

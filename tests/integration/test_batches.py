@@ -248,6 +248,21 @@ def test_the_openai_sdk_uploads_a_file_runs_a_batch_and_reads_its_output(front: 
         assert too_big.value.status_code == 413
 
 
+def test_an_uploaded_file_is_deleted_with_the_sdk_and_gone_from_disk(front: ModelServer, tmp_path: Path) -> None:
+    source = write_lines(tmp_path / "requests.jsonl", [question(0)])
+    files = Path(front.env["INFERENCE_GATEWAY_STATE_DIR"]) / "files"
+    with openai.OpenAI(base_url=api_url(front), api_key=TOKEN, max_retries=0) as client:
+        uploaded = client.files.create(file=source.open("rb"), purpose="batch")
+        assert (files / f"{uploaded.id}.jsonl").exists()
+        deleted = client.files.delete(uploaded.id)
+        assert deleted.id == uploaded.id and deleted.deleted
+        assert not (files / f"{uploaded.id}.jsonl").exists()
+        with pytest.raises(openai.NotFoundError):
+            client.files.retrieve(uploaded.id)
+        with pytest.raises(openai.NotFoundError):
+            client.files.delete(uploaded.id)
+
+
 def test_the_command_line_submits_waits_and_collects(front: ModelServer, root: Path) -> None:
     source = write_lines(root / "cli" / "input.jsonl", [question(index) for index in range(50)])
     env = {**os.environ, "MY_TOKEN": TOKEN}
@@ -375,6 +390,32 @@ def test_simultaneous_submissions_cannot_pass_the_active_batch_limit_together(
         httpx.post(f"{api_url(server)}/batches/{batch_id}/cancel", headers=HEADERS, timeout=30)
     for batch_id in accepted:
         wait_for(server, batch_id)
+
+
+def test_the_input_of_a_running_batch_cannot_be_deleted(slow_front: tuple[ModelServer, Path], tmp_path: Path) -> None:
+    server, _ = slow_front
+    listed = httpx.get(f"{api_url(server)}/batches", headers=HEADERS, timeout=30).json()["data"]
+    for batch in listed:
+        if batch["status"] not in FINISHED:
+            httpx.post(f"{api_url(server)}/batches/{batch['id']}/cancel", headers=HEADERS, timeout=30)
+            wait_for(server, batch["id"])
+    lines = [
+        json.dumps({"custom_id": str(index), "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}})
+        for index in range(3000)
+    ]  # fmt: skip
+    source = write_lines(tmp_path / "running.jsonl", lines)
+    with openai.OpenAI(base_url=api_url(server), api_key=TOKEN, max_retries=0) as client:
+        uploaded = client.files.create(file=source.open("rb"), purpose="batch")
+        batch = client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.files.delete(uploaded.id)
+        assert refused.value.code == "file_in_use" and batch.id in refused.value.message
+        client.batches.cancel(batch.id)
+        assert wait_for(server, batch.id)["status"] == "cancelled"
+        assert client.files.delete(uploaded.id).deleted
 
 
 def holder_of(lock: Path, parsl_run: str) -> int | None:
