@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from gateway.config import DEFAULT_CONFIG, ConfigError, load_config
 
@@ -15,6 +16,14 @@ def listen_url(host: str, port: int) -> str:
 
         host = socket.getfqdn()
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve_command(config: str | Path, *, log_level: str = "warning") -> list[str]:
+    """``inference-gateway serve`` with ``config``, as a command line for ``ModelServer`` (which fills in the port)."""
+    return [
+        sys.executable, "-m", "gateway.cli", "serve", "--port", "{port}", "--config", str(config),
+        "--log-level", log_level,
+    ]  # fmt: skip
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -57,7 +66,6 @@ def _dev_token(args: argparse.Namespace) -> int:
 
 
 def _register_functions(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from gateway.dispatch.globus import sdk_client
     from gateway.dispatch.registration import register_into_file

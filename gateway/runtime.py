@@ -100,27 +100,7 @@ class Runtime:
         self.limiter = build_limiter(config.limits)
         database = config.database
         self.database = Database(database.resolved_url(self.state_dir), timeout=database.timeout)
-        self.usage = (
-            UsageWriter(
-                {
-                    "url": database.resolved_url(self.state_dir),
-                    "timeout": database.timeout,
-                    "spool": str(self.state_dir / "usage-spool.jsonl"),
-                    "usage_log": database.usage_log,
-                    "queue_size": database.queue_size,
-                    "batch_size": database.batch_size,
-                    "flush_interval": database.flush_interval,
-                    "retry_interval": database.retry_interval,
-                    "access_log": config.logging.access_log,
-                    "logging": config.logging.model_dump(by_alias=True),
-                    "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
-                    "start_timeout": database.timeout + 5.0,
-                    "stop_timeout": database.timeout + 20.0,
-                }
-            )
-            if database.usage_log or config.logging.access_log
-            else None
-        )
+        self.usage = UsageWriter.for_config(config, self.state_dir)
         self.metrics = GatewayMetrics(self.registry, self.usage if database.usage_log else None, self.limiter)
         self.batches = Batches(config, self.registry, self.dispatcher, self.database, self.state_dir)
         self.ledger = RequestLedger(self.metrics if config.metrics.enabled else None, self.usage)

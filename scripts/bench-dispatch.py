@@ -172,22 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
 
     from compute_functions.model_server import ModelServer, free_port
+    from gateway.cli import serve_command
+    from gateway.simulator import command as simulator_command
 
     work = Path(tempfile.mkdtemp(prefix="bench-dispatch-"))
     simulator = ModelServer(
-        [
-            "{python}",
-            "-m",
-            "gateway.simulator",
-            "--host",
-            "{host}",
-            "--port",
-            "{port}",
-            "--model",
-            MODEL,
-            "--tpot",
-            str(args.tpot),
-        ],
+        simulator_command(MODEL, options=("--tpot", str(args.tpot))),
         log_path=work / "simulator.log",
     )
     proxy_port = free_port()
@@ -216,18 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (work / "gateway.yaml").write_text(yaml.safe_dump(config))
     gateway = ModelServer(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "serve",
-            "--port",
-            "{port}",
-            "--config",
-            str(work / "gateway.yaml"),
-            "--log-level",
-            "warning",
-        ],
+        serve_command(work / "gateway.yaml"),
         health_path="/resource_server/health",
         log_path=work / "gateway.log",
         env={"INFERENCE_GATEWAY_STATE_DIR": str(work / "state"), "INFERENCE_GATEWAY_DEV_TOKEN": token},

@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from compute_functions.model_server import ModelServer  # noqa: E402
+from gateway.cli import serve_command  # noqa: E402
+from gateway.simulator import command as simulator_command  # noqa: E402
 
 MODEL = "facebook/opt-125m"
 TIMED_MODEL = "timed-model"
@@ -119,16 +121,11 @@ def main() -> int:
         raise SystemExit("wrk is needed: apt-get install -y wrk")
 
     work = Path(tempfile.mkdtemp(prefix="bench-front-door-"))
-    simulator = ModelServer(
-        ["{python}", "-m", "gateway.simulator", "--host", "{host}", "--port", "{port}", "--model", MODEL],
-        log_path=work / "simulator.log",
-    )
+    simulator = ModelServer(simulator_command(MODEL), log_path=work / "simulator.log")
     simulator.start(timeout=30)
     timed = ModelServer(
-        ["{python}", "-m", "gateway.simulator", "--host", "{host}", "--port", "{port}", "--model", TIMED_MODEL,
-         "--ttft", "0.05", "--tpot", "0.01"],
-        log_path=work / "timed.log",
-    )  # fmt: skip
+        simulator_command(TIMED_MODEL, options=("--ttft", "0.05", "--tpot", "0.01")), log_path=work / "timed.log"
+    )
     timed.start(timeout=30)
     endpoints = [
         {"cluster": "local", "framework": "vllm", "models": [MODEL], "base_url": simulator.base_url},
@@ -137,18 +134,7 @@ def main() -> int:
     config = work / "gateway.yaml"
     config.write_text(json.dumps({"endpoints": endpoints}))
     gateway = ModelServer(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "serve",
-            "--port",
-            "{port}",
-            "--config",
-            str(config),
-            "--log-level",
-            "warning",
-        ],
+        serve_command(config),
         health_path="/resource_server/health",
         env={"INFERENCE_GATEWAY_DEV_TOKEN": TOKEN, "INFERENCE_GATEWAY_STATE_DIR": str(work)},
         log_path=work / "gateway.log",

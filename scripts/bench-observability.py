@@ -42,6 +42,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from compute_functions.model_server import ModelServer  # noqa: E402
+from gateway.cli import serve_command  # noqa: E402
+from gateway.simulator import command as simulator_command  # noqa: E402
 
 MODEL = "facebook/opt-125m"
 TOKEN = "bench-token"
@@ -123,19 +125,7 @@ def start_gateway(
         )
     )
     server = ModelServer(
-        [
-            *wrapper,
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "serve",
-            "--port",
-            "{port}",
-            "--config",
-            str(config),
-            "--log-level",
-            "warning",
-        ],
+        [*wrapper, *serve_command(config)],
         health_path="/resource_server/health",
         env={"INFERENCE_GATEWAY_DEV_TOKEN": TOKEN, "INFERENCE_GATEWAY_STATE_DIR": str(work / slug)},
         log_path=work / f"{slug}.log",
@@ -259,10 +249,7 @@ def instructions(args: argparse.Namespace) -> int:
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is needed: apt-get install -y valgrind")
     work = Path(tempfile.mkdtemp(prefix="bench-observability-"))
-    simulator = ModelServer(
-        ["{python}", "-m", "gateway.simulator", "--host", "{host}", "--port", "{port}", "--model", MODEL],
-        log_path=work / "simulator.log",
-    )
+    simulator = ModelServer(simulator_command(MODEL), log_path=work / "simulator.log")
     simulator.start(timeout=60)
     configurations = {**SETTINGS, **PARTS}
     try:
@@ -307,10 +294,7 @@ def main() -> int:
         raise SystemExit("wrk is needed: apt-get install -y wrk")
 
     work = Path(tempfile.mkdtemp(prefix="bench-observability-"))
-    simulator = ModelServer(
-        ["{python}", "-m", "gateway.simulator", "--host", "{host}", "--port", "{port}", "--model", MODEL],
-        log_path=work / "simulator.log",
-    )
+    simulator = ModelServer(simulator_command(MODEL), log_path=work / "simulator.log")
     simulator.start(timeout=60)
     gateways = {name: start_gateway(name, simulator.base_url, work) for name in SETTINGS}
     urls = {

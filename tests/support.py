@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +12,8 @@ from typing import Any
 import yaml
 
 from compute_functions.model_server import ModelServer
+from gateway.cli import serve_command
+from gateway.simulator import command as simulator_command
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-0123456789"
@@ -21,10 +22,7 @@ TOKEN = "test-token-0123456789"
 @contextmanager
 def simulator(*args: str, models: tuple[str, ...] = ("facebook/opt-125m",), port: int = 0) -> Iterator[ModelServer]:
     """A simulator process serving ``models``; extra ``args`` go to its command line."""
-    command = ["{python}", "-m", "gateway.simulator", "--host", "{host}", "--port", "{port}"]
-    for model in models:
-        command += ["--model", model]
-    server = ModelServer([*command, *args], port=port)
+    server = ModelServer(simulator_command(*models, options=args), port=port)
     server.start(timeout=30)
     try:
         yield server
@@ -45,18 +43,7 @@ def gateway(
     config_file = tmp_path / f"gateway-{os.urandom(4).hex()}.yaml"
     config_file.write_text(yaml.safe_dump(config))
     server = ModelServer(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "serve",
-            "--port",
-            "{port}",
-            "--config",
-            str(config_file),
-            "--log-level",
-            log_level,
-        ],
+        serve_command(config_file, log_level=log_level),
         health_path="/resource_server/health",
         env={
             "INFERENCE_GATEWAY_STATE_DIR": str(tmp_path / "state"),

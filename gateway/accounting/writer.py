@@ -30,7 +30,7 @@ import uvloop
 
 from gateway.accounting.record import RequestRecord
 from gateway.accounting.recorder import UsageRecorder
-from gateway.config import LoggingSettings
+from gateway.config import GatewayConfig, LoggingSettings
 from gateway.observability.logs import AccessLog, configure_logging
 from gateway.storage.database import Database
 
@@ -75,6 +75,30 @@ class UsageWriter:
         self._reader: asyncio.Task[None] | None = None
         self._reported = asyncio.Event()
         self._closing = False
+
+    @classmethod
+    def for_config(cls, config: GatewayConfig, state_dir: Path) -> UsageWriter | None:
+        """The writer ``config`` asks for: None when neither the usage log nor the access log is on."""
+        database = config.database
+        if not (database.usage_log or config.logging.access_log):
+            return None
+        return cls(
+            {
+                "url": database.resolved_url(state_dir),
+                "timeout": database.timeout,
+                "spool": str(state_dir / "usage-spool.jsonl"),
+                "usage_log": database.usage_log,
+                "queue_size": database.queue_size,
+                "batch_size": database.batch_size,
+                "flush_interval": database.flush_interval,
+                "retry_interval": database.retry_interval,
+                "access_log": config.logging.access_log,
+                "logging": config.logging.model_dump(by_alias=True),
+                "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+                "start_timeout": database.timeout + 5.0,
+                "stop_timeout": database.timeout + 20.0,
+            }
+        )
 
     def add(self, record: RequestRecord) -> None:
         self._rows.append(_VALUES(record))

@@ -140,6 +140,12 @@ class Batches:
     async def submit(self, identity: Identity, body: Any, cluster: str | None, framework: str | None) -> BatchJob:
         """A new batch from the usage guide's body (``input_file_path``, ``output_folder_path``, ``model``) or the
         OpenAI SDK's (``input_file_id``, ``endpoint``, ``completion_window``)."""
+        # From the count of active batches to the new row, one submission of a user at a time: two at once would
+        # both find room for one more. (A lock per user who ever submitted: a few hundred bytes each.)
+        async with self._submitting.setdefault(identity.username, asyncio.Lock()):
+            return await self._submit(identity, body, cluster, framework)
+
+    async def _submit(self, identity: Identity, body: Any, cluster: str | None, framework: str | None) -> BatchJob:
         if not isinstance(body, dict):
             raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
         input_path = _text(body, "input_file_path") or _text(body, "input_file")
@@ -159,26 +165,6 @@ class Batches:
                 "'completion_window' must be a number of hours, such as '24h'.", param="completion_window"
             )
         metadata = _metadata(body.get("metadata"))
-        # From the count of active batches to the new row, one submission of a user at a time: two at once would
-        # both find room for one more.
-        # (A lock per user who ever submitted: a few hundred bytes each.)
-        async with self._submitting.setdefault(identity.username, asyncio.Lock()):
-            return await self._admit(
-                identity, body, cluster, framework, input_path, input_file_id, endpoint, window, metadata
-            )
-
-    async def _admit(
-        self,
-        identity: Identity,
-        body: dict[str, Any],
-        cluster: str | None,
-        framework: str | None,
-        input_path: str | None,
-        input_file_id: str | None,
-        endpoint: str | None,
-        window: str,
-        metadata: dict[str, str] | None,
-    ) -> BatchJob:
         output = _text(body, "output_folder_path")
         if await self.store.active_count(identity.username) >= self.settings.max_active_per_user:
             raise RateLimited(

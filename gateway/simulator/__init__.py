@@ -6,4 +6,12 @@ nothing else from ``gateway``, so it can be launched on a worker node that has o
 
 from gateway.simulator.server import SimulatorApp, SimulatorSettings, create_app
 
-__all__ = ["SimulatorApp", "SimulatorSettings", "create_app"]
+__all__ = ["SimulatorApp", "SimulatorSettings", "command", "create_app"]
+
+
+def command(*models: str, options: tuple[str, ...] = ()) -> list[str]:
+    """The simulator's command line serving ``models``, for ``ModelServer`` (which fills in python, host, port)."""
+    launch = ["{python}", "-m", "gateway.simulator", "--host", "{host}", "--port", "{port}"]
+    for model in models:
+        launch += ["--model", model]
+    return [*launch, *options]

@@ -45,6 +45,15 @@ def submit(server: ModelServer, token: str = TOKEN, **body: Any) -> httpx.Respon
     return httpx.post(f"{api_url(server)}/batches", headers={"authorization": f"Bearer {token}"}, json=body, timeout=30)
 
 
+def cancel_unfinished(server: ModelServer) -> None:
+    """Cancel the user's batches that are not finished, and wait until they are."""
+    listed = httpx.get(f"{api_url(server)}/batches", headers=HEADERS, timeout=30).json()["data"]
+    for batch in listed:
+        if batch["status"] not in FINISHED:
+            httpx.post(f"{api_url(server)}/batches/{batch['id']}/cancel", headers=HEADERS, timeout=30)
+            wait_for(server, batch["id"])
+
+
 def status(server: ModelServer, batch_id: str, token: str = TOKEN) -> dict[str, Any]:
     response = httpx.get(
         f"{api_url(server)}/batches/{batch_id}", headers={"authorization": f"Bearer {token}"}, timeout=30
@@ -368,11 +377,7 @@ def test_simultaneous_submissions_cannot_pass_the_active_batch_limit_together(
     slow_front: tuple[ModelServer, Path],
 ) -> None:
     server, root = slow_front
-    listed = httpx.get(f"{api_url(server)}/batches", headers=HEADERS, timeout=30).json()["data"]
-    for batch in listed:
-        if batch["status"] not in FINISHED:
-            httpx.post(f"{api_url(server)}/batches/{batch['id']}/cancel", headers=HEADERS, timeout=30)
-            wait_for(server, batch["id"])
+    cancel_unfinished(server)
     source = write_lines(root / "together" / "input.jsonl", [question(index) for index in range(3000)])
     with ThreadPoolExecutor(6) as pool:
         responses = list(
@@ -394,11 +399,7 @@ def test_simultaneous_submissions_cannot_pass_the_active_batch_limit_together(
 
 def test_the_input_of_a_running_batch_cannot_be_deleted(slow_front: tuple[ModelServer, Path], tmp_path: Path) -> None:
     server, _ = slow_front
-    listed = httpx.get(f"{api_url(server)}/batches", headers=HEADERS, timeout=30).json()["data"]
-    for batch in listed:
-        if batch["status"] not in FINISHED:
-            httpx.post(f"{api_url(server)}/batches/{batch['id']}/cancel", headers=HEADERS, timeout=30)
-            wait_for(server, batch["id"])
+    cancel_unfinished(server)
     lines = [
         json.dumps({"custom_id": str(index), "method": "POST", "url": "/v1/chat/completions",
                     "body": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}})
