@@ -101,9 +101,12 @@ class Runtime:
         database = config.database
         self.database = Database(database.resolved_url(self.state_dir), timeout=database.timeout)
         self.usage = UsageWriter.for_config(config, self.state_dir)
-        self.metrics = GatewayMetrics(self.registry, self.usage if database.usage_log else None, self.limiter)
+        self.metrics: GatewayMetrics | None = None
+        if config.metrics.enabled:
+            assert self.usage is not None  # it counts the requests for the metrics
+            self.metrics = GatewayMetrics(self.registry, self.usage, self.limiter, database.usage_log)
         self.batches = Batches(config, self.registry, self.dispatcher, self.database, self.state_dir)
-        self.ledger = RequestLedger(self.metrics if config.metrics.enabled else None, self.usage)
+        self.ledger = RequestLedger(self.usage)
 
     def _build_authenticator(self) -> Authenticator:
         """The configured providers, asked in the order the configuration lists them."""

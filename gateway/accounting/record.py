@@ -39,6 +39,7 @@ class RequestRecord:
         "prompt_tokens",
         "request_id",
         "reservation",
+        "route",
         "started",
         "started_at",
         "status",
@@ -71,6 +72,7 @@ class RequestRecord:
         self.duration = 0.0
         self.reservation: Any = None
         self.prompt: Any = None
+        self.route = ""
 
     def sent_to(self, endpoint: Endpoint) -> None:
         self.cluster = endpoint.cluster
@@ -101,8 +103,9 @@ class RequestRecord:
         reservation, self.reservation = self.reservation, None
         if reservation is None:
             return
-        if self.prompt_tokens is not None or self.completion_tokens is not None:
-            used: int | None = self.tokens
+        prompt, completion = self.prompt_tokens, self.completion_tokens
+        if prompt is not None or completion is not None:
+            used: int | None = (prompt or 0) + (completion or 0)
         else:
             # Refused before any work: give everything back. Otherwise the backend did work it did not report: keep it.
             used = 0 if self.status >= 400 else None

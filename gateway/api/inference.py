@@ -160,7 +160,7 @@ async def _whole(
 async def _relay(
     runtime: Runtime, first: bytes, events: AsyncIterator[bytes], endpoint: Endpoint, model: str, record: RequestRecord
 ) -> AsyncIterator[bytes]:
-    metrics = runtime.ledger.metrics
+    metrics = runtime.metrics
     if metrics is not None:
         metrics.streams_open += 1
     finished = False
@@ -192,7 +192,7 @@ async def _relay(
         # not find its own finished request still counted against its limits.
         record.settle(runtime.limiter)
         if metrics is not None:
-            metrics.stream_ended(record.error_code or "completed")
+            metrics.streams_open -= 1
         await events.aclose()  # type: ignore[attr-defined]
 
 
@@ -239,8 +239,11 @@ async def _infer(request: Request, op: str) -> Response:
     if runtime.config.logging.log_prompts:
         record.prompt = body.get("messages") or body.get("prompt") or body.get("input")
     endpoints = _route(runtime, candidates, model, cluster_route=cluster is not None)
-    if runtime.limiter.enabled:
-        record.reservation = await runtime.limiter.reserve(identity.username, model, op, body)
+    limiter = runtime.limiter
+    if limiter.enabled:
+        taken = limiter.take(identity.username, model, op, body)
+        # The in-process limiter answers at once; only a shared one has to wait for its store.
+        record.reservation = taken if taken is None or taken.__class__ is tuple else await taken  # type: ignore[misc]
     if record.stream:
         return await _streamed(runtime, endpoints, op, body, model, record)
     return await _whole(runtime, endpoints, op, body, model, record)

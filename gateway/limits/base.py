@@ -47,15 +47,9 @@ class Plan:
         self.state: Any = None
 
 
-class Reservation:
-    """What one request took from its plan's rules, to be given back or topped up by ``settle``."""
-
-    __slots__ = ("id", "plan", "tokens")
-
-    def __init__(self, plan: Plan | None, tokens: int, id: str = "") -> None:
-        self.plan = plan
-        self.tokens = tokens
-        self.id = id
+# What one request took from its plan's rules, to be given back or topped up by ``settle``: the plan (None when
+# nothing was taken), the tokens taken, and an id for a shared store. A plain tuple: made on every request.
+Reservation = tuple[Plan | None, int, str]
 
 
 def _rules(limit: RateLimit, scope: str, setting: str, who: str, where: str) -> list[Rule]:
@@ -138,7 +132,12 @@ def _characters(value: Any) -> int:
 def requested_tokens(op: str, body: dict[str, Any], assumed_max_tokens: int) -> int:
     """An upper estimate of a request's tokens: about four characters a prompt token, plus what it may generate."""
     if op == "chat/completions":
-        prompt = _characters(body.get("messages")) // 4 + 1
+        # Validated: a list of messages. Plain text content, the usual case, is counted here without a call.
+        characters = 0
+        for message in body["messages"]:
+            content = message.get("content")
+            characters += len(content) if content.__class__ is str else _characters([message])
+        prompt = characters // 4 + 1
     elif op == "completions":
         prompt = _characters(body.get("prompt")) // 4 + 1
     else:
@@ -168,8 +167,10 @@ class RateLimiter(ABC):
         self._plans.setdefault(user, {})[model] = plan
         return plan
 
-    async def reserve(self, user: str, model: str, op: str, body: dict[str, Any]) -> Reservation | None:
-        """Take this request from every rule that applies, or raise ``RateLimited``; None when no rule applies."""
+    def take(self, user: str, model: str, op: str, body: dict[str, Any]) -> Reservation | Awaitable[Reservation] | None:
+        """``reserve`` without a coroutine where the limiter can answer at once: the request path's form.
+
+        Returns the reservation, or something to await for it (a shared limiter asks its store), or None."""
         plans = self._plans.get(user)
         plan = plans.get(model) if plans is not None else None
         if plan is None:
@@ -177,9 +178,12 @@ class RateLimiter(ABC):
         if not plan.rules:
             return None
         tokens = requested_tokens(op, body, self.settings.assumed_max_tokens) if plan.counts_tokens else 0
-        taken = self._take(plan, tokens)
-        # The in-process limiter answers at once; only a shared one has to wait for its store.
-        return taken if isinstance(taken, Reservation) else await taken
+        return self._take(plan, tokens)
+
+    async def reserve(self, user: str, model: str, op: str, body: dict[str, Any]) -> Reservation | None:
+        """Take this request from every rule that applies, or raise ``RateLimited``; None when no rule applies."""
+        taken = self.take(user, model, op, body)
+        return taken if taken is None or taken.__class__ is tuple else await taken  # type: ignore[misc]
 
     def refuse(self, rule: Rule, wait: float) -> RateLimited:
         self.refusals[rule.setting] = self.refusals.get(rule.setting, 0) + 1

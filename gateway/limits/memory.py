@@ -64,13 +64,14 @@ class MemoryRateLimiter(RateLimiter):
                 cell.level -= tokens
             else:
                 cell.level += 1.0
-        return Reservation(plan, tokens)
+        return (plan, tokens, "")
 
     def settle(self, reservation: Reservation, used_tokens: int | None) -> None:
-        assert reservation.plan is not None
-        for cell in reservation.plan.state:
+        plan, tokens, _ = reservation
+        assert plan is not None
+        for cell in plan.state:
             if cell.kind is CONCURRENT:
                 cell.level -= 1.0
             elif cell.kind is TOKENS and used_tokens is not None:
-                level = cell.level + reservation.tokens - used_tokens
+                level = cell.level + tokens - used_tokens
                 cell.level = level if level < cell.capacity else cell.capacity

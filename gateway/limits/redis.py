@@ -121,12 +121,12 @@ class RedisRateLimiter(RateLimiter):
 
     async def _take(self, plan: Plan, tokens: int) -> Reservation:
         keys, arguments, _ = plan.state
-        reservation = Reservation(plan, tokens, os.urandom(8).hex())
+        reservation = (plan, tokens, os.urandom(8).hex())
         try:
-            broken, wait_ms = await self._reserve_script(keys=keys, args=[tokens, reservation.id, LEASE_MS, *arguments])
+            broken, wait_ms = await self._reserve_script(keys=keys, args=[tokens, reservation[2], LEASE_MS, *arguments])
         except (RedisError, OSError) as exc:
             self._unavailable(exc)
-            return Reservation(None, 0)
+            return (None, 0, "")
         if self._failing_since:
             log.warning("rate-limit Redis at %s is back", self.url)
             self._failing_since = 0.0
@@ -135,9 +135,10 @@ class RedisRateLimiter(RateLimiter):
         return reservation
 
     def settle(self, reservation: Reservation, used_tokens: int | None) -> None:
-        if reservation.plan is None:
+        plan, tokens, _ = reservation
+        if plan is None:
             return
-        back = 0 if used_tokens is None else reservation.tokens - used_tokens
+        back = 0 if used_tokens is None else tokens - used_tokens
         self._pending.append((reservation, back))
         self._wake.set()
 
@@ -153,10 +154,10 @@ class RedisRateLimiter(RateLimiter):
                 continue
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
-                    for reservation, back in batch:
-                        assert reservation.plan is not None
-                        keys, _, arguments = reservation.plan.state
-                        await self._settle_script(keys=keys, args=[back, reservation.id, *arguments], client=pipe)
+                    for (plan, _, id), back in batch:
+                        assert plan is not None
+                        keys, _, arguments = plan.state
+                        await self._settle_script(keys=keys, args=[back, id, *arguments], client=pipe)
                     await pipe.execute()
             except (RedisError, OSError) as exc:
                 # Slots then expire with their lease and token buckets refill on their own.

@@ -1,107 +1,49 @@
 """The gateway's Prometheus metrics.
 
-The request path only bumps plain numbers in dicts; they become Prometheus metric families when
-``/metrics`` is scraped, through a collector on a registry of the gateway's own. This keeps the
-per-request cost to a few dict operations instead of a lock and a label lookup per metric.
+The counts of finished requests are kept by the usage writer process (``gateway.observability.tally``) from the
+records the gateway hands it anyway, and reach the gateway with its reports; the request path itself only moves
+the in-flight gauges. Everything becomes Prometheus metric families when ``/metrics`` is scraped, through a
+collector on a registry of the gateway's own.
 """
 
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.accounting.record import RequestRecord
 from gateway.accounting.writer import UsageWriter
 from gateway.federation.registry import Registry
 from gateway.limits.base import RateLimiter
-
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-class Histogram:
-    """Bucket counts and a sum; ``observe`` is one bisection and two additions."""
-
-    __slots__ = ("bounds", "counts", "total")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
-
-    def cumulative(self) -> list[tuple[str, float]]:
-        buckets = []
-        running = 0
-        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            running += count
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
-        return buckets
 
 
 class GatewayMetrics(Collector):
     """Everything ``/metrics`` shows; see docs/observability.md for the list."""
 
-    def __init__(self, registry: Registry, usage: UsageWriter | None, limiter: RateLimiter) -> None:
+    def __init__(self, registry: Registry, writer: UsageWriter, limiter: RateLimiter, usage_log: bool) -> None:
         self.endpoints = registry
-        self.usage = usage
+        self.writer = writer
+        self.usage_log = usage_log
         self.limiter = limiter
-        self.requests: dict[tuple[str, str, str, int], int] = {}
-        self.latency: dict[tuple[str, str], Histogram] = {}
-        self.ttft: dict[str, Histogram] = {}
-        self.tokens: dict[tuple[str, str], int] = {}
         self.in_flight = 0
         self.streams_open = 0
-        self.streams: dict[str, int] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
 
-    def observe(self, record: RequestRecord, route: str) -> None:
-        """Count one finished request."""
-        model = record.model or ""
-        key = (route, model, record.cluster or "", record.status)
-        requests = self.requests
-        requests[key] = requests.get(key, 0) + 1
-        latency = self.latency.get((route, model))
-        if latency is None:
-            latency = self.latency[(route, model)] = Histogram(LATENCY_BUCKETS)
-        latency.observe(record.duration)
-        if record.ttft is not None:
-            ttft = self.ttft.get(model)
-            if ttft is None:
-                ttft = self.ttft[model] = Histogram(TTFT_BUCKETS)
-            ttft.observe(record.ttft)
-        if record.prompt_tokens:
-            self._add_tokens(model, "prompt", record.prompt_tokens)
-        if record.completion_tokens:
-            self._add_tokens(model, "completion", record.completion_tokens)
-
-    def _add_tokens(self, model: str, kind: str, count: int) -> None:
-        key = (model, kind)
-        self.tokens[key] = self.tokens.get(key, 0) + count
-
-    def stream_ended(self, outcome: str) -> None:
-        self.streams_open -= 1
-        self.streams[outcome] = self.streams.get(outcome, 0) + 1
-
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
     def collect(self) -> Iterator[Metric]:
+        tally = self.writer.tally
         requests = CounterMetricFamily(
             "gateway_requests", "HTTP requests answered", labels=["route", "model", "cluster", "status"]
         )
-        for (route, model, cluster, status), count in list(self.requests.items()):
+        for (route, model, cluster, status), count in list(tally.requests.items()):
             requests.add_metric([route, model, cluster, str(status)], count)
         yield requests
         latency = HistogramMetricFamily(
@@ -109,7 +51,7 @@ class GatewayMetrics(Collector):
             "Time from a request's arrival to its last byte",
             labels=["route", "model"],
         )
-        for (route, model), histogram in list(self.latency.items()):
+        for (route, model), histogram in list(tally.latency.items()):
             latency.add_metric([route, model], histogram.cumulative(), histogram.total)
         yield latency
         ttft = HistogramMetricFamily(
@@ -117,17 +59,17 @@ class GatewayMetrics(Collector):
             "Time from a streamed request's arrival to its first event",
             labels=["model"],
         )
-        for model, histogram in list(self.ttft.items()):
+        for model, histogram in list(tally.ttft.items()):
             ttft.add_metric([model], histogram.cumulative(), histogram.total)
         yield ttft
         tokens = CounterMetricFamily("gateway_tokens", "Tokens reported by backends", labels=["model", "kind"])
-        for (model, kind), count in list(self.tokens.items()):
+        for (model, kind), count in list(tally.tokens.items()):
             tokens.add_metric([model, kind], count)
         yield tokens
         yield GaugeMetricFamily("gateway_requests_in_flight", "Requests being served", value=self.in_flight)
         yield GaugeMetricFamily("gateway_relay_streams_open", "Event streams being relayed", value=self.streams_open)
         streams = CounterMetricFamily("gateway_relay_streams", "Event streams relayed, by end", labels=["outcome"])
-        for outcome, count in list(self.streams.items()):
+        for outcome, count in list(tally.streams.items()):
             streams.add_metric([outcome], count)
         yield streams
         yield from self._endpoint_states()
@@ -151,9 +93,9 @@ class GatewayMetrics(Collector):
         yield states
 
     def _usage_log(self) -> Iterator[Metric]:
-        usage = self.usage
-        if usage is None:
+        if not self.usage_log:
             return
+        usage = self.writer
         yield GaugeMetricFamily("gateway_usage_queue_depth", "Usage rows waiting to be written", value=usage.depth)
         yield CounterMetricFamily(
             "gateway_usage_rows_dropped", "Usage rows lost because the queue was full", value=usage.dropped

@@ -1,9 +1,10 @@
 """The ASGI middleware that watches every HTTP request from arrival to last byte.
 
 It makes the request's ``RequestRecord`` (the handlers note the status, error code and usage in it), and when
-the response is over (finished, failed or abandoned by the client) hands the record to the ledger, which counts,
-logs and records it. Being outermost to the routes, it sees streamed responses end, which a handler cannot. It
-does not wrap ``send``: an extra coroutine for every message sent costs more than everything else it does.
+the response is over (finished, failed or abandoned by the client) settles its rate-limit reservation if a handler
+has not, and hands the record to the ledger, which passes it on to be counted, logged and recorded. Being
+outermost to the routes, it sees streamed responses end, which a handler cannot. It does not wrap ``send``: an
+extra coroutine for every message sent costs more than everything else it does.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.accounting.record import SCOPE_KEY, RequestRecord
+from gateway.accounting.writer import row_of
 from gateway.api.responses import request_id
 from gateway.observability.logs import current_scope
 
@@ -28,14 +30,15 @@ log = logging.getLogger("gateway.observability")
 class ObservingMiddleware:
     def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
         self.app = app
-        self.runtime = runtime
-        self.metrics = runtime.ledger.metrics
+        self.metrics = runtime.metrics
+        self.limiter = runtime.limiter
+        # Without a usage writer nothing reads finished records (the middleware is here for the rate limits).
+        self.ledger = runtime.ledger if runtime.usage is not None else None
 
     @staticmethod
     def needed(runtime: Runtime) -> bool:
         """Whether anything reads the records: with all of it turned off, requests skip the middleware."""
-        ledger = runtime.ledger
-        return ledger.metrics is not None or ledger.writer is not None or runtime.limiter.enabled
+        return runtime.usage is not None or runtime.limiter.enabled
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,20 +54,20 @@ class ObservingMiddleware:
         try:
             await self.app(scope, receive, send)
         finally:
+            # Inline rather than in a method: this runs for every request.
             try:
-                self._finish(scope, record)
+                record.duration = perf_counter() - record.started
+                if metrics is not None:
+                    metrics.in_flight -= 1
+                if not record.status:
+                    # The app raised before answering; the error middleware outside this one answers 500.
+                    record.status = 500
+                if record.reservation is not None:
+                    record.settle(self.limiter)
+                if self.ledger is not None:
+                    route = scope.get("route")
+                    record.route = route.path if route is not None else "unmatched"
+                    record.request_id = scope.get("request_id") or request_id(Request(scope))
+                    self.ledger.finished.append(row_of(record))
             except Exception:
                 log.exception("could not account for %s %s", record.method, record.path)
-
-    def _finish(self, scope: Scope, record: RequestRecord) -> None:
-        runtime = self.runtime
-        record.duration = perf_counter() - record.started
-        if not record.status:
-            # The app raised before answering; the error middleware outside this one answers 500.
-            record.status = 500
-        record.request_id = scope.get("request_id") or request_id(Request(scope))
-        if self.metrics is not None:
-            self.metrics.in_flight -= 1
-        record.settle(runtime.limiter)
-        route = scope.get("route")
-        runtime.ledger.add(record, route.path if route is not None else "unmatched")

@@ -7,6 +7,7 @@ load run and coming back: no request may fail and no row may be missing afterwar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
@@ -287,6 +288,48 @@ def test_metrics_parse_with_prometheus_clients_parser(front: ModelServer) -> Non
     ):
         assert name in families, name
     assert {sample.value for sample in families["gateway_usage_rows_dropped"].samples} == {0.0}
+
+
+def served_count(server: ModelServer) -> float:
+    text = httpx.get(f"http://127.0.0.1:{server.port}/metrics").text
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    route = "/resource_server/v1/chat/completions"
+    return sum(
+        sample.value
+        for sample in families["gateway_requests"].samples
+        if sample.labels == {"route": route, "model": MODEL, "cluster": "local", "status": "200"}
+    )
+
+
+def writer_pid(server: ModelServer) -> int:
+    assert server.process is not None
+    children = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout
+    (pid,) = children.split()
+    return int(pid)
+
+
+def test_metrics_alone_are_counted_by_the_writer_process_and_outlive_it(backend: ModelServer, tmp_path: Path) -> None:
+    config = accounting_config(backend, usage_log=False)
+    config["logging"] = {"access_log": False}
+    with gateway(config, tmp_path) as server:
+        for _ in range(3):
+            assert chat(server, rid("counted")).status_code == 200
+        # Each scrape waits for the writer to have counted everything finished before it: exact counts.
+        assert served_count(server) == 3
+        first = writer_pid(server)
+        os.kill(first, 9)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            with contextlib.suppress(ValueError):
+                if writer_pid(server) != first:
+                    break
+        else:
+            raise AssertionError("the usage writer was not started again")
+        for _ in range(2):
+            assert chat(server, rid("counted")).status_code == 200
+        # What the first writer had counted stays with the gateway; the new one counts on from there.
+        assert served_count(server) == 5
 
 
 def test_logs_are_json_lines_with_the_request_id_and_no_token(front: ModelServer) -> None:

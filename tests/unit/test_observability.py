@@ -14,13 +14,16 @@ from gateway.config import LimitSettings, LoggingSettings
 from gateway.federation.registry import Endpoint, Registry
 from gateway.limits.memory import MemoryRateLimiter
 from gateway.observability.logs import AccessLog, JsonFormatter, current_scope
+from gateway.accounting.writer import UsageWriter
 from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.tally import Tally
 
 ROUTE = "/resource_server/v1/chat/completions"
 
 
 def served(model: str = "m", ttft: float | None = None, status: int = 200) -> RequestRecord:
     record = RequestRecord("POST", ROUTE, "10.0.0.1")
+    record.route = ROUTE
     record.request_id, record.user, record.model, record.op = "rid-1", "alice", model, "chat/completions"
     record.cluster, record.framework, record.transport, record.status = "local", "vllm", "direct", status
     record.prompt_tokens, record.completion_tokens, record.duration, record.ttft = 5, 7, 0.3, ttft
@@ -31,10 +34,14 @@ def test_metrics_parse_with_prometheus_clients_own_parser() -> None:
     endpoint = Endpoint(
         cluster="local", framework="vllm", models=("m",), transport="direct", kind="vllm", base_url="http://x/v1"
     )
-    metrics = GatewayMetrics(Registry([endpoint]), None, MemoryRateLimiter(LimitSettings()))
-    metrics.observe(served(), ROUTE)
-    metrics.observe(served(ttft=0.02), ROUTE)
-    metrics.observe(served(status=429), ROUTE)
+    # The usage writer process counts what it is handed and sends the counts to the gateway with its reports.
+    writer = UsageWriter({"queue_size": 100})
+    for reported in ([served(), served(ttft=0.02)], [served(status=429)]):
+        counted = Tally()
+        for record in reported:
+            counted.observe(record)
+        writer.tally.merge(json.loads(json.dumps(counted.export())))
+    metrics = GatewayMetrics(Registry([endpoint]), writer, MemoryRateLimiter(LimitSettings()), usage_log=False)
     families = {family.name: family for family in text_string_to_metric_families(metrics.exposition().decode())}
     requests = {(s.labels["status"], s.labels["model"]): s.value for s in families["gateway_requests"].samples}
     assert requests == {("200", "m"): 2.0, ("429", "m"): 1.0}
