@@ -10,11 +10,11 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.accounting.record import RequestRecord
+from gateway.accounting.writer import UsageWriter
 from gateway.config import LimitSettings, LoggingSettings
 from gateway.federation.registry import Endpoint, Registry
 from gateway.limits.memory import MemoryRateLimiter
 from gateway.observability.logs import AccessLog, JsonFormatter, current_scope
-from gateway.accounting.writer import UsageWriter
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.tally import Tally
 
