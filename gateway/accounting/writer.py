@@ -4,10 +4,9 @@ Inserting rows into a database, formatting log lines and counting requests by th
 things the gateway does for a request after serving it; in the serving process they take the event loop's CPU
 (and, through a thread, its GIL). Here the serving process only turns each finished request's record into a tuple
 of plain values (``row_of``, in C) and, after each pass of the request ledger, sends the pass's tuples down a pipe
-in one frame. The writer process runs the ``UsageRecorder`` (batched inserts, the
-spool while the database is down, replay when it returns), the ``AccessLog`` and a ``Tally`` of the counts
-``/metrics`` shows on its own core, and reports its counters and the new counts back twice a second, and at once
-when the gateway asks (a scrape of ``/metrics``).
+in one frame. The writer process runs the ``UsageRecorder`` (batched inserts, the spool while the database is
+down, replay when it returns), the ``AccessLog`` and a ``Tally`` of the counts ``/metrics`` shows, and reports its
+counters and the new counts back twice a second, and at once when the gateway asks (a scrape of ``/metrics``).
 
 Frames on the writer's stdin are a 4-byte big-endian length and a JSON list of rows (lists of values in the order
 of ``FIELDS``), or a JSON number asking for a report that says it was sent after every row before it; orjson
@@ -41,8 +40,8 @@ log = logging.getLogger("gateway.accounting")
 
 # What travels of a record: everything but the rate-limit reservation and what only the serving process reads.
 FIELDS = tuple(name for name in RequestRecord.__slots__ if name not in ("reservation", "started", "keep_usage"))
-# A finished record's row: its values in the order of FIELDS, taken in C. A tuple of plain values is soon left
-# alone by the garbage collector; a record kept until the next ledger pass would be walked by every collection.
+# A finished record's row: its values in the order of FIELDS, taken in C as the request ends, so that the record
+# itself goes at once.
 row_of = operator.attrgetter(*FIELDS)
 _STATUS_SECONDS = 0.5
 _SYNC_SECONDS = 2.0
