@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import operator
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from starlette.requests import Request
 
@@ -88,6 +89,10 @@ class RequestRecord:
             if isinstance(completion, int):
                 self.completion_tokens = completion
 
+    def finished(self) -> FinishedRequest:
+        """The record as the usage writer gets it."""
+        return FinishedRequest._make(row_of(self))
+
     @property
     def tokens(self) -> int:
         return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
@@ -110,6 +115,37 @@ class RequestRecord:
             # Refused before any work: give everything back. Otherwise the backend did work it did not report: keep it.
             used = 0 if self.status >= 400 else None
         limiter.settle(reservation, used)
+
+
+class FinishedRequest(NamedTuple):
+    """A finished request's facts as plain values, in one tuple: what the usage writer process gets of its record
+    (everything but the rate-limit reservation and what only the serving process reads), and what the usage log,
+    the access log and the metrics' counts read there."""
+
+    client: str | None
+    cluster: str | None
+    completion_tokens: int | None
+    duration: float
+    error_code: str | None
+    framework: str | None
+    method: str
+    model: str | None
+    op: str | None
+    path: str
+    prompt: Any
+    prompt_tokens: int | None
+    request_id: str
+    route: str
+    started_at: float
+    status: int
+    stream: bool
+    transport: str | None
+    ttft: float | None
+    user: str | None
+
+
+# A record's values in FinishedRequest's order, taken in C as the request ends (a plain tuple, made on every request).
+row_of = operator.attrgetter(*FinishedRequest._fields)
 
 
 def record_of(request: Request) -> RequestRecord:

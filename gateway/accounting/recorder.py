@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from gateway.accounting.record import RequestRecord
+from gateway.accounting.record import FinishedRequest
 from gateway.accounting.spool import Row, Spool
 from gateway.storage.database import Database, DatabaseUnavailable
 
@@ -62,7 +62,7 @@ class UsageRecorder:
     def depth(self) -> int:
         return len(self._pending)
 
-    def add(self, record: RequestRecord) -> None:
+    def add(self, record: FinishedRequest) -> None:
         pending = self._pending
         if len(pending) >= self.queue_size:
             self.dropped += 1
@@ -146,7 +146,7 @@ class UsageRecorder:
                 return
             self.written += len(batch)
 
-    def _row(self, record: RequestRecord) -> Row:
+    def _row(self, record: FinishedRequest) -> Row:
         return (
             f"{self._id_prefix}{next(self._ids):012x}",
             record.request_id,

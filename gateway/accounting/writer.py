@@ -8,9 +8,9 @@ in one frame. The writer process runs the ``UsageRecorder`` (batched inserts, th
 down, replay when it returns), the ``AccessLog`` and a ``Tally`` of the counts ``/metrics`` shows, and reports its
 counters and the new counts back twice a second, and at once when the gateway asks (a scrape of ``/metrics``).
 
-Frames on the writer's stdin are a 4-byte big-endian length and a JSON list of rows (lists of values in the order
-of ``FIELDS``), or a JSON number asking for a report that says it was sent after every row before it; orjson
-writes them two and a half times as fast as ``marshal``. Its stdout carries one JSON object of counters per line.
+Frames on the writer's stdin are a 4-byte big-endian length and a JSON list of rows (``FinishedRequest``'s values),
+or a JSON number asking for a report that says it was sent after every row before it; orjson writes them two and a
+half times as fast as ``marshal``. Its stdout carries one JSON object of counters per line.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import operator
 import os
 import signal
 import sys
@@ -29,7 +28,7 @@ from typing import Any
 import orjson
 import uvloop
 
-from gateway.accounting.record import RequestRecord
+from gateway.accounting.record import FinishedRequest
 from gateway.accounting.recorder import UsageRecorder
 from gateway.config import GatewayConfig, LoggingSettings
 from gateway.observability.logs import AccessLog, configure_logging
@@ -38,23 +37,10 @@ from gateway.storage.database import Database
 
 log = logging.getLogger("gateway.accounting")
 
-# What travels of a record: everything but the rate-limit reservation and what only the serving process reads.
-FIELDS = tuple(name for name in RequestRecord.__slots__ if name not in ("reservation", "started", "keep_usage"))
-# A finished record's row: its values in the order of FIELDS, taken in C as the request ends, so that the record
-# itself goes at once.
-row_of = operator.attrgetter(*FIELDS)
 _STATUS_SECONDS = 0.5
 _SYNC_SECONDS = 2.0
 _SETTINGS_ENV = "INFERENCE_GATEWAY_WRITER_SETTINGS"
 _MAX_FRAME = 1 << 30
-
-
-def _restore(values: list[Any]) -> RequestRecord:
-    record = RequestRecord.__new__(RequestRecord)
-    for name, value in zip(FIELDS, values, strict=True):
-        setattr(record, name, value)
-    record.reservation = None
-    return record
 
 
 class UsageWriter:
@@ -260,7 +246,7 @@ class _Writer:
     def take(self, rows: list[list[Any]]) -> None:
         recorder, access_log, tally = self.recorder, self.access_log, self.tally
         for values in rows:
-            record = _restore(values)
+            record = FinishedRequest._make(values)
             if recorder is not None and record.model is not None:
                 recorder.add(record)
             if access_log is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from gateway.accounting.record import RequestRecord
+from gateway.accounting.record import FinishedRequest
 from gateway.config import LoggingSettings
 
 # The ASGI scope of the request being served, so that any record logged while serving it carries its id.
@@ -100,7 +100,7 @@ class AccessLog:
         self._buffer: list[str] = []
         self._clock = _Clock()
 
-    def write(self, record: RequestRecord) -> None:
+    def write(self, record: FinishedRequest) -> None:
         """Log one finished request; every line has the same keys, null where a fact does not apply."""
         ttft = record.ttft
         # One dict literal: building it key by key costs more than the serialisation.

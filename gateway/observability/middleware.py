@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.accounting.record import SCOPE_KEY, RequestRecord
-from gateway.accounting.writer import row_of
+from gateway.accounting.record import SCOPE_KEY, RequestRecord, row_of
 from gateway.api.responses import request_id
 from gateway.observability.logs import current_scope
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Any
 
-from gateway.accounting.record import RequestRecord
+from gateway.accounting.record import FinishedRequest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -58,7 +58,7 @@ class Tally:
     def __bool__(self) -> bool:
         return bool(self.requests)
 
-    def observe(self, record: RequestRecord) -> None:
+    def observe(self, record: FinishedRequest) -> None:
         """Count one finished request."""
         model = record.model or ""
         key = (record.route, model, record.cluster or "", record.status)

@@ -39,7 +39,7 @@ def test_metrics_parse_with_prometheus_clients_own_parser() -> None:
     for reported in ([served(), served(ttft=0.02)], [served(status=429)]):
         counted = Tally()
         for record in reported:
-            counted.observe(record)
+            counted.observe(record.finished())
         writer.tally.merge(json.loads(json.dumps(counted.export())))
     metrics = GatewayMetrics(Registry([endpoint]), writer, MemoryRateLimiter(LimitSettings()), usage_log=False)
     families = {family.name: family for family in text_string_to_metric_families(metrics.exposition().decode())}
@@ -87,8 +87,8 @@ def test_the_access_log_is_one_json_line_per_request_and_prompts_only_when_asked
     chatty = AccessLog(LoggingSettings.model_validate({"log_prompts": True}), fd=fd)
     record = served(ttft=0.0123)
     record.prompt = [{"role": "user", "content": "the secret plan"}]
-    quiet.write(record)
-    chatty.write(record)
+    quiet.write(record.finished())
+    chatty.write(record.finished())
     quiet.flush()
     chatty.flush()
     os.close(fd)
@@ -103,7 +103,7 @@ def test_the_access_log_can_be_plain_text(tmp_path: Path) -> None:
     path = tmp_path / "access.log"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
     text = AccessLog(LoggingSettings.model_validate({"json": False}), fd=fd)
-    text.write(served())
+    text.write(served().finished())
     text.flush()
     os.close(fd)
     line = path.read_text()

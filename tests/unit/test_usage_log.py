@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.accounting.record import RequestRecord
+from gateway.accounting.record import FinishedRequest, RequestRecord
 from gateway.accounting.recorder import UsageRecorder
 from gateway.accounting.report import as_csv, as_table, parse_day, parse_dimensions
 from gateway.accounting.streams import for_client, take_usage
@@ -72,12 +72,12 @@ def test_usage_on_a_content_chunk_is_counted_and_the_chunk_kept() -> None:
     assert seen.tokens == 2
 
 
-def finished(n: int, user: str = "alice") -> RequestRecord:
+def finished(n: int, user: str = "alice") -> FinishedRequest:
     done = record()
     done.request_id, done.user, done.model, done.op = f"req-{n}", user, "m", "chat/completions"
     done.cluster, done.framework, done.transport, done.status = "local", "vllm", "direct", 200
     done.prompt_tokens, done.completion_tokens, done.duration = 3, 4, 0.01
-    return done
+    return done.finished()
 
 
 class FlakyDatabase(Database):
@@ -201,12 +201,8 @@ async def test_the_report_groups_by_user_model_and_day(tmp_path: Path) -> None:
     await usage.start()
     for n in range(4):
         usage.add(finished(n, user="alice" if n < 3 else "bob"))
-    failed = finished(9, user="bob")
-    failed.status, failed.error_code, failed.prompt_tokens, failed.completion_tokens = (
-        503,
-        "backend_unavailable",
-        None,
-        None,
+    failed = finished(9, user="bob")._replace(
+        status=503, error_code="backend_unavailable", prompt_tokens=None, completion_tokens=None
     )
     usage.add(failed)
     await wait_for(lambda: usage.written == 5)
