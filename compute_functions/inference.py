@@ -115,6 +115,9 @@ class _UpstreamBroke(Exception):
 
 
 def _streamed(url: str, payload: dict[str, Any], timeout: httpx.Timeout, stream: dict[str, Any]) -> dict[str, Any]:
+    # Made before the model server starts generating: a worker's first client takes a while to set up (proxy
+    # settings, TLS context), and meanwhile the first tokens would wait.
+    _client("relay")
     try:
         with _client("upstream").stream("POST", url, json=payload, timeout=timeout) as upstream:
             if upstream.status_code >= 400:

@@ -10,6 +10,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -31,6 +32,9 @@ from .test_vllm_direct import (
 )
 
 pytestmark = pytest.mark.e2e
+
+WORKERS = 4
+LONG_TOKENS, LONG_SEQUENCES = 1000, 16
 
 
 class Launched:
@@ -97,7 +101,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
                     "startup_timeout": float(os.environ.get("INFERENCE_GATEWAY_VLLM_START_TIMEOUT", "300")),
                     "state_dir": str(servers),
                 },
-                "parsl": {"provider": "local", "max_workers_per_node": 4, "init_blocks": 1, "min_blocks": 1},
+                "parsl": {"provider": "local", "max_workers_per_node": WORKERS, "init_blocks": 1, "min_blocks": 1},
             }
         ],
     }
@@ -173,9 +177,18 @@ def _abandon_a_long_stream(launched: Launched) -> float:
     """Open a long stream, leave after its first event, wait for vLLM to go idle; the tokens vLLM generated."""
     metrics = f"http://127.0.0.1:{launched.port}/metrics"
     generated_before = metric(scrape(metrics), "vllm:generation_tokens_total")
-    # Four sequences of 1000 tokens: the tiny model on the CPU can finish one sequence before the abort
-    # travels client -> gateway -> relay -> worker -> vLLM, which would leave nothing to abort.
-    body = {"model": SERVED_MODEL, "prompt": PROMPT, "max_tokens": 1000, "n": 4, "stream": True, "ignore_eos": True}
+    # Sixteen sequences of 1000 tokens (vLLM runs with a context of 1024): the tiny model on the CPU can generate
+    # thousands of tokens before the first event has travelled vLLM -> worker -> relay -> gateway -> client, when
+    # vLLM's threads hold both cores, and the abort has the same way back; a short request would leave nothing to
+    # abort.
+    body = {
+        "model": SERVED_MODEL,
+        "prompt": PROMPT,
+        "max_tokens": LONG_TOKENS,
+        "n": LONG_SEQUENCES,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.stream(
         "POST",
         f"{api_url(launched.front)}/completions",
@@ -194,9 +207,19 @@ def _abandon_a_long_stream(launched: Launched) -> float:
 
 
 def test_a_client_that_goes_away_makes_vllm_abort_the_request(launched: Launched, client: openai.OpenAI) -> None:
-    client.completions.create(model=SERVED_MODEL, prompt=PROMPT, max_tokens=1)
+    # A short stream of as many sequences on every worker first: a worker's first stream, and vLLM's first batch of
+    # that size, start slowly while vLLM on the CPU takes both cores, and meanwhile the tiny model can generate all
+    # its tokens, which would leave nothing to abort.
+    def short_stream() -> None:
+        with client.completions.create(
+            model=SERVED_MODEL, prompt=PROMPT, max_tokens=2, n=LONG_SEQUENCES, stream=True
+        ) as stream:
+            list(stream)
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        list(pool.map(lambda _: short_stream(), range(WORKERS)))
     # vLLM does not count a client's abort among its finished requests; but with ignore_eos only an abort ends the
-    # request before its 4 x 1000 tokens. The tiny model is fast enough to win that race now and then on a busy
-    # machine, so the scenario gets three tries; every try must still leave vLLM idle.
+    # request before all its tokens. The tiny model is fast enough to win that race now and then on a busy machine,
+    # so the scenario gets three tries; every try must still leave vLLM idle.
     generated = [_abandon_a_long_stream(launched) for _ in range(3)]
-    assert min(generated) < 4000, generated
+    assert min(generated) < LONG_TOKENS * LONG_SEQUENCES, generated
