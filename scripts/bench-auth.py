@@ -36,11 +36,12 @@ from gateway.auth.base import Authenticator  # noqa: E402
 from gateway.auth.bearer import ProviderChain, bearer_token  # noqa: E402
 from gateway.auth.dev import DevAuthenticator  # noqa: E402
 from gateway.auth.globus import GlobusAuthenticator  # noqa: E402
+from gateway.cli import serve_command  # noqa: E402
 from gateway.config import GlobusAuthSettings  # noqa: E402
+from gateway.simulator import command as simulator_command  # noqa: E402
 from tests.globus_fake import FakeGlobus  # noqa: E402
 
 DEV_TOKEN = "dev-bench-token-0123456789abcdef0123456789"
-QUIET = ("--log-level", "warning")
 
 
 async def timed(call: Callable[[], Awaitable[object]], iterations: int) -> list[float]:
@@ -104,10 +105,7 @@ async def in_process(fake: FakeGlobus, iterations: int) -> None:
 
 def http(fake: FakeGlobus, connections: int, duration: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-auth-"))
-    simulator = ModelServer(
-        ["{python}", "-m", "gateway.simulator", "--host", "{host}", "--port", "{port}", "--model", "facebook/opt-125m"],
-        log_path=work / "simulator.log",
-    )
+    simulator = ModelServer(simulator_command("facebook/opt-125m"), log_path=work / "simulator.log")
     simulator.start(timeout=30)
     globus_token = fake.issue("jdoe@anl.gov")
     try:
@@ -122,7 +120,7 @@ def http(fake: FakeGlobus, connections: int, duration: int) -> None:
                 )
             )
             gateway = ModelServer(
-                [sys.executable, "-m", "gateway.cli", "serve", "--port", "{port}", "--config", str(config), *QUIET],
+                serve_command(config),
                 health_path="/resource_server/health",
                 env={
                     **fake.gateway_env(),

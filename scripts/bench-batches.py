@@ -35,16 +35,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from compute_functions.model_server import ModelServer  # noqa: E402
+from gateway.cli import serve_command  # noqa: E402
+from gateway.simulator import command  # noqa: E402
 
 MODEL = "facebook/opt-125m"
 TOKEN = "bench-token-0123456789"
 
 
 def simulator_command(args: argparse.Namespace) -> list[str]:
-    return [
-        "{python}", "-m", "gateway.simulator", "--host", "{host}", "--port", "{port}", "--model", MODEL,
-        "--ttft", str(args.ttft), "--tpot", str(args.tpot), "--max-num-seqs", "1024",
-    ]  # fmt: skip
+    return command(MODEL, options=("--ttft", str(args.ttft), "--tpot", str(args.tpot), "--max-num-seqs", "1024"))
 
 
 def write_input(path: Path, lines: int, max_tokens: int) -> None:
@@ -213,7 +212,7 @@ def main() -> int:
     }
     (work / "gateway.yaml").write_text(yaml.safe_dump(config))
     gateway = ModelServer(
-        [sys.executable, "-m", "gateway.cli", "serve", "--port", "{port}", "--config", str(work / "gateway.yaml")],
+        serve_command(work / "gateway.yaml"),
         health_path="/resource_server/health",
         env={"INFERENCE_GATEWAY_STATE_DIR": str(work / "state"), "INFERENCE_GATEWAY_DEV_TOKEN": TOKEN},
         log_path=work / "gateway.log",

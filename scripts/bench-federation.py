@@ -29,9 +29,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from compute_functions.model_server import ModelServer  # noqa: E402
+from gateway.cli import serve_command  # noqa: E402
 from gateway.federation.availability import Availability  # noqa: E402
 from gateway.federation.registry import Endpoint  # noqa: E402
 from gateway.federation.selection import plan  # noqa: E402
+from gateway.simulator import command as simulator_command  # noqa: E402
 from tests.support import metric, scrape  # noqa: E402
 
 MODEL = "facebook/opt-125m"
@@ -94,9 +96,8 @@ async def load(url: str, requests: int, concurrency: int, stream: bool, tokens: 
 def simulator(work: Path, name: str, tpot: float, port: int = 0) -> ModelServer:
     # Each token slows by 3% per other running sequence, as a batched engine does; without that, an
     # endpoint's speed would not depend on how many requests it is sent, unlike a real vLLM.
-    server = ModelServer(["{python}", "-m", "gateway.simulator", "--host", "{host}", "--port", "{port}",
-                          "--model", MODEL, "--ttft", "0.01", "--tpot", str(tpot), "--tpot-batch-factor", "0.03"],
-                         port=port, log_path=work / f"{name}.log")  # fmt: skip
+    options = ("--ttft", "0.01", "--tpot", str(tpot), "--tpot-batch-factor", "0.03")
+    server = ModelServer(simulator_command(MODEL, options=options), port=port, log_path=work / f"{name}.log")
     server.start(timeout=30)
     return server
 
@@ -107,8 +108,7 @@ def gateway(work: Path, name: str, backends: dict[str, ModelServer], policy: str
     config = work / f"{name}.yaml"
     config.write_text(json.dumps({"endpoints": endpoints, "federation": {**FAST_STATUS, "policy": policy},
                                   "logging": {"access_log": False}}))  # fmt: skip
-    server = ModelServer([sys.executable, "-m", "gateway.cli", "serve", "--port", "{port}", "--config", str(config),
-                          "--log-level", "warning"], health_path="/resource_server/health",
+    server = ModelServer(serve_command(config), health_path="/resource_server/health",
                          env={"INFERENCE_GATEWAY_DEV_TOKEN": TOKEN, "INFERENCE_GATEWAY_STATE_DIR": str(work / name)},
                          log_path=work / f"{name}.log")  # fmt: skip
     server.start(timeout=60)

@@ -26,6 +26,7 @@ from globus_compute_sdk.serialize import ComputeSerializer
 
 from gateway.config import GlobusComputeSettings
 from gateway.dispatch.compute import FUNCTIONS, load_function
+from gateway.simulator import command as simulator_command
 
 MODEL = "facebook/opt-125m"
 GLOBUS_ENDPOINT = "11111111-2222-4444-8888-000000000001"
@@ -134,8 +135,7 @@ class ExecutorFactory:
 
 def simulator_launch(state_dir: Path, *extra: str) -> dict[str, Any]:
     """``worker_model_server`` settings that start the simulator, keeping the node's files in ``state_dir``."""
-    command = ["{python}", "-m", "gateway.simulator", "--host", "{host}", "--port", "{port}", "--model", MODEL]
-    return {"command": [*command, *extra], "startup_timeout": 60, "state_dir": str(state_dir)}
+    return {"command": simulator_command(MODEL, options=extra), "startup_timeout": 60, "state_dir": str(state_dir)}
 
 
 def stop_model_servers(state_dir: Path) -> None:

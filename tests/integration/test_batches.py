@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from compute_functions.model_server import ModelServer
+from gateway.simulator import command as simulator_command
 from tests.globus_fake import FakeGlobus
 from tests.support import TOKEN, api_url, endpoint, gateway, simulator
 
@@ -437,19 +438,7 @@ def holder_of(lock: Path, parsl_run: str) -> int | None:
 
 
 def parsl_config(root: Path) -> dict[str, Any]:
-    simulator_command = [
-        "{python}",
-        "-m",
-        "gateway.simulator",
-        "--host",
-        "{host}",
-        "--port",
-        "{port}",
-        "--model",
-        MODEL,
-        "--ttft",
-        "0.01",
-    ]
+    launch = simulator_command(MODEL, options=("--ttft", "0.01"))
     return {
         "auth": {"providers": ["dev"]},
         "endpoints": [
@@ -458,7 +447,7 @@ def parsl_config(root: Path) -> dict[str, Any]:
                 "framework": "vllm",
                 "models": [MODEL],
                 "transport": "parsl",
-                "worker_model_server": {"command": simulator_command, "startup_timeout": 60, "idle_timeout": 60},
+                "worker_model_server": {"command": launch, "startup_timeout": 60, "idle_timeout": 60},
                 # Quick heartbeats: the workers of a killed gateway notice and leave within seconds.
                 "parsl": {
                     "provider": "local",

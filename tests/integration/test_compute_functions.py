@@ -27,24 +27,13 @@ from compute_functions import node
 from compute_functions.inference import inference
 from compute_functions.status import status
 from gateway.app import ROUTES
+from gateway.simulator import command as simulator_command
 from gateway.streaming.relay import Ending, LocalRelay, stream_url
 from tests.support import REPO, aborted, metric, scrape
 
 MODEL = "facebook/opt-125m"
 MESSAGES = [{"role": "user", "content": "Explain the concept of Globus Compute in simple terms."}]
-SIMULATOR = [
-    "{python}",
-    "-m",
-    "gateway.simulator",
-    "--host",
-    "{host}",
-    "--port",
-    "{port}",
-    "--model",
-    MODEL,
-    "--tpot",
-    "0.002",
-]
+SIMULATOR = simulator_command(MODEL, options=("--tpot", "0.002"))
 
 
 def request(

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from compute_functions.model_server import ModelServer, free_port
+from gateway.simulator import command as simulator_command
 from tests.integration.test_federation import MODEL, Front, served, wait_for
 from tests.support import direct_config, endpoint, gateway, metric, scrape, simulator
 
@@ -19,8 +20,7 @@ PARSL = {"provider": "local", "max_workers_per_node": 4, "init_blocks": 1, "min_
 def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Front, dict[str, ModelServer], int]]:
     tmp = tmp_path_factory.mktemp("three-clusters")
     hpc_port = free_port()
-    launch = ["{python}", "-m", "gateway.simulator", "--host", "{host}", "--port", "{port}", "--model", MODEL,
-              "--tpot", "0.002"]  # fmt: skip
+    launch = simulator_command(MODEL, options=("--tpot", "0.002"))
     with simulator("--tpot", "0.001") as fast, simulator("--tpot", "0.004") as slow:
         config = direct_config(endpoint(fast.base_url, cluster="fast"), endpoint(slow.base_url, cluster="slow"))
         config["endpoints"].append({

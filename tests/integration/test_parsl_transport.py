@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from compute_functions.model_server import ModelServer, free_port
+from gateway.simulator import command as simulator_command
 from tests.support import TOKEN, aborted, api_url, gateway, metric, scrape
 
 MODEL = "facebook/opt-125m"
@@ -121,21 +122,7 @@ def port_open(port: int) -> bool:
 @pytest.fixture(scope="module")
 def front(tmp_module: Path, simulator_port: int) -> Iterator[ModelServer]:
     servers = str(tmp_module / "servers")
-    simulator = [
-        "{python}",
-        "-m",
-        "gateway.simulator",
-        "--host",
-        "{host}",
-        "--port",
-        "{port}",
-        "--model",
-        MODEL,
-        "--model",
-        LLAMA,
-        "--tpot",
-        "0.002",
-    ]
+    simulator = simulator_command(MODEL, LLAMA, options=("--tpot", "0.002"))
     cannot_start = ["{python}", "-c", "import sys; print('boom: no GPU on this node', flush=True); sys.exit(3)"]
     config = {
         "server": {"request_timeout": 60},

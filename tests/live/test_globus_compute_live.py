@@ -30,6 +30,7 @@ from gateway.config import EndpointSettings
 from gateway.dispatch.globus import GlobusDispatcher, sdk_client
 from gateway.dispatch.registration import register_functions
 from gateway.federation.registry import Endpoint
+from gateway.simulator import command as simulator_command
 from gateway.streaming.relay import LocalRelay
 
 NEEDED = ("INFERENCE_GATEWAY_LIVE_GLOBUS_ENDPOINT", "GLOBUS_COMPUTE_CLIENT_ID", "GLOBUS_COMPUTE_CLIENT_SECRET")
@@ -41,9 +42,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 MODEL = os.environ.get("INFERENCE_GATEWAY_LIVE_MODEL", "facebook/opt-125m")
-SIMULATOR = {
-    "command": ["{python}", "-m", "gateway.simulator", "--host", "{host}", "--port", "{port}", "--model", MODEL]
-}
+SIMULATOR = {"command": simulator_command(MODEL)}
 
 
 @pytest.fixture(scope="module")
