@@ -66,7 +66,6 @@ def _dev_token(args: argparse.Namespace) -> int:
 
 
 def _register_functions(args: argparse.Namespace) -> int:
-
     from gateway.dispatch.globus import sdk_client
     from gateway.dispatch.registration import register_into_file
 

@@ -106,7 +106,7 @@ class Runtime:
             assert self.usage is not None  # it counts the requests for the metrics
             self.metrics = GatewayMetrics(self.registry, self.usage, self.limiter, database.usage_log)
         self.batches = Batches(config, self.registry, self.dispatcher, self.database, self.state_dir)
-        self.ledger = RequestLedger(self.usage)
+        self.ledger = RequestLedger(self.usage) if self.usage is not None else None
 
     def _build_authenticator(self) -> Authenticator:
         """The configured providers, asked in the order the configuration lists them."""
@@ -143,9 +143,8 @@ class Runtime:
             await dispatcher.start()
         await self.tracker.start()
         await self.limiter.start()
-        if self.usage is not None:
-            await self.usage.start()
-        await self.ledger.start()
+        if self.ledger is not None:
+            await self.ledger.start()
         await self.batches.start()
         if "dev" in self.config.auth.providers:
             print(
@@ -169,9 +168,8 @@ class Runtime:
         for server in self.model_servers.values():
             await asyncio.to_thread(server.stop)
         await self.authenticator.close()
-        await self.ledger.close()
-        if self.usage is not None:
-            await self.usage.close()
+        if self.ledger is not None:
+            await self.ledger.close()
         await self.database.close()
         await self.limiter.close()
 

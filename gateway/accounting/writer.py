@@ -64,7 +64,7 @@ class UsageWriter:
         self.tally = Tally()
         self._in_pipe = 0
         self._syncs = 0
-        self._synced: dict[int, asyncio.Future[None]] = {}
+        self._synced = 0
         self._lost = 0
         self._process: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -120,14 +120,14 @@ class UsageWriter:
             return
         self._syncs += 1
         number = self._syncs
-        waiter = self._synced[number] = asyncio.get_running_loop().create_future()
         self._write(number)
         try:
-            await asyncio.wait_for(waiter, _SYNC_SECONDS)
+            async with asyncio.timeout(_SYNC_SECONDS):
+                while self._synced < number:
+                    self._reported.clear()
+                    await self._reported.wait()
         except TimeoutError:
             log.warning("the usage writer did not report within %.0f s; metrics may lag", _SYNC_SECONDS)
-        finally:
-            self._synced.pop(number, None)
 
     def _drop(self, count: int, why: str) -> None:
         self._lost += count
@@ -167,10 +167,7 @@ class UsageWriter:
             self._in_pipe = max(0, self._in_pipe - int(report["received"]))
             if report.get("tally"):
                 self.tally.merge(report["tally"])
-            synced = int(report.get("synced", 0))
-            for number, waiter in list(self._synced.items()):
-                if number <= synced and not waiter.done():
-                    waiter.set_result(None)
+            self._synced = int(report["synced"])
             self._reported.set()
         status = await process.wait()
         if not self._closing:

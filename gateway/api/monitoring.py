@@ -77,8 +77,6 @@ async def metrics(request: Request) -> Response:
         if settings.token_env and request.headers.get("authorization"):
             raise AuthenticationFailed("The metrics token is not valid.")
         raise PermissionDenied("Metrics are served only to the monitoring network.", code="metrics_forbidden")
-    assert runtime.metrics is not None and runtime.usage is not None
-    # Counts as of now: what finished goes to the usage writer, which counts it and reports.
-    runtime.ledger.drain()
-    await runtime.usage.sync()
+    assert runtime.metrics is not None and runtime.ledger is not None
+    await runtime.ledger.sync()
     return Response(runtime.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

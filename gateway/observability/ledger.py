@@ -18,9 +18,10 @@ from gateway.accounting.writer import UsageWriter
 
 
 class RequestLedger:
-    """Takes finished requests on the request path and passes them on every ``interval`` seconds."""
+    """Takes finished requests on the request path and passes them on every ``interval`` seconds; it starts and
+    stops its usage writer with it."""
 
-    def __init__(self, writer: UsageWriter | None, interval: float = 0.1) -> None:
+    def __init__(self, writer: UsageWriter, interval: float = 0.1) -> None:
         self.writer = writer
         self.interval = interval
         self.finished: list[tuple[Any, ...]] = []
@@ -29,10 +30,16 @@ class RequestLedger:
     def drain(self) -> None:
         """Send everything finished so far to the usage writer to be counted, logged and recorded."""
         finished, self.finished = self.finished, []
-        if finished and self.writer is not None:
+        if finished:
             self.writer.send(finished)
 
+    async def sync(self) -> None:
+        """Hand over everything finished so far and wait until the writer has counted it (a scrape's counts)."""
+        self.drain()
+        await self.writer.sync()
+
     async def start(self) -> None:
+        await self.writer.start()
         self._task = asyncio.create_task(self._drain_regularly(), name="request-ledger")
 
     async def _drain_regularly(self) -> None:
@@ -47,3 +54,4 @@ class RequestLedger:
                 await self._task
             self._task = None
         self.drain()
+        await self.writer.close()

@@ -89,7 +89,7 @@ def configure_logging(settings: LoggingSettings, level: str) -> None:
 class AccessLog:
     """One line per HTTP request, at its end, with what the gateway learned about it.
 
-    Lines are buffered and written to ``fd`` by ``flush`` (the request ledger calls it after each
+    Lines are buffered and written to ``fd`` by ``flush`` (the usage writer calls it after each
     batch), so a request costs a dict and a serialisation, not a system call.
     """
 

@@ -31,13 +31,13 @@ class ObservingMiddleware:
         self.app = app
         self.metrics = runtime.metrics
         self.limiter = runtime.limiter
-        # Without a usage writer nothing reads finished records (the middleware is here for the rate limits).
-        self.ledger = runtime.ledger if runtime.usage is not None else None
+        # None without a usage writer: nothing reads finished records (the middleware is here for the rate limits).
+        self.ledger = runtime.ledger
 
     @staticmethod
     def needed(runtime: Runtime) -> bool:
         """Whether anything reads the records: with all of it turned off, requests skip the middleware."""
-        return runtime.usage is not None or runtime.limiter.enabled
+        return runtime.ledger is not None or runtime.limiter.enabled
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
