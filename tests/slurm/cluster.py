@@ -223,13 +223,15 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
     def cancel(self, job_id: str) -> None:
         self.run("scancel", job_id)
 
-    def jobs(self) -> list[Job]:
-        """The jobs in the queue (pending, running, completing)."""
-        output = self._client("squeue", "--noheader", "--format=%i|%T|%r|%S|%j", check=False).stdout
+    def jobs(self, *, ended: bool = False) -> list[Job]:
+        """The jobs in the queue (pending, running, completing); with ``ended``, also those that ended less than
+        MinJobAge (30 s) ago, in their final state (COMPLETED, CANCELLED, FAILED, ...)."""
+        states = ["--states=all"] if ended else []
+        output = self._client("squeue", "--noheader", "--format=%i|%T|%r|%S|%j", *states, check=False).stdout
         return [Job(*line.split("|", 4)) for line in output.splitlines() if line.strip()]
 
-    def job(self, job_id: str) -> Job | None:
-        return next((job for job in self.jobs() if job.job_id == job_id), None)
+    def job(self, job_id: str, *, ended: bool = False) -> Job | None:
+        return next((job for job in self.jobs(ended=ended) if job.job_id == job_id), None)
 
     def wait_for(self, job_id: str, state: str | None, timeout: float = 30.0) -> Job | None:
         """Wait until ``job_id`` is in ``state`` (``None``: gone from the queue); the job as last seen."""
