@@ -224,3 +224,42 @@ def _port_open(port: int) -> bool:
     with socket.socket() as probe:
         probe.settimeout(0.5)
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_request_starts_the_block_when_none_runs(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    # No block at start (init_blocks: 0, as in the operator guide's example) and when_not_hot: hold: the first
+    # request makes Parsl submit the block, waits for its workers and the model server they launch, and is answered.
+    parsl = {**slurm_parsl(slurm_cluster), "init_blocks": 0, "min_blocks": 0}
+    config = {
+        "server": {"request_timeout": 60},
+        "auth": {"providers": ["dev"]},
+        "federation": {"when_not_hot": "hold"},
+        "endpoints": [
+            {
+                "cluster": "hpc",
+                "framework": "vllm",
+                "models": [MODEL],
+                "transport": "parsl",
+                "parsl": parsl,
+                "worker_model_server": {
+                    "command": simulator_command(MODEL),
+                    "state_dir": str(tmp_path / "servers"),
+                    "startup_timeout": 30,
+                },
+            }
+        ],
+    }
+    with gateway(config, tmp_path, env=slurm_cluster.env) as front:
+        # Parsl looks at its blocks every second: long enough to have submitted one it should not have.
+        time.sleep(2)
+        assert not [job for job in slurm_cluster.jobs() if job.name.startswith("parsl.")], "a block without requests"
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{front.port}/resource_server/v1", api_key=TOKEN, max_retries=0, timeout=60
+        )
+        started = time.monotonic()
+        answer = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5)  # type: ignore[arg-type]
+        print(f"first answer through a new Slurm block after {time.monotonic() - started:.1f} s")
+        assert answer.usage is not None and answer.usage.completion_tokens == 5
+        (block,) = [job for job in slurm_cluster.jobs() if job.name.startswith("parsl.")]
+        assert block.state == "RUNNING"
+    slurm_cluster.wait_for(block.job_id, None)
