@@ -133,7 +133,7 @@ def site(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) 
 
 def test_the_block_waits_behind_a_running_job(site: Site) -> None:
     block = wait_for(site.block, what="the block's sbatch")
-    assert block.state == "PENDING"
+    assert block.state == "PENDING" and block.name.startswith("parsl.hpc-0.block-0.")
     block = site.cluster.wait_until_considered(block.job_id)
     assert block.reason in {"Resources", "Priority"}, block
 
