@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export INFERENCE_GATEWAY_VLLM_VENV ?= $(HOME)/.cache/inference-gateway/venv-vllm
 export INFERENCE_GATEWAY_VLLM_MODEL_DIR ?= $(HOME)/.cache/inference-gateway/tiny-llama
 
-.PHONY: serve test install lint typecheck unit integration e2e vllm-env bench clean
+.PHONY: serve test install lint typecheck unit integration e2e slurm vllm-env slurm-env bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ typecheck: install
 vllm-env:
 	bash tests/e2e/vllm_env.sh
 
-test: install vllm-env lint typecheck
+# Debian's Slurm and munge for the tier that runs a real single-node cluster (installing needs root).
+slurm-env:
+	bash tests/slurm/slurm_env.sh
+
+test: install vllm-env slurm-env lint typecheck
 	$(BIN)/pytest
 
 unit: install
@@ -41,6 +45,9 @@ integration: install
 
 e2e: install vllm-env
 	$(BIN)/pytest tests/e2e
+
+slurm: install slurm-env
+	$(BIN)/pytest tests/slurm
 
 bench: install
 	$(BIN)/python scripts/bench-front-door.py

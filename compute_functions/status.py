@@ -13,11 +13,13 @@ The result::
     {"ok": True, "node": hostname,
      "models": [{"model", "base_url", "running", "waiting", "healthy"}],
      "scheduler": "pbspro" | "slurm" | None,
-     "jobs": [{"job_id", "name", "state": "running" | "starting" | "queued", "scheduler_state", "queue", "nodes",
-               "submitted", "started", "estimated_start", "elapsed", "walltime"}],
+     "jobs": [{"job_id", "name", "state": "running" | "starting" | "queued", "scheduler_state", "reason", "queue",
+               "nodes", "submitted", "started", "estimated_start", "elapsed", "walltime"}],
      "scheduler_error": None | str}
 
-Times are ISO 8601 in the site's local time, as the scheduler prints them.
+Times are ISO 8601 in the site's local time, as the scheduler prints them. ``reason`` is why a queued job waits,
+in the scheduler's words (Slurm: ``Resources``, ``Priority``, ``JobHeldUser``, ...; PBS Pro: its ``comment``).
+A job the scheduler no longer knows (finished long enough ago) is left out.
 """
 
 from __future__ import annotations
@@ -106,8 +108,11 @@ def _served_models(state_dir: str | None) -> list[dict[str, Any]]:
     return models
 
 
-def _run(command: list[str]) -> str:
+def _run(command: list[str], *, gone: str | None = None) -> str:
+    """``command``'s output; empty when it fails saying ``gone`` (the job asked for no longer exists)."""
     result = subprocess.run(command, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT, check=False)
+    if result.returncode != 0 and gone is not None and gone in result.stderr:
+        return ""
     if result.returncode != 0:
         raise ValueError(f"{' '.join(command)} exited with {result.returncode}: {result.stderr.strip()[:500]}")
     return result.stdout
@@ -122,7 +127,12 @@ def _jobs(scheduler: str, request: dict[str, Any]) -> list[dict[str, Any]]:
         jobs = [job for job in jobs if ids or job.pop("owner", None) == user]
     elif scheduler == "slurm":
         if ids:
-            jobs = [job for job_id in ids for job in parse_scontrol(_run(["scontrol", "show", "job", job_id]))]
+            # Slurm forgets a finished job MinJobAge after it ends (300 s by default); its block is over.
+            jobs = [
+                job
+                for job_id in ids
+                for job in parse_scontrol(_run(["scontrol", "show", "job", job_id], gone="Invalid job id specified"))
+            ]
         else:
             jobs = parse_squeue(_run(["squeue", "--noheader", "--user", user, f"--format={SQUEUE_FORMAT}"]))
     else:
@@ -156,6 +166,7 @@ def parse_qstat(text: str) -> list[dict[str, Any]]:
                 "owner": record.get("Job_Owner", "").split("@", 1)[0],
                 "state": ours,
                 "scheduler_state": f"{state}/{substate}" if substate else state,
+                "reason": record.get("comment") if ours == "queued" else None,
                 "queue": record.get("queue"),
                 "nodes": _pbs_nodes(record.get("exec_host", "")),
                 "submitted": _pbs_time(record.get("qtime") or record.get("ctime")),
@@ -219,11 +230,13 @@ def parse_squeue(text: str) -> list[dict[str, Any]]:
         fields = line.split("|", 10)
         if len(fields) != 11:
             raise ValueError(f"unexpected squeue line: {line!r}")
-        job_id, state, partition, _count, nodelist, submitted, started, elapsed, limit, _reason, name = fields
+        job_id, state, partition, _count, nodelist, submitted, started, elapsed, limit, reason, name = fields
         ours = _SLURM_STATES.get(state)
         if ours is None:
             continue
-        jobs.append(_slurm_job(job_id, name, state, ours, partition, nodelist, submitted, started, elapsed, limit))
+        jobs.append(
+            _slurm_job(job_id, name, state, ours, reason, partition, nodelist, submitted, started, elapsed, limit)
+        )
     return jobs
 
 
@@ -241,6 +254,7 @@ def parse_scontrol(text: str) -> list[dict[str, Any]]:
                 record.get("JobName", ""),
                 state,
                 ours,
+                record.get("Reason", ""),
                 record.get("Partition", ""),
                 record.get("NodeList", ""),
                 record.get("SubmitTime", ""),
@@ -275,6 +289,7 @@ def _slurm_job(
     name: str,
     state: str,
     ours: str,
+    reason: str,
     partition: str,
     nodelist: str,
     submitted: str,
@@ -289,6 +304,7 @@ def _slurm_job(
         "name": name,
         "state": ours,
         "scheduler_state": state,
+        "reason": reason if reason and reason not in ("None", "(null)") else None,
         "queue": partition or None,
         "nodes": expand_hostlist(nodelist) if running and nodelist not in ("", "(null)") else [],
         "submitted": _slurm_time(submitted),

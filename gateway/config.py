@@ -157,6 +157,9 @@ class ParslSettings(_Strict):
     worker_init: str = ""
     heartbeat_period: int = Field(default=30, ge=1)
     heartbeat_threshold: int = Field(default=120, ge=2)
+    # Seconds between Parsl's looks at the blocks (it submits the first ones on its first look); the gateway's one
+    # Parsl kernel looks as often as the most eager of its endpoints asks.
+    strategy_period: float = Field(default=5.0, gt=0, le=300)
 
     @model_validator(mode="after")
     def _consistent(self) -> ParslSettings:

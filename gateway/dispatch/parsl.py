@@ -153,6 +153,7 @@ class ParslDispatcher(Dispatcher):
         parsl_log.addHandler(self._log_handler)
         config = Config(
             executors=list({id(executor): executor for executor in self._executors.values()}.values()),
+            strategy_period=min(settings.strategy_period for settings in self._settings.values()),
             run_dir=str(self._run_dir),
             usage_tracking=0,
             initialize_logging=False,
@@ -270,14 +271,20 @@ class ParslDispatcher(Dispatcher):
         managers = await asyncio.to_thread(executor.connected_managers)
         workers = sum(int(manager.get("worker_count", 0)) for manager in managers if manager.get("active", True))
         if workers == 0:
-            states = {status.state for status in executor.status_facade.values()}
-            queued = [job for job in jobs if job["state"] == "queued"]
-            estimated = [_epoch(job.get("estimated_start")) for job in queued]
-            start = min((when for when in estimated if when is not None), default=None)
-            if JobState.RUNNING in states:
+            if jobs:
+                # The scheduler's view is fresh; Parsl asks a batch scheduler about its blocks once a minute only.
+                scheduled = {job["state"] for job in jobs}
+                running, waiting = bool(scheduled - {"queued"}), "queued" in scheduled
+            else:
+                # The local provider, or no answer from the scheduler: Parsl's own view of its blocks.
+                states = {status.state for status in executor.status_facade.values()}
+                running, waiting = JobState.RUNNING in states, JobState.PENDING in states
+            if running:
                 return Availability("starting", detail="the workers' job runs; they are connecting", jobs=jobs)
-            if JobState.PENDING in states:
-                return Availability("queued", detail="the workers' job waits", estimated_start=start, jobs=jobs)
+            if waiting:
+                estimated = [_epoch(job.get("estimated_start")) for job in jobs if job["state"] == "queued"]
+                start = min((when for when in estimated if when is not None), default=None)
+                return Availability("queued", detail=_waiting(jobs), estimated_start=start, jobs=jobs)
             return Availability("cold", detail="no workers; a request starts them", jobs=jobs)
         request = {"model_server": {"state_dir": self._model_server[endpoint.id]["state_dir"]}, "scheduler": "none"}
         if self._settings[endpoint.id].provider == "local":
@@ -319,6 +326,12 @@ def _logged(endpoint: Endpoint, result: Any) -> Any:
     if isinstance(error, dict) and error.get("kind") not in ("upstream", "cancelled"):
         log.warning("%s: %s: %s", endpoint.id, error.get("kind"), error.get("message"))
     return result
+
+
+def _waiting(jobs: Sequence[dict[str, Any]]) -> str:
+    """Why the workers' job waits, in the scheduler's words when it gives them."""
+    reasons = sorted({str(job["reason"]) for job in jobs if job.get("state") == "queued" and job.get("reason")})
+    return f"the workers' job waits ({', '.join(reasons)})" if reasons else "the workers' job waits"
 
 
 def _epoch(when: Any) -> float | None:

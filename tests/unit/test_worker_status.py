@@ -39,6 +39,8 @@ def test_qstat_gives_running_starting_and_queued_model_jobs() -> None:
     queued = jobs["2148335"]
     assert queued["state"] == "queued" and queued["nodes"] == [] and queued["started"] is None
     assert queued["estimated_start"] == "2024-05-31T16:05:00"
+    assert str(queued["reason"]).startswith("Not Running: Insufficient amount of resource: ngpus")
+    assert running["reason"] is None
     assert jobs["2148340"]["state"] == "queued" and jobs["2148340"]["scheduler_state"] == "H/20"
 
 
@@ -59,7 +61,8 @@ def test_squeue_gives_running_starting_and_queued_model_jobs() -> None:
     pending = jobs["4124740"]
     assert pending["state"] == "queued" and pending["nodes"] == []
     assert pending["started"] is None and pending["estimated_start"] == "2024-05-31T12:15:00"
-    assert jobs["4124741"]["estimated_start"] is None
+    assert pending["reason"] == "Priority" and running["reason"] is None
+    assert jobs["4124741"]["estimated_start"] is None and jobs["4124741"]["reason"] == "Dependency"
     assert jobs["4124702"]["name"] == "my|job|with|pipes"
 
 
@@ -71,7 +74,8 @@ def test_scontrol_gives_the_same_entries() -> None:
     assert running["submitted"] == "2024-05-31T10:02:11" and running["started"] == "2024-05-31T10:02:40"
     assert running["walltime"] == "06:00:00" and running["queue"] == "gpu_ss11"
     assert jobs["4124740"]["state"] == "queued" and jobs["4124740"]["estimated_start"] == "2024-05-31T12:15:00"
-    assert jobs["4124740"]["nodes"] == []
+    assert jobs["4124740"]["nodes"] == [] and jobs["4124740"]["reason"] == "Priority"
+    assert running["reason"] is None
     assert jobs["4124733"]["state"] == "starting" and jobs["4124733"]["nodes"] == ["nid008301"]
 
 
