@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     IPvAnyNetwork,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -449,6 +450,12 @@ class GatewayConfig(_Strict):
     federation: FederationSettings = Field(default_factory=FederationSettings)
     relay: RelaySettings = Field(default_factory=RelaySettings)
     batches: BatchSettings = Field(default_factory=BatchSettings)
+    # The file this configuration came from, when not the embedded default: commands printed for users name it.
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
@@ -518,7 +525,10 @@ def load_config(path: str | Path | None = None) -> GatewayConfig:
         text = source.read_text()
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
-    return parse_config(text, str(source))
+    config = parse_config(text, str(source))
+    if path is not None:
+        config._source = source.absolute()
+    return config
 
 
 def parse_config(text: str, source: str = "<config>") -> GatewayConfig:

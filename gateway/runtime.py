@@ -13,7 +13,7 @@ from compute_functions.model_server import ModelServer
 from gateway.accounting.writer import UsageWriter
 from gateway.auth.base import Authenticator
 from gateway.auth.bearer import ProviderChain
-from gateway.auth.dev import DevAuthenticator, dev_token
+from gateway.auth.dev import DevAuthenticator, dev_token, token_command
 from gateway.batches.service import Batches
 from gateway.config import GatewayConfig
 from gateway.dispatch.base import Dispatcher
@@ -148,7 +148,7 @@ class Runtime:
         await self.batches.start()
         if "dev" in self.config.auth.providers:
             print(
-                "Dev auth is on. Export the token with:\n  export MY_TOKEN=$(inference-gateway dev-token)",
+                f"Dev auth is on. Export the token with:\n  export MY_TOKEN=$({token_command(self.config.source)})",
                 file=sys.stderr,
                 flush=True,
             )

@@ -16,6 +16,13 @@ def bearer_token(header: str | None) -> str:
         raise AuthenticationFailed(_MISSING, code="missing_token")
     scheme, _, token = header.partition(" ")
     token = token.strip()
+    if scheme.lower() == "bearer" and not token:
+        # What a shell sends for "Bearer $MY_TOKEN" when the variable is unset or its command printed nothing.
+        raise AuthenticationFailed(
+            "The bearer token is empty: the header is 'Authorization: Bearer' with nothing after it. If it comes "
+            "from a variable such as $MY_TOKEN, that variable is empty; set it and try again.",
+            code="empty_token",
+        )
     if scheme.lower() != "bearer" or not token or " " in token:
         raise AuthenticationFailed(
             "Malformed Authorization header: expected 'Bearer <token>'.", code="invalid_authorization_header"

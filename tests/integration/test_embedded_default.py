@@ -82,7 +82,6 @@ def default_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
         yield server, token
     finally:
         server.stop()
-    assert "export MY_TOKEN=$(inference-gateway dev-token)" in (state / "serve.log").read_text()
 
 
 @pytest.mark.parametrize("command", GUIDE_CURLS, ids=["chat", "cluster-chat", "completions", "advanced"])
@@ -122,6 +121,24 @@ def test_usage_guide_python_examples(default_gateway: tuple[ModelServer, str]) -
         max_tokens=200,
     )
     assert response.choices[0].message.content
+
+
+def test_the_printed_token_command_works_outside_the_virtual_environment(
+    default_gateway: tuple[ModelServer, str],
+) -> None:
+    server, token = default_gateway
+    state = server.env["INFERENCE_GATEWAY_STATE_DIR"]
+    log = (Path(state) / "serve.log").read_text()
+    (printed,) = [line.strip() for line in log.splitlines() if line.strip().startswith("export MY_TOKEN=")]
+    # A new shell: no virtual environment active, so no inference-gateway on the PATH.
+    result = subprocess.run(
+        ["bash", "-c", f'{printed}; printf %s "$MY_TOKEN"'],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"], "INFERENCE_GATEWAY_STATE_DIR": state},
+        timeout=60,
+    )
+    assert result.stdout == token, result.stderr
 
 
 def test_the_simulator_says_what_it_is(default_gateway: tuple[ModelServer, str]) -> None:

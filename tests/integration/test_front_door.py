@@ -251,6 +251,18 @@ def test_missing_or_wrong_token_is_401(front: ModelServer, header: str | None) -
     assert "wrong-token" not in response.text
 
 
+def test_an_empty_token_is_named_as_such(front: ModelServer) -> None:
+    # What `-H "Authorization: Bearer $MY_TOKEN"` sends when MY_TOKEN is empty (the openai SDK refuses an empty key).
+    result = subprocess.run(
+        ["curl", "--silent", "-H", "Authorization: Bearer ", f"{api_url(front)}/models"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    error = json.loads(result.stdout)["error"]
+    assert error["code"] == "empty_token" and "$MY_TOKEN" in error["message"] and "empty" in error["message"]
+
+
 def test_openai_client_sees_401_as_authentication_error(front: ModelServer) -> None:
     client = openai.OpenAI(base_url=api_url(front), api_key="not-the-token", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
