@@ -185,6 +185,10 @@ class Registry:
             )
         return allowed
 
+    def serves(self, model: str) -> bool:
+        """Whether any endpoint lists ``model``, whoever may use it."""
+        return model in self._by_model
+
     def visible_to(self, identity: Identity) -> list[Endpoint]:
         return [endpoint for endpoint in self.endpoints if endpoint.allows(identity)]
 

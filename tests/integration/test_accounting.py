@@ -219,6 +219,27 @@ def test_admins_read_the_usage_report_as_json_and_csv(front: ModelServer, rows: 
     assert httpx.get(base).status_code == 401
 
 
+def test_refused_requests_count_as_errors_in_the_usage_command(front: ModelServer, home: Path, rows: Any) -> None:
+    unknown, invalid, answered = rid("unknown"), rid("invalid"), rid("answered")
+    assert chat(front, unknown, model="no/such-model").status_code == 404
+    assert chat(front, invalid, temperature=7).status_code == 400
+    assert chat(front, answered).status_code == 200
+    found = rows({unknown, invalid, answered})
+    assert (found[unknown]["status"], found[unknown]["error_code"]) == (404, "model_not_found")
+    assert found[invalid]["status"] == 400 and found[invalid]["error_code"]
+    config = next(home.glob("gateway-*.yaml"))
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "usage", "--config", str(config), "--by", "model", "--format", "csv"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "INFERENCE_GATEWAY_STATE_DIR": str(home / "state")},
+        timeout=60,
+    )
+    report = {line.split(",")[0]: line.split(",") for line in done.stdout.splitlines()[1:]}
+    assert report["(unknown model)"][1:3] == ["1", "1"]  # one request, one error
+    assert int(report[MODEL][2]) >= 1  # the refused temperature
+
+
 def test_the_usage_command_prints_a_table_and_csv(front: ModelServer, home: Path, rows: Any) -> None:
     request_id = rid("cli")
     assert chat(front, request_id).status_code == 200
