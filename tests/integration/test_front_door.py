@@ -433,6 +433,25 @@ def test_check_config_names_the_bad_key_and_line(tmp_path: Path) -> None:
     assert "line 6" in result.stderr and "endpoints.0.transport" in result.stderr
 
 
+def test_serve_on_a_port_in_use_says_so_before_starting(tmp_path: Path) -> None:
+    import socket
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "endpoints:\n  - {cluster: local, framework: vllm, models: [m], base_url: 'http://127.0.0.1:9/v1'}\n"
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _cli(
+            "serve", "--port", str(port), "--config", str(config), env={"INFERENCE_GATEWAY_STATE_DIR": str(tmp_path)}
+        )
+    assert result.returncode == 1, result.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use." in result.stderr
+    assert "startup complete" not in result.stderr and "Dev auth is on" not in result.stderr
+
+
 def test_dev_token_is_created_once_with_mode_0600(tmp_path: Path) -> None:
     env = {"INFERENCE_GATEWAY_STATE_DIR": str(tmp_path), "INFERENCE_GATEWAY_DEV_TOKEN": ""}
     first = _cli("dev-token", env=env).stdout.strip()
