@@ -19,7 +19,7 @@ from gateway.config import GatewayConfig
 from gateway.dispatch.base import Dispatcher
 from gateway.dispatch.direct import DirectDispatcher
 from gateway.federation.availability import Availability
-from gateway.federation.registry import Endpoint, Registry
+from gateway.federation.registry import Endpoint, Registry, runs_simulator
 from gateway.federation.tracker import MAINTENANCE_FILE, AvailabilityTracker
 from gateway.limits import build_limiter
 from gateway.observability.ledger import RequestLedger
@@ -54,7 +54,10 @@ class Runtime:
             else:
                 # Workers of the parsl and globus transports find their model server on their node.
                 base_url = settings.base_url or ""
-            endpoints.append(Endpoint.from_settings(settings, base_url, config.auth.clusters.get(settings.cluster)))
+            endpoint = Endpoint.from_settings(settings, base_url, config.auth.clusters.get(settings.cluster))
+            if settings.model_server is not None:
+                endpoint.simulator = runs_simulator(self.model_servers[settings.model_server].command)
+            endpoints.append(endpoint)
         federation = config.federation
         for endpoint in endpoints:
             endpoint.stale_after = federation.stale_after

@@ -144,7 +144,13 @@ def test_the_printed_token_command_works_outside_the_virtual_environment(
 def test_the_simulator_says_what_it_is(default_gateway: tuple[ModelServer, str]) -> None:
     server, token = default_gateway
     client = openai.OpenAI(base_url=f"http://localhost:{server.port}/resource_server/v1", api_key=token)
-    assert {"facebook/opt-125m", "meta-llama/Meta-Llama-3-8B-Instruct"} <= {m.id for m in client.models.list()}
+    models = {model.id: model for model in client.models.list()}
+    assert {"facebook/opt-125m", "meta-llama/Meta-Llama-3-8B-Instruct"} <= set(models)
+    assert all(model.model_extra and model.model_extra["simulated"] is True for model in models.values())
+    answer = client.chat.completions.create(
+        model="facebook/opt-125m", messages=[{"role": "user", "content": "Hello"}], max_tokens=3
+    )
+    assert answer.model_extra and answer.model_extra["simulated"] is True
     state = Path(server.env["INFERENCE_GATEWAY_STATE_DIR"])
     # The local Parsl worker launched it; its log sits with the node's model-server files.
     assert any("simulator" in log.read_text() for log in (state / "servers").glob("*.log"))

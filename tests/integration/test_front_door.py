@@ -155,6 +155,20 @@ def test_models_lists_only_what_the_caller_may_use(client: openai.OpenAI) -> Non
     assert "restricted-model" not in names
 
 
+def test_a_simulator_behind_a_base_url_is_marked_once_its_model_list_is_read(http: httpx.Client) -> None:
+    # The gateway learns it from the backend's /v1/models, which the availability tracker reads at start and then
+    # every status interval.
+    deadline = time.monotonic() + 30
+    while True:
+        models = {model["id"]: model for model in http.get("/resource_server/v1/models").json()["data"]}
+        if models[MODEL]["simulated"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert models[MODEL]["simulated"] is True and models["offline-model"]["simulated"] is False
+    endpoints = {item["id"]: item for item in http.get("/resource_server/list-endpoints").json()["data"]}
+    assert endpoints["local/vllm"]["simulated"] is True
+
+
 def test_list_endpoints_and_health(http: httpx.Client) -> None:
     listed = http.get("/resource_server/list-endpoints").json()["data"]
     assert {entry["id"] for entry in listed} == {"local/vllm", "dark/vllm"}
