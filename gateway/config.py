@@ -84,6 +84,8 @@ class GlobusAuthSettings(_Strict):
     client_secret_env: str = "INFERENCE_GATEWAY_GLOBUS_CLIENT_SECRET"
     secrets_file: str | None = None
     scope: str | None = None
+    # The native app (public client) users log in with; the inference-auth-token the gateway serves names it.
+    native_client_id: str | None = None
     session_policies: list[str] = Field(default_factory=list)
     allowed_domains: Domains = Field(default_factory=list)
     required_groups: list[str] = Field(default_factory=list)
