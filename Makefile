@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export INFERENCE_GATEWAY_VLLM_VENV ?= $(HOME)/.cache/inference-gateway/venv-vllm
 export INFERENCE_GATEWAY_VLLM_MODEL_DIR ?= $(HOME)/.cache/inference-gateway/tiny-llama
 
-.PHONY: serve test install lint typecheck unit integration e2e vllm-env bench clean
+.PHONY: serve test install lint typecheck unit integration e2e vllm-env browser bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,13 +30,17 @@ typecheck: install
 vllm-env:
 	bash tests/e2e/vllm_env.sh
 
-test: install vllm-env lint typecheck
+# The status page's test drives Debian's chromium through Playwright (no browser download); CI runs as root.
+browser:
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
+
+test: install vllm-env browser lint typecheck
 	$(BIN)/pytest
 
 unit: install
 	$(BIN)/pytest tests/unit
 
-integration: install
+integration: install browser
 	$(BIN)/pytest tests/unit tests/integration
 
 e2e: install vllm-env
