@@ -59,6 +59,7 @@ ROUTES = [
     Route("/resource_server/status", status.status, methods=["GET"]),
     Route("/resource_server/activity", status.activity, methods=["GET"]),
     Route("/resource_server/usage", admin.own_usage, methods=["GET"]),
+    Route("/resource_server/login", status.sign_in, methods=["POST"]),
     Route("/resource_server/{cluster}/models", catalog.cluster_models, methods=["GET"]),
     Route("/resource_server/{cluster}/jobs", catalog.cluster_jobs, methods=["GET"]),
     Route("/resource_server/internal/streams/{stream_id}", streams.receive_stream, methods=["POST"]),

@@ -12,11 +12,13 @@ import time
 from importlib import resources
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.api import catalog
-from gateway.api.responses import api_handler, authenticate, json_response
+from gateway.api.responses import api_handler, authenticate, json_response, read_json
+from gateway.errors import InvalidRequest, NotFound
 from gateway.federation.registry import Endpoint
 from gateway.runtime import Runtime
 
@@ -37,7 +39,11 @@ async def status(request: Request) -> Response:
     """The page for a browser, each cluster's status as JSON for everyone else."""
     if not wants_html(request):
         return await catalog.cluster_status(request)
+    runtime: Runtime = request.app.state.runtime
     page = resources.files("gateway.api").joinpath(_PAGE).read_text()
+    # Public settings only (the native app's id, the scope's name): what a login URL shows anyway.
+    login = runtime.authenticator.browser_login()
+    page = page.replace("{{browser_login}}", orjson.dumps(login).decode().replace("</", "<\\/"))
     # The page holds bearer tokens: no other site may frame it, and it loads nothing from anywhere else.
     headers = {
         "content-security-policy": "default-src 'self'; script-src 'unsafe-inline' 'self'; "
@@ -89,3 +95,21 @@ async def activity(request: Request) -> Response:
         entry["minutes"] = recent.series(model, wall) if recent is not None else None
         data.append(entry)
     return json_response({"object": "list", "minute_seconds": 60, "data": data})
+
+
+@api_handler
+async def sign_in(request: Request) -> Response:
+    """``POST /resource_server/login``: the page's authorization code (``code``, ``code_verifier``,
+    ``redirect_uri``) redeemed for an access token, on gateways whose auth has a browser login."""
+    runtime: Runtime = request.app.state.runtime
+    if runtime.authenticator.browser_login() is None:
+        raise NotFound("This gateway has no browser login: sign in with a token.", code="route_not_found")
+    body = await read_json(request, 16 * 1024)
+    fields = {}
+    for name in ("code", "code_verifier", "redirect_uri"):
+        value = body.get(name) if isinstance(body, dict) else None
+        if not isinstance(value, str) or not value:
+            raise InvalidRequest(f"'{name}' is required.", param=name, code="missing_required_parameter")
+        fields[name] = value
+    token = await runtime.authenticator.redeem_code(fields["code"], fields["code_verifier"], fields["redirect_uri"])
+    return json_response(token)

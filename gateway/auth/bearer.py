@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from gateway.auth.base import Authenticator, Identity
 from gateway.errors import AuthenticationFailed
@@ -53,6 +54,13 @@ class ProviderChain(Authenticator):
                 refusal = exc.with_traceback(None)
         assert refusal is not None
         raise refusal
+
+    def browser_login(self) -> dict[str, Any] | None:
+        return next((login for provider in self.providers if (login := provider.browser_login())), None)
+
+    async def redeem_code(self, code: str, verifier: str, redirect_uri: str) -> dict[str, Any]:
+        provider = next(provider for provider in self.providers if provider.browser_login())
+        return await provider.redeem_code(code, verifier, redirect_uri)
 
     async def start(self) -> None:
         for provider in self.providers:

@@ -16,7 +16,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from compute_functions.model_server import ModelServer, free_port
-from tests.globus_fake import FakeGlobus
+from tests.globus_fake import NATIVE_CLIENT_ID, FakeGlobus
 from tests.support import TOKEN, api_url, endpoint, gateway, simulator
 
 CHROMIUM = "/usr/bin/chromium"
@@ -41,7 +41,10 @@ def fake() -> Iterator[FakeGlobus]:
 def front(fake: FakeGlobus, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
     with simulator("--tpot", "0.001", models=(MODEL, LLAMA)) as backend:
         config = {
-            "auth": {"providers": ["dev", "globus"], "globus": {"timeout": 2.0}},
+            "auth": {
+                "providers": ["dev", "globus"],
+                "globus": {"timeout": 2.0, "native_client_id": NATIVE_CLIENT_ID},
+            },
             "admin": {"users": ["dev-user"]},
             "federation": {"status_interval": 1, "maintenance": {"dark": "disk replacement until 14:00 UTC"}},
             "endpoints": [
@@ -178,3 +181,16 @@ def test_a_user_sees_only_what_the_api_shows_them(
     expect(page.locator("#signin")).to_be_visible()
     expect(page.locator("#clusters")).to_be_hidden()
     assert page.evaluate("sessionStorage.length") == 0
+
+
+def test_log_in_with_globus(front: ModelServer, fake: FakeGlobus, page: Page) -> None:
+    # The local Globus stand-in plays Globus' login page: it sends the browser straight back with a code.
+    fake.login.username, fake.login.name = "ada@anl.gov", "Ada"
+    page.goto(f"http://127.0.0.1:{front.port}/resource_server/")
+    page.click("#globus-button")
+    expect(page.locator("#who")).to_have_text("Signed in as ada@anl.gov (globus).", timeout=SHOWN_MS)
+    assert page.url == f"http://127.0.0.1:{front.port}/resource_server/"  # the code is gone from the address
+    asked = fake.authorize_params[-1]
+    assert asked["client_id"] == NATIVE_CLIENT_ID and asked["code_challenge_method"] == "S256"
+    assert asked["redirect_uri"] == page.url
+    expect(page.locator('[data-cluster="local"]')).to_be_visible(timeout=SHOWN_MS)
