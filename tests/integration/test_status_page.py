@@ -51,6 +51,9 @@ def front(fake: FakeGlobus, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 endpoint(backend.base_url, [MODEL, LLAMA]),
                 endpoint(backend.base_url, ["restricted-model"], cluster="secure", allowed_groups=["not-your-group"]),
                 endpoint(f"http://127.0.0.1:{free_port()}/v1", ["dark-model"], cluster="dark"),
+                endpoint(f"http://127.0.0.1:{free_port()}/v1", ["gone-model"], cluster="gone"),
+                # The simulator does not list this model: it is reachable, with nothing loaded.
+                endpoint(backend.base_url, ["cold-model"], cluster="idle"),
             ],
         }
         with gateway(config, tmp_path_factory.mktemp("status-page"), env=fake.gateway_env()) as server:
@@ -132,6 +135,12 @@ def test_an_administrator_sees_everything_refreshing_in_place(
     dark = page.locator('[data-cluster="dark"]')
     expect(dark.locator('[data-state="maintenance"]').first).to_be_visible()
     expect(dark.locator(".maintenance-message")).to_have_text("disk replacement until 14:00 UTC")
+    gone = page.locator('[data-cluster="gone"]')
+    expect(gone.locator('h3 [data-state="down"]')).to_be_visible()
+    expect(gone.locator('[data-endpoint="gone/vllm"] [data-state="offline"]')).to_be_visible()
+    expect(page.locator('[data-model="gone-model"] .wait')).to_have_text("Wait: no endpoint can be reached")
+    expect(page.locator('[data-cluster="idle"] [data-endpoint="idle/vllm"] [data-state="cold"]')).to_be_visible()
+    expect(page.locator('[data-model="cold-model"] .wait')).to_contain_text("the model is not loaded")
     # Administrators read everyone's usage, but use only the clusters their groups open, as the API says.
     expect(page.locator('[data-cluster="secure"]')).to_have_count(0)
 
