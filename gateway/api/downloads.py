@@ -17,14 +17,10 @@ _TOKEN_COMMAND = "token_cli.py"
 def _filled_in(text: str, values: dict[str, object]) -> str:
     """``text`` with each top-level ``NAME = ...`` line of ``values`` set to the value's Python literal."""
     for name, value in values.items():
-        text, found = re.subn(
-            rf"^{name}((?::[^=]+)?) = .*$",
-            lambda match, name=name, value=value: f"{name}{match.group(1)} = {value!r}",  # type: ignore[misc]
-            text,
-            count=1,
-            flags=re.MULTILINE,
-        )
-        assert found == 1, f"{_TOKEN_COMMAND} has no line {name} = ..."
+        line = re.compile(rf"^{name}(?P<annotation>(?::[^=]+)?) = .*$", re.MULTILINE)
+        match = line.search(text)
+        assert match is not None, f"{_TOKEN_COMMAND} has no line {name} = ..."
+        text = f"{text[: match.start()]}{name}{match['annotation']} = {value!r}{text[match.end() :]}"
     return text
 
 
