@@ -26,18 +26,17 @@ def _filled_in(text: str, values: dict[str, object]) -> str:
 
 def token_command_settings(runtime: Runtime, gateway_url: str) -> dict[str, object]:
     """The values the served command starts with: this gateway's Globus login, or word that it takes dev tokens."""
-    values: dict[str, object] = {"GATEWAY_URL": gateway_url, "GATEWAY_USES_GLOBUS": False}
-    settings = runtime.config.auth.globus
-    for provider in getattr(runtime.authenticator, "providers", ()):
-        policy = getattr(provider, "policy", None)
-        if provider.name != "globus" or policy is None:
-            continue
-        values["GATEWAY_USES_GLOBUS"] = True
-        # Without a published native app the placeholders stay, and the command says what to set.
-        if settings.native_client_id:
-            values["DEFAULT_CLIENT_ID"] = settings.native_client_id
-            values["DEFAULT_SCOPE"] = policy.scope
-            values["DEFAULT_POLICIES"] = tuple(sorted(policy.session_policies))
+    values: dict[str, object] = {
+        "GATEWAY_URL": gateway_url,
+        "GATEWAY_USES_GLOBUS": "globus" in runtime.config.auth.providers,
+    }
+    # The browser login names the native app users log in with; without one the placeholders stay, and the
+    # command says what to set.
+    login = runtime.authenticator.browser_login()
+    if login is not None:
+        values["DEFAULT_CLIENT_ID"] = login["client_id"]
+        values["DEFAULT_SCOPE"] = login["scope"]
+        values["DEFAULT_POLICIES"] = tuple(policy for policy in login["session_required_policies"].split(",") if policy)
     return values
 
 
