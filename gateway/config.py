@@ -31,7 +31,8 @@ DEFAULT_CONFIG = REPO_ROOT / "endpoint_configs" / "local.yaml"
 
 # Path segments after /resource_server/ that belong to the gateway's own routes.
 RESERVED_CLUSTER_NAMES = frozenset(
-    {"v1", "admin", "internal", "health", "ready", "status", "whoami", "list-endpoints", "metrics"}
+    {"v1", "admin", "internal", "health", "ready", "status", "whoami", "list-endpoints", "metrics", "activity", "usage"}
+    | {"login", "inference-auth-token.py"}
 )
 
 
