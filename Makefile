@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export INFERENCE_GATEWAY_VLLM_VENV ?= $(HOME)/.cache/inference-gateway/venv-vllm
 export INFERENCE_GATEWAY_VLLM_MODEL_DIR ?= $(HOME)/.cache/inference-gateway/tiny-llama
 
-.PHONY: serve test install lint typecheck unit integration e2e slurm vllm-env slurm-env bench clean
+.PHONY: serve test install lint typecheck unit integration e2e slurm vllm-env slurm-env browser bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,13 +34,17 @@ vllm-env:
 slurm-env:
 	bash tests/slurm/slurm_env.sh
 
-test: install vllm-env slurm-env lint typecheck
+# The status page's test drives Debian's chromium through Playwright (no browser download); CI runs as root.
+browser:
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
+
+test: install vllm-env slurm-env browser lint typecheck
 	$(BIN)/pytest
 
 unit: install
 	$(BIN)/pytest tests/unit
 
-integration: install
+integration: install browser
 	$(BIN)/pytest tests/unit tests/integration
 
 e2e: install vllm-env

@@ -112,7 +112,8 @@ def checked_path(raw: str, roots: list[str], what: str, *, must_exist: bool) -> 
     if not inside(resolved, roots):
         raise BatchRefused(
             "path_not_allowed",
-            f"The {what} '{raw}' resolves to '{resolved}', which is outside the folders batches may use here.",
+            f"The {what} '{raw}' resolves to '{resolved}', which is outside the folders batches may use here: "
+            f"{', '.join(str(Path(root).resolve()) for root in roots)}.",
         )
     return resolved
 

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.accounting.record import SCOPE_KEY, RequestRecord
-from gateway.api import admin, batches, catalog, identity, inference, monitoring, streams
+from gateway.api import admin, batches, catalog, downloads, identity, inference, monitoring, status, streams
 from gateway.api.responses import request_id
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_response
@@ -54,7 +54,12 @@ ROUTES = [
     Route("/resource_server/admin/usage", admin.usage, methods=["GET"]),
     Route("/metrics", monitoring.metrics, methods=["GET"]),
     Route("/resource_server/whoami", identity.whoami, methods=["GET"]),
-    Route("/resource_server/status", catalog.cluster_status, methods=["GET"]),
+    Route("/resource_server/inference-auth-token.py", downloads.token_command, methods=["GET"]),
+    Route("/resource_server/", status.status, methods=["GET"]),
+    Route("/resource_server/status", status.status, methods=["GET"]),
+    Route("/resource_server/activity", status.activity, methods=["GET"]),
+    Route("/resource_server/usage", admin.own_usage, methods=["GET"]),
+    Route("/resource_server/login", status.sign_in, methods=["POST"]),
     Route("/resource_server/{cluster}/models", catalog.cluster_models, methods=["GET"]),
     Route("/resource_server/{cluster}/jobs", catalog.cluster_jobs, methods=["GET"]),
     Route("/resource_server/internal/streams/{stream_id}", streams.receive_stream, methods=["POST"]),

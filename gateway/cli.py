@@ -26,6 +26,25 @@ def serve_command(config: str | Path, *, log_level: str = "warning") -> list[str
     ]  # fmt: skip
 
 
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on, or None; asked before anything starts, since uvicorn binds only
+    after the application's startup (model servers, workers) and would announce it complete, then fail."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        return f"cannot resolve {host!r}: {exc.strerror}"
+    with socket.socket(family, kind, proto) as probe:
+        # As uvicorn binds: a port with connections lingering in TIME_WAIT is free to reuse.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -33,6 +52,14 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.observability.logs import configure_logging
 
     config = load_config(args.config)
+    problem = _cannot_listen(args.host, args.port)
+    if problem is not None:
+        print(
+            f"error: cannot listen on {args.host}:{args.port}: {problem}. Is another gateway running there? "
+            "Stop it, or choose another port with --port.",
+            file=sys.stderr,
+        )
+        return 1
     if config.relay.url is None:
         config.relay.url = listen_url(args.host, args.port)
     configure_logging(config.logging, args.log_level)
@@ -67,8 +94,14 @@ def _dev_token(args: argparse.Namespace) -> int:
 
 def _register_functions(args: argparse.Namespace) -> int:
     from gateway.dispatch.globus import sdk_client
-    from gateway.dispatch.registration import register_into_file
+    from gateway.dispatch.registration import globus_endpoints, register_into_file
 
+    # Before the Globus Compute client: making one starts a Globus login, pointless when there is nothing to update.
+    try:
+        text = Path(args.config).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{args.config}: cannot read: {exc.strerror or exc}") from None
+    globus_endpoints(text, args.config, args.endpoint)
     try:
         register_into_file(Path(args.config), sdk_client(), args.endpoint)
     except ConfigError:

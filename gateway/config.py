@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     IPvAnyNetwork,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -30,7 +31,8 @@ DEFAULT_CONFIG = REPO_ROOT / "endpoint_configs" / "local.yaml"
 
 # Path segments after /resource_server/ that belong to the gateway's own routes.
 RESERVED_CLUSTER_NAMES = frozenset(
-    {"v1", "admin", "internal", "health", "ready", "status", "whoami", "list-endpoints", "metrics"}
+    {"v1", "admin", "internal", "health", "ready", "status", "whoami", "list-endpoints", "metrics", "activity", "usage"}
+    | {"login", "inference-auth-token.py"}
 )
 
 
@@ -83,6 +85,8 @@ class GlobusAuthSettings(_Strict):
     client_secret_env: str = "INFERENCE_GATEWAY_GLOBUS_CLIENT_SECRET"
     secrets_file: str | None = None
     scope: str | None = None
+    # The native app (public client) users log in with; the inference-auth-token the gateway serves names it.
+    native_client_id: str | None = None
     session_policies: list[str] = Field(default_factory=list)
     allowed_domains: Domains = Field(default_factory=list)
     required_groups: list[str] = Field(default_factory=list)
@@ -452,6 +456,12 @@ class GatewayConfig(_Strict):
     federation: FederationSettings = Field(default_factory=FederationSettings)
     relay: RelaySettings = Field(default_factory=RelaySettings)
     batches: BatchSettings = Field(default_factory=BatchSettings)
+    # The file this configuration came from, when not the embedded default: commands printed for users name it.
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
@@ -521,7 +531,10 @@ def load_config(path: str | Path | None = None) -> GatewayConfig:
         text = source.read_text()
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
-    return parse_config(text, str(source))
+    config = parse_config(text, str(source))
+    if path is not None:
+        config._source = source.absolute()
+    return config
 
 
 def parse_config(text: str, source: str = "<config>") -> GatewayConfig:

@@ -13,13 +13,13 @@ from compute_functions.model_server import ModelServer
 from gateway.accounting.writer import UsageWriter
 from gateway.auth.base import Authenticator
 from gateway.auth.bearer import ProviderChain
-from gateway.auth.dev import DevAuthenticator, dev_token
+from gateway.auth.dev import DevAuthenticator, dev_token, token_command
 from gateway.batches.service import Batches
 from gateway.config import GatewayConfig
 from gateway.dispatch.base import Dispatcher
 from gateway.dispatch.direct import DirectDispatcher
 from gateway.federation.availability import Availability
-from gateway.federation.registry import Endpoint, Registry
+from gateway.federation.registry import Endpoint, Registry, runs_simulator
 from gateway.federation.tracker import MAINTENANCE_FILE, AvailabilityTracker
 from gateway.limits import build_limiter
 from gateway.observability.ledger import RequestLedger
@@ -54,7 +54,10 @@ class Runtime:
             else:
                 # Workers of the parsl and globus transports find their model server on their node.
                 base_url = settings.base_url or ""
-            endpoints.append(Endpoint.from_settings(settings, base_url, config.auth.clusters.get(settings.cluster)))
+            endpoint = Endpoint.from_settings(settings, base_url, config.auth.clusters.get(settings.cluster))
+            if settings.model_server is not None:
+                endpoint.simulator = runs_simulator(self.model_servers[settings.model_server].command)
+            endpoints.append(endpoint)
         federation = config.federation
         for endpoint in endpoints:
             endpoint.stale_after = federation.stale_after
@@ -148,7 +151,7 @@ class Runtime:
         await self.batches.start()
         if "dev" in self.config.auth.providers:
             print(
-                "Dev auth is on. Export the token with:\n  export MY_TOKEN=$(inference-gateway dev-token)",
+                f"Dev auth is on. Export the token with:\n  export MY_TOKEN=$({token_command(self.config.source)})",
                 file=sys.stderr,
                 flush=True,
             )

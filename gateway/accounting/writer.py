@@ -32,6 +32,7 @@ from gateway.accounting.record import FinishedRequest
 from gateway.accounting.recorder import UsageRecorder
 from gateway.config import GatewayConfig, LoggingSettings
 from gateway.observability.logs import AccessLog, configure_logging
+from gateway.observability.recent import RecentActivity
 from gateway.observability.tally import Tally
 from gateway.storage.database import Database
 
@@ -47,10 +48,11 @@ class UsageWriter:
     """The gateway's handle on the writer process: ``send`` after each ledger pass, ``sync`` before a scrape.
 
     It shows the counters the metrics read (``depth``, ``dropped``, ``written``, ``spooled``,
-    ``database_up``) as the writer last reported them, and ``tally``, the counts of every request the writer
-    was handed (records in a frame the writer never read, because it died or fell too far behind, are in none
-    of these). Frames that would pile up past ``queue_size`` rows in the pipe (the writer stopped reading) are
-    dropped and counted. A writer that dies is started again.
+    ``database_up``) as the writer last reported them, ``tally``, the counts of every request the writer
+    was handed, and ``recent``, the last hour of those counts a minute at a time (records in a frame the writer
+    never read, because it died or fell too far behind, are in none of these). Frames that would pile up past
+    ``queue_size`` rows in the pipe (the writer stopped reading) are dropped and counted. A writer that dies is
+    started again.
     """
 
     def __init__(self, settings: dict[str, Any]) -> None:
@@ -62,6 +64,7 @@ class UsageWriter:
         self.spooled = 0
         self.database_up = False
         self.tally = Tally()
+        self.recent = RecentActivity()
         self._in_pipe = 0
         self._syncs = 0
         self._synced = 0
@@ -167,6 +170,7 @@ class UsageWriter:
             self._in_pipe = max(0, self._in_pipe - int(report["received"]))
             if report.get("tally"):
                 self.tally.merge(report["tally"])
+                self.recent.add(report["tally"])
             self._synced = int(report["synced"])
             self._reported.set()
         status = await process.wait()

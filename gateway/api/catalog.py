@@ -21,12 +21,20 @@ _STARTED = int(time.time())
 async def list_models(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     identity = await authenticate(request)
-    owners: dict[str, list[str]] = {}
+    owners: dict[str, list[Endpoint]] = {}
     for endpoint in runtime.registry.visible_to(identity):
         for model in endpoint.models:
-            owners.setdefault(model, []).append(endpoint.id)
+            owners.setdefault(model, []).append(endpoint)
     data = [
-        {"id": model, "object": "model", "created": _STARTED, "owned_by": ",".join(endpoints), "endpoints": endpoints}
+        {
+            "id": model,
+            "object": "model",
+            "created": _STARTED,
+            "owned_by": ",".join(endpoint.id for endpoint in endpoints),
+            "endpoints": [endpoint.id for endpoint in endpoints],
+            # Some endpoint of it runs the simulator: its answers (marked "simulated" too) are synthetic words.
+            "simulated": any(endpoint.simulated for endpoint in endpoints),
+        }
         for model, endpoints in sorted(owners.items())
     ]
     return json_response({"object": "list", "data": data})
@@ -53,6 +61,7 @@ def _endpoint_view(endpoint: Endpoint, wall: float, now: float) -> dict[str, Any
         "estimated_start": _iso(seen.estimated_start),
         "load": {"running": seen.running, "waiting": seen.waiting, "gateway_in_flight": endpoint.in_flight},
         "breaker": "closed" if endpoint.is_up(now) else "open",
+        "simulated": endpoint.simulated,
     }
 
 
@@ -87,6 +96,7 @@ async def cluster_models(request: Request) -> Response:
             "framework": endpoint.framework,
             "state": endpoint.state(wall, model),
             "route": endpoint.route,
+            "simulated": endpoint.simulated,
         }
         for endpoint in await _cluster_endpoints(request)
         for model in endpoint.models

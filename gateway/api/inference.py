@@ -37,6 +37,8 @@ from gateway.runtime import Runtime
 log = logging.getLogger("gateway.api")
 
 _STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+# The usage log's and the metrics' model for a request naming a model that no endpoint serves.
+UNKNOWN_MODEL = "(unknown model)"
 
 
 def _upstream_message(body: bytes) -> tuple[str, str | None]:
@@ -231,11 +233,18 @@ async def _infer(request: Request, op: str) -> Response:
     identity = await authenticate(request)
     record.user = identity.username
     body = await read_json(request, runtime.config.server.max_body_bytes)
+    record.request_id, record.op = request_id(request), op
+    named = body.get("model") if isinstance(body, dict) else None
+    if isinstance(named, str):
+        # Named before the checks, so that a request they refuse (bad parameters, an unknown or forbidden model)
+        # has its row in the usage log and counts among the user's errors. Names no endpoint serves share one
+        # label: any string a caller sends must not become a metric series of its own.
+        record.model = named if runtime.registry.serves(named) else UNKNOWN_MODEL
     model = validate(op, body)
+    record.stream = bool(body.get("stream"))
     params = request.path_params
     cluster = params.get("cluster")
     candidates = runtime.registry.candidates(model, identity, cluster, params.get("framework"))
-    record.request_id, record.op, record.model, record.stream = request_id(request), op, model, bool(body.get("stream"))
     if runtime.config.logging.log_prompts:
         record.prompt = body.get("messages") or body.get("prompt") or body.get("input")
     endpoints = _route(runtime, candidates, model, cluster_route=cluster is not None)

@@ -63,6 +63,16 @@ class Authenticator(ABC):
     @abstractmethod
     async def authenticate(self, token: str) -> Identity: ...
 
+    def browser_login(self) -> dict[str, Any] | None:
+        """Where the status page sends a browser to log in (an authorization code with PKCE): ``authorize_url``,
+        ``client_id``, ``scope`` and ``session_required_policies``; None for a provider without such a login."""
+        return None
+
+    async def redeem_code(self, code: str, verifier: str, redirect_uri: str) -> dict[str, Any]:
+        """The access token (``access_token``, ``expires_in``) for a browser's authorization code; only providers
+        with a ``browser_login``. Raises ``AuthenticationFailed`` when the code is refused."""
+        raise NotImplementedError
+
     async def start(self) -> None:
         """Open clients and caches; called once when the gateway starts."""
 

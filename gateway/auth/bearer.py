@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from gateway.auth.base import Authenticator, Identity
 from gateway.errors import AuthenticationFailed
@@ -16,6 +17,13 @@ def bearer_token(header: str | None) -> str:
         raise AuthenticationFailed(_MISSING, code="missing_token")
     scheme, _, token = header.partition(" ")
     token = token.strip()
+    if scheme.lower() == "bearer" and not token:
+        # What a shell sends for "Bearer $MY_TOKEN" when the variable is unset or its command printed nothing.
+        raise AuthenticationFailed(
+            "The bearer token is empty: the header is 'Authorization: Bearer' with nothing after it. If it comes "
+            "from a variable such as $MY_TOKEN, that variable is empty; set it and try again.",
+            code="empty_token",
+        )
     if scheme.lower() != "bearer" or not token or " " in token:
         raise AuthenticationFailed(
             "Malformed Authorization header: expected 'Bearer <token>'.", code="invalid_authorization_header"
@@ -46,6 +54,13 @@ class ProviderChain(Authenticator):
                 refusal = exc.with_traceback(None)
         assert refusal is not None
         raise refusal
+
+    def browser_login(self) -> dict[str, Any] | None:
+        return next((login for provider in self.providers if (login := provider.browser_login())), None)
+
+    async def redeem_code(self, code: str, verifier: str, redirect_uri: str) -> dict[str, Any]:
+        provider = next(provider for provider in self.providers if provider.browser_login())
+        return await provider.redeem_code(code, verifier, redirect_uri)
 
     async def start(self) -> None:
         for provider in self.providers:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
+import shlex
+import sys
 from pathlib import Path
 
 from gateway.auth.base import Authenticator, Identity
@@ -31,6 +33,17 @@ def dev_token(state_dir: Path, token_env: str, *, create: bool) -> str | None:
     with os.fdopen(descriptor, "w") as handle:
         handle.write(token + "\n")
     return token
+
+
+def token_command(config: Path | None = None) -> str:
+    """The shell command that prints the dev token, runnable as printed: without an active virtual environment a
+    bare ``inference-gateway`` is not on the PATH, and ``$(...)`` would quietly set an empty token."""
+    installed = Path(sys.executable).parent / "inference-gateway"
+    program = [str(installed)] if installed.is_file() else [sys.executable, "-m", "gateway.cli"]
+    words = [*program, "dev-token"]
+    if config is not None:
+        words += ["--config", str(config)]
+    return shlex.join(words)
 
 
 class DevAuthenticator(Authenticator):

@@ -219,8 +219,10 @@ class GlobusAuthenticator(Authenticator):
         cache_seconds: float,
         refusal_seconds: float,
         workers: int = 8,
+        native_client_id: str | None = None,
     ) -> None:
         self.policy = policy
+        self.native_client_id = native_client_id
         self.fetch_groups = fetch_groups
         self._service = service
         self._cache = cache
@@ -261,6 +263,7 @@ class GlobusAuthenticator(Authenticator):
             timeout=settings.timeout,
             cache_seconds=cache_settings.seconds,
             refusal_seconds=cache_settings.refusal_seconds,
+            native_client_id=settings.native_client_id,
         )
 
     async def authenticate(self, token: str) -> Identity:
@@ -269,6 +272,42 @@ class GlobusAuthenticator(Authenticator):
         if verdict is None:
             verdict = await self._settle(token, key)
         return verdict.outcome()
+
+    def browser_login(self) -> dict[str, Any] | None:
+        if not self.native_client_id:
+            return None
+        return {
+            "authorize_url": globus_sdk.config.get_service_url("auth") + "v2/oauth2/authorize",
+            "client_id": self.native_client_id,
+            "scope": self.policy.scope,
+            "session_required_policies": ",".join(sorted(self.policy.session_policies)),
+        }
+
+    async def redeem_code(self, code: str, verifier: str, redirect_uri: str) -> dict[str, Any]:
+        client_id = self.native_client_id
+        assert client_id is not None
+        # The code is the native app's: the gateway redeems it as that public client (no secret), so that the
+        # browser needs no cross-origin call to Globus; the refresh token, if any, is not handed on.
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "code_verifier": verifier,
+            "redirect_uri": redirect_uri,
+            "client_id": client_id,
+        }
+        refused = AuthenticationFailed("Globus Auth did not accept the login; log in again.", code="login_refused")
+
+        def redeem() -> globus_sdk.OAuthTokenResponse:
+            client = globus_sdk.NativeAppAuthClient(client_id, transport=RequestsTransport(http_timeout=self._timeout))
+            with _globus_call("Globus Auth", refused, operator_statuses=()):
+                return client.oauth2_token(form)
+
+        tokens = await asyncio.get_running_loop().run_in_executor(self._pool, redeem)
+        for token in tokens.by_resource_server.values():
+            if self.policy.scope in str(token.get("scope", "")).split():
+                expires_in = int(token["expires_at_seconds"] - time.time())
+                return {"access_token": token["access_token"], "expires_in": expires_in}
+        raise AuthenticationFailed("Globus Auth did not grant the gateway's scope.", code="login_refused")
 
     async def close(self) -> None:
         await self._flights.close()

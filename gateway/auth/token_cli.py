@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """The ``inference-auth-token`` command: log in to Globus for the gateway and print access tokens.
 
     inference-auth-token authenticate [--force]
@@ -11,9 +12,11 @@ and refresh tokens in ``~/.globus/app/<client id>/<app name>/tokens.json`` (mode
 0600, the globus-sdk's JSON format). ``get_access_token`` prints a valid access
 token, refreshing it first when it is about to expire.
 
-It imports only the standard library and ``globus_sdk``, so that
-``scripts/inference-auth-token.py`` runs from a checkout with nothing else
-installed.
+This file is the whole command: it imports only the standard library and
+``globus_sdk``, so that it runs alone with nothing else installed
+(``pip install globus-sdk``). ``scripts/inference-auth-token.py`` is a link to
+it, and a gateway serves it at ``/resource_server/inference-auth-token.py`` with
+the settings below filled in for itself.
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ from globus_sdk.login_flows.command_line_login_flow_manager import CommandLineLo
 from globus_sdk.token_storage import JSONTokenStorage, TokenStorageData
 from globus_sdk.transport import RequestsTransport, RetryConfig
 
-# Placeholders: a deployment publishes its own native-app client id and gateway scope,
-# and sets them here in the copy it hands out, or its users set the variables below.
+# Placeholders: a deployment publishes its own native-app client id and gateway scope, or its users set the
+# variables below. The gateway that serves this file fills in these five lines for itself.
 PLACEHOLDER_ID = "00000000-0000-0000-0000-000000000000"
 DEFAULT_CLIENT_ID = PLACEHOLDER_ID
 DEFAULT_SCOPE = f"https://auth.globus.org/scopes/{PLACEHOLDER_ID}/action_all"
+DEFAULT_POLICIES: tuple[str, ...] = ()
+GATEWAY_URL = ""
+GATEWAY_USES_GLOBUS = True
 DEFAULT_APP_NAME = "inference-gateway"
 
 CLIENT_ID_ENV = "INFERENCE_AUTH_CLIENT_ID"
@@ -80,16 +86,24 @@ class Settings:
             client_id=args.client_id or os.environ.get(CLIENT_ID_ENV) or DEFAULT_CLIENT_ID,
             scope=args.scope or os.environ.get(SCOPE_ENV) or DEFAULT_SCOPE,
             app_name=args.app_name or os.environ.get(APP_NAME_ENV) or DEFAULT_APP_NAME,
-            policies=tuple(args.policy or _listed(os.environ.get(POLICIES_ENV))),
+            policies=tuple(args.policy or _listed(os.environ.get(POLICIES_ENV)) or DEFAULT_POLICIES),
             domains=tuple(args.domain or _listed(os.environ.get(DOMAINS_ENV))),
         )
-        if PLACEHOLDER_ID in settings.client_id or PLACEHOLDER_ID in settings.scope:
+        if PLACEHOLDER_ID not in settings.client_id and PLACEHOLDER_ID not in settings.scope:
+            return settings
+        if not GATEWAY_USES_GLOBUS:
             raise CommandError(
-                "This copy of inference-auth-token does not know your gateway's Globus client id and scope: "
-                f"set {CLIENT_ID_ENV} and {SCOPE_ENV} (or pass --client-id and --scope) to the values your "
-                "gateway's operators publish."
+                f"The gateway at {GATEWAY_URL} takes dev tokens, not Globus logins: there is nothing to log in to. "
+                "On the gateway's machine, `inference-gateway dev-token` prints the token (or ask its operator "
+                "for it); then export MY_TOKEN=<the token>."
             )
-        return settings
+        raise CommandError(
+            "This copy of inference-auth-token does not know your gateway's Globus client id and scope: "
+            f"set {CLIENT_ID_ENV} and {SCOPE_ENV} (or pass --client-id and --scope) to the values your "
+            "gateway's operators publish, or download the command from your gateway, filled in for it: "
+            "https://<gateway>/resource_server/inference-auth-token.py. (A gateway with dev tokens, such as the "
+            "embedded default, needs no login: `inference-gateway dev-token` prints its token.)"
+        )
 
 
 def _listed(value: str | None) -> list[str]:

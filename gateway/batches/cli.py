@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,20 @@ class BatchClient:
         self.base = f"{url.rstrip('/')}/resource_server/{route}"
         self.http = httpx.Client(headers={"authorization": f"Bearer {token}"}, timeout=60)
 
+    @contextlib.contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """A gateway that cannot be reached is one line on stderr, not a traceback."""
+        try:
+            yield
+        except httpx.TransportError as exc:
+            raise SystemExit(
+                f"error: no gateway answers at {self.base} ({type(exc).__name__}): start one with "
+                "`inference-gateway serve`, or give its address with --url."
+            ) from None
+
     def _json(self, method: str, path: str, **options: Any) -> dict[str, Any]:
-        response = self.http.request(method, f"{self.base}{path}", **options)
+        with self._reaching():
+            response = self.http.request(method, f"{self.base}{path}", **options)
         if response.status_code >= 400:
             try:
                 message = response.json()["error"]["message"]
@@ -44,7 +58,8 @@ class BatchClient:
         return self._json("POST", f"/batches/{batch_id}/cancel")
 
     def results(self, batch_id: str, which: str, target: Any) -> None:
-        with self.http.stream("GET", f"{self.base}/batches/{batch_id}/result", params={"file": which}) as response:
+        url = f"{self.base}/batches/{batch_id}/result"
+        with self._reaching(), self.http.stream("GET", url, params={"file": which}) as response:
             if response.status_code >= 400:
                 response.read()
                 raise SystemExit(f"error: HTTP {response.status_code}: {response.text[:500]}")

@@ -176,6 +176,14 @@ class Batches:
         model = _text(body, "model")
         if model is None and stored is not None:
             model = await asyncio.to_thread(_first_model, Path(stored.path))
+        if model is None and stored is not None:
+            raise InvalidRequest(
+                "'model' is required: neither the batch nor the first request line of the uploaded file names one. "
+                "Give each line its model (in OpenAI's batch line, as 'body.model'), or pass 'model' with the batch "
+                "(with the OpenAI SDK: extra_body={'model': ...}).",
+                param="model",
+                code="missing_required_parameter",
+            )
         if model is None:
             raise InvalidRequest("'model' is required.", param="model", code="missing_required_parameter")
         chosen = self._endpoint(identity, model, cluster, framework, uploaded=stored is not None)

@@ -110,7 +110,9 @@ class DirectDispatcher(Dispatcher):
                 # It answers, so it is reachable; without a model list nothing more can be said.
                 return Availability("unknown", detail=f"/models answered HTTP {status}")
             listed = orjson.loads(body)
-            names = {entry.get("id") for entry in listed.get("data", []) if isinstance(entry, dict)}
+            entries = [entry for entry in listed.get("data", []) if isinstance(entry, dict)]
+            names = {entry.get("id") for entry in entries}
+            simulated = any(entry.get("simulated") is True for entry in entries)
             missing = frozenset(model for model in endpoint.models if endpoint.backend_model(model) not in names)
             if len(missing) == len(endpoint.models):
                 return Availability("cold", detail="no model loaded")
@@ -126,11 +128,12 @@ class DirectDispatcher(Dispatcher):
         loads = model_load(text)
         served = [loads[name] for name in {endpoint.backend_model(model) for model in endpoint.models} if name in loads]
         if not served:
-            return Availability("hot", detail=detail, cold_models=missing)
+            return Availability("hot", detail=detail, cold_models=missing, simulated=simulated)
         return Availability(
             "hot",
             detail=detail,
             cold_models=missing,
+            simulated=simulated,
             running=sum(load.running for load in served),
             waiting=sum(load.waiting for load in served),
         )

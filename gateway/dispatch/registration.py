@@ -50,7 +50,10 @@ def globus_endpoints(text: str, source: str, selected: Iterable[str] = ()) -> di
     if wanted:
         found = {index: name for index, name in found.items() if name in wanted}
     if not found:
-        raise ConfigError(f"{source}: no endpoint has transport: globus")
+        raise ConfigError(
+            f"{source}: no endpoint has transport: globus, so there is nothing to register: the compute functions "
+            "are registered only for endpoints reached through Globus Compute"
+        )
     for index, name in found.items():
         if not isinstance(entries[index].get("globus"), dict):
             raise ConfigError(f"{source}: endpoint {name} needs a 'globus' section with its endpoint_id")

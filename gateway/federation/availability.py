@@ -32,6 +32,8 @@ class Availability:
     estimated_start: float | None = None
     jobs: tuple[dict[str, object], ...] = ()
     cold_models: frozenset[str] = frozenset()
+    # The model server says it is the simulator (its model list marks its models): answers are synthetic.
+    simulated: bool = False
 
     def age(self, now: float | None = None) -> float:
         return (time.time() if now is None else now) - self.observed_at

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,8 @@ class Endpoint:
     globus: GlobusComputeSettings | None = None
     # The ``model_server`` argument of the compute functions (transports parsl and globus).
     worker_model_server: dict[str, Any] | None = None
+    # Its configured model server is the simulator: known before the first status, whatever the transport.
+    simulator: bool = False
     availability: Availability = field(default_factory=lambda: Availability("unknown", observed_at=0.0))
     maintenance: str | None = None
     in_flight: int = 0
@@ -60,6 +62,11 @@ class Endpoint:
     @property
     def route(self) -> str:
         return f"/resource_server/{self.cluster}/{self.framework}/v1"
+
+    @property
+    def simulated(self) -> bool:
+        """Whether its answers are synthetic: the simulator is configured here, or the backend says it is one."""
+        return self.simulator or self.availability.simulated
 
     def backend_model(self, model: str) -> str:
         """The name the backend knows ``model`` by."""
@@ -135,7 +142,13 @@ class Endpoint:
             max_connections=settings.max_connections,
             globus=settings.globus,
             worker_model_server=settings.worker_model_server.model_dump() if settings.worker_model_server else None,
+            simulator=settings.worker_model_server is not None and runs_simulator(settings.worker_model_server.command),
         )
+
+
+def runs_simulator(command: Sequence[str]) -> bool:
+    """Whether a model server's command line starts the simulator rather than a model."""
+    return "gateway.simulator" in command or any(word.rsplit("/", 1)[-1] == "inference-simulator" for word in command)
 
 
 def _admits(groups: frozenset[str], domains: frozenset[str], identity: Identity) -> bool:
@@ -184,6 +197,10 @@ class Registry:
                 f"You are not allowed to use model '{model}'.", code="model_not_permitted", param="model"
             )
         return allowed
+
+    def serves(self, model: str) -> bool:
+        """Whether any endpoint lists ``model``, whoever may use it."""
+        return model in self._by_model
 
     def visible_to(self, identity: Identity) -> list[Endpoint]:
         return [endpoint for endpoint in self.endpoints if endpoint.allows(identity)]

@@ -88,10 +88,27 @@ class _Protocol:
     whole_object: str
     chunk_object: str
     chat: bool
+    # vLLM's own fields of a whole answer, beside OpenAI's.
+    vllm_fields: dict[str, None]
 
 
-_CHAT = _Protocol("chatcmpl-", "chat.completion", "chat.completion.chunk", chat=True)
-_COMPLETION = _Protocol("cmpl-", "text_completion", "text_completion", chat=False)
+_CHAT = _Protocol(
+    "chatcmpl-",
+    "chat.completion",
+    "chat.completion.chunk",
+    chat=True,
+    vllm_fields=dict.fromkeys(
+        ("prompt_logprobs", "prompt_token_ids", "prompt_text", "kv_transfer_params", "ec_transfer_params", "metrics")
+    ),
+)
+_COMPLETION = _Protocol(
+    "cmpl-",
+    "text_completion",
+    "text_completion",
+    chat=False,
+    vllm_fields=dict.fromkeys(("kv_transfer_params", "ec_transfer_params", "metrics")),
+)
+_USAGE_DETAILS = {"prompt_tokens_details": None, "completion_tokens_details": None}
 
 _JSON = b"application/json"
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
@@ -232,7 +249,13 @@ class SimulatorApp:
                 "created": int(time.time()),
                 "model": engine.model,
                 "data": data,
-                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "total_tokens": prompt_tokens,
+                    "completion_tokens": 0,
+                    **_USAGE_DETAILS,
+                },
+                "simulated": True,
             }
             await _send_whole(send, 200, orjson.dumps(body), _JSON)
             engine.record(0, ["stop"])
@@ -304,7 +327,11 @@ class SimulatorApp:
             "created": answer.created,
             "model": answer.engine.model,
             "choices": [_whole_choice(answer.protocol, output) for output in answer.outputs],
-            "usage": _usage(answer.prompt_tokens, completion_tokens),
+            "service_tier": None,
+            "system_fingerprint": None,
+            "usage": {**_usage(answer.prompt_tokens, completion_tokens), **_USAGE_DETAILS},
+            **answer.protocol.vllm_fields,
+            "simulated": True,
         }
         await _send_whole(send, 200, orjson.dumps(body), _JSON)
         answer.engine.record(completion_tokens, [output.finish_reason for output in answer.outputs])
@@ -463,6 +490,7 @@ class _Chunks:
             "object": answer.protocol.chunk_object,
             "created": answer.created,
             "model": answer.engine.model,
+            "simulated": True,
         }
         self._head = b"data: " + orjson.dumps(self._envelope)[:-1] + b',"choices":[{"index":'
         self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
@@ -492,13 +520,25 @@ class _Chunks:
 
 
 def _whole_choice(protocol: _Protocol, output: Output) -> dict[str, Any]:
+    # Every field vLLM's answers carry, null where the simulator has nothing to say (vLLM leaves out an empty
+    # ``tool_calls``), so that a client written against vLLM finds each one.
     if protocol.chat:
         return {
             "index": output.index,
-            "message": {"role": "assistant", "content": output.text, "tool_calls": []},
+            "message": {
+                "role": "assistant",
+                "content": output.text,
+                "refusal": None,
+                "annotations": None,
+                "audio": None,
+                "function_call": None,
+                "reasoning": None,
+            },
             "logprobs": None,
             "finish_reason": output.finish_reason,
             "stop_reason": output.stop_reason,
+            "token_ids": None,
+            "routed_experts": None,
         }
     return {
         "index": output.index,
@@ -506,6 +546,10 @@ def _whole_choice(protocol: _Protocol, output: Output) -> dict[str, Any]:
         "logprobs": None,
         "finish_reason": output.finish_reason,
         "stop_reason": output.stop_reason,
+        "token_ids": None,
+        "prompt_logprobs": None,
+        "prompt_token_ids": None,
+        "routed_experts": None,
     }
 
 

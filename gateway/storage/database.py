@@ -188,9 +188,14 @@ class Database:
         return sql
 
     async def usage_report(
-        self, by: Sequence[str], since: datetime | None = None, until: datetime | None = None
+        self,
+        by: Sequence[str],
+        since: datetime | None = None,
+        until: datetime | None = None,
+        user: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Requests, errors and tokens grouped by ``by`` (names from ``REPORT_DIMENSIONS``), oldest day first."""
+        """Requests, errors and tokens grouped by ``by`` (names from ``REPORT_DIMENSIONS``), oldest day first;
+        only ``user``'s when given."""
         keys = [_dimension(name, self.dialect).label(name) for name in by]
         query = sa.select(
             *keys,
@@ -203,6 +208,8 @@ class Database:
             query = query.where(usage_log.c.created_at >= _unix(since))
         if until is not None:
             query = query.where(usage_log.c.created_at < _unix(until))
+        if user is not None:
+            query = query.where(usage_log.c.username == user)
         if keys:
             query = query.group_by(*keys).order_by(*keys)
 

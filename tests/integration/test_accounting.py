@@ -194,7 +194,7 @@ def test_completions_embeddings_and_failures_have_rows_too(front: ModelServer, r
     found = rows({completion, embedding, offline})
     assert (found[completion]["endpoint"], found[completion]["completion_tokens"]) == ("completions", 4)
     assert found[embedding]["endpoint"] == "embeddings" and found[embedding]["prompt_tokens"] > 0
-    assert found[embedding]["completion_tokens"] is None
+    assert found[embedding]["completion_tokens"] == 0  # as vLLM reports it for embeddings
     assert (found[offline]["status"], found[offline]["error_code"]) == (503, "backend_unavailable")
     assert found[offline]["prompt_tokens"] is None
 
@@ -217,6 +217,27 @@ def test_admins_read_the_usage_report_as_json_and_csv(front: ModelServer, rows: 
     bad = httpx.get(base, headers=AUTH, params={"by": "colour"})
     assert bad.status_code == 400 and "cannot group by colour" in bad.json()["error"]["message"]
     assert httpx.get(base).status_code == 401
+
+
+def test_refused_requests_count_as_errors_in_the_usage_command(front: ModelServer, home: Path, rows: Any) -> None:
+    unknown, invalid, answered = rid("unknown"), rid("invalid"), rid("answered")
+    assert chat(front, unknown, model="no/such-model").status_code == 404
+    assert chat(front, invalid, temperature=7).status_code == 400
+    assert chat(front, answered).status_code == 200
+    found = rows({unknown, invalid, answered})
+    assert (found[unknown]["status"], found[unknown]["error_code"]) == (404, "model_not_found")
+    assert found[invalid]["status"] == 400 and found[invalid]["error_code"]
+    config = next(home.glob("gateway-*.yaml"))
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "usage", "--config", str(config), "--by", "model", "--format", "csv"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "INFERENCE_GATEWAY_STATE_DIR": str(home / "state")},
+        timeout=60,
+    )
+    report = {line.split(",")[0]: line.split(",") for line in done.stdout.splitlines()[1:]}
+    assert report["(unknown model)"][1:3] == ["1", "1"]  # one request, one error
+    assert int(report[MODEL][2]) >= 1  # the refused temperature
 
 
 def test_the_usage_command_prints_a_table_and_csv(front: ModelServer, home: Path, rows: Any) -> None:

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from packaging.requirements import Requirement
 
 from compute_functions.model_server import free_port
 from tests.globus_fake import NATIVE_CLIENT_ID, SCOPE, FakeGlobus
-from tests.support import REPO
+from tests.support import REPO, endpoint, gateway
 
 SCRIPT = REPO / "scripts" / "inference-auth-token.py"
 
@@ -46,9 +49,11 @@ def environment(fake: FakeGlobus, home: Path, **extra: str) -> dict[str, str]:
     }
 
 
-def run(fake: FakeGlobus, home: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+def run(
+    fake: FakeGlobus, home: Path, *args: str, python: str = sys.executable, script: Path = SCRIPT, **extra: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [python, str(script), *args],
         capture_output=True,
         text=True,
         env=environment(fake, home, **extra),
@@ -57,15 +62,17 @@ def run(fake: FakeGlobus, home: Path, *args: str, **extra: str) -> subprocess.Co
     )
 
 
-def authenticate(fake: FakeGlobus, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def authenticate(
+    fake: FakeGlobus, home: Path, *args: str, python: str = sys.executable, script: Path = SCRIPT, **extra: str
+) -> subprocess.CompletedProcess[str]:
     """``authenticate``, with the test playing the browser: open the printed URL, paste back the code."""
     process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "authenticate", *args],
+        [python, str(script), "authenticate", *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=environment(fake, home),
+        env=environment(fake, home, **extra),
     )
     assert process.stdout is not None and process.stdin is not None
     printed = []
@@ -221,3 +228,120 @@ def test_the_script_needs_only_globus_sdk() -> None:
         [sys.executable, "-c", IMPORTS_PROBE, str(SCRIPT)], capture_output=True, text=True, timeout=60
     )
     assert "usage: inference-auth-token" in result.stdout and result.stdout.strip().endswith("[]"), result.stdout
+
+
+# --- the one file, alone, with only globus-sdk -------------------------------------------------------------------
+
+
+def _importable(distribution: str, found: dict[str, Path]) -> None:
+    """The top-level modules of ``distribution`` and of everything it needs, by name, where they are installed."""
+    dist = metadata.distribution(distribution)
+    for file in dist.files or ():
+        top = file.parts[0]
+        # Its metadata too (the .dist-info folder): globus_sdk reads its own version from it.
+        if top not in ("..", "__pycache__") and not top.endswith(".pth"):
+            found.setdefault(top, Path(str(dist.locate_file(top))))
+    for requirement in map(Requirement, dist.requires or ()):
+        wanted = requirement.marker is None or requirement.marker.evaluate({"extra": ""})
+        if wanted and requirement.name.lower() not in {name.lower() for name in found}:
+            _importable(requirement.name, found)
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A Python that can import globus-sdk and what it needs, and nothing else: a fresh virtual environment
+    without the system's packages, whose one .pth names a folder holding links to globus_sdk and its dependencies
+    (taken from this environment, so the test needs no network)."""
+    root = tmp_path_factory.mktemp("bare-python")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True, timeout=120)
+    python = str(root / "venv" / "bin" / "python")
+    only = root / "only-globus-sdk"
+    only.mkdir()
+    found: dict[str, Path] = {}
+    _importable("globus-sdk", found)
+    for name, path in found.items():
+        (only / name).symlink_to(path)
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (Path(site) / "only-globus-sdk.pth").write_text(f"{only}\n")
+    probe = subprocess.run(
+        [
+            python,
+            "-c",
+            "import globus_sdk, importlib.util as u; print([m for m in ('gateway', 'yaml', 'starlette', "
+            "'pydantic', 'httpx') if u.find_spec(m)])",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
+    assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
+    return python
+
+
+def globus_gateway_config() -> dict[str, object]:
+    return {
+        "auth": {"providers": ["dev", "globus"], "globus": {"native_client_id": NATIVE_CLIENT_ID, "timeout": 2.0}},
+        "endpoints": [endpoint(f"http://127.0.0.1:{free_port()}/v1")],
+    }
+
+
+def test_the_served_command_logs_in_alone_with_only_globus_sdk(
+    fake: FakeGlobus, home: Path, tmp_path: Path, bare_python: str
+) -> None:
+    # The usage guide's way: download the command from the gateway, log in, use the token.
+    with gateway(globus_gateway_config(), tmp_path, env=fake.gateway_env()) as server:
+        base = f"http://127.0.0.1:{server.port}/resource_server"
+        download = httpx.get(f"{base}/inference-auth-token.py")
+        assert download.status_code == 200 and "attachment" in download.headers["content-disposition"]
+        script = tmp_path / "downloads" / "inference-auth-token.py"
+        script.parent.mkdir()
+        script.write_text(download.text)
+        assert f"DEFAULT_CLIENT_ID = {NATIVE_CLIENT_ID!r}" in download.text and repr(SCOPE) in download.text
+        # No INFERENCE_AUTH_* variables: the served file knows its gateway.
+        plain = {"INFERENCE_AUTH_CLIENT_ID": "", "INFERENCE_GATEWAY_SCOPE": ""}
+        logged_in = authenticate(fake, home, python=bare_python, script=script, **plain)
+        assert logged_in.returncode == 0, logged_in.stderr
+        assert fake.authorize_params[-1]["client_id"] == NATIVE_CLIENT_ID
+        printed = run(fake, home, "get_access_token", python=bare_python, script=script, **plain)
+        assert printed.returncode == 0, printed.stderr
+        whoami = httpx.get(f"{base}/whoami", headers={"authorization": f"Bearer {printed.stdout.strip()}"})
+        assert whoami.status_code == 200 and whoami.json()["provider"] == "globus"
+
+
+def test_a_dev_gateway_serves_a_command_that_points_to_the_dev_token(
+    fake: FakeGlobus, home: Path, tmp_path: Path, bare_python: str
+) -> None:
+    config = {"auth": {"providers": ["dev"]}, "endpoints": [endpoint(f"http://127.0.0.1:{free_port()}/v1")]}
+    with gateway(config, tmp_path) as server:
+        url = f"http://127.0.0.1:{server.port}"
+        script = tmp_path / "inference-auth-token.py"
+        script.write_text(httpx.get(f"{url}/resource_server/inference-auth-token.py").text)
+    plain = {"INFERENCE_AUTH_CLIENT_ID": "", "INFERENCE_GATEWAY_SCOPE": ""}
+    for command in ("get_access_token", "authenticate"):
+        result = run(fake, home, command, python=bare_python, script=script, **plain)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert f"The gateway at {url} takes dev tokens" in result.stderr
+        assert "inference-gateway dev-token" in result.stderr
+    assert not fake.authorize_params
+
+
+def test_the_repository_script_copied_alone_runs_with_only_globus_sdk(
+    fake: FakeGlobus, home: Path, tmp_path: Path, bare_python: str
+) -> None:
+    alone = tmp_path / "elsewhere" / "inference-auth-token.py"
+    alone.parent.mkdir()
+    shutil.copy(SCRIPT, alone)  # the file, not the link
+    assert not alone.is_symlink()
+    helped = subprocess.run([bare_python, str(alone), "--help"], capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0 and "usage: inference-auth-token" in helped.stdout, helped.stderr
+    assert authenticate(fake, home, python=bare_python, script=alone).returncode == 0
+    printed = run(fake, home, "get_access_token", python=bare_python, script=alone)
+    assert printed.returncode == 0 and fake.active(printed.stdout.strip())
+    unset = run(fake, home, "get_access_token", python=bare_python, script=alone, INFERENCE_AUTH_CLIENT_ID="")
+    assert unset.returncode == 1 and "inference-gateway dev-token" in unset.stderr
+    assert "/resource_server/inference-auth-token.py" in unset.stderr

@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from compute_functions.model_server import ModelServer
+from compute_functions.model_server import ModelServer, free_port
 from gateway.simulator import command as simulator_command
 from tests.globus_fake import FakeGlobus
 from tests.support import TOKEN, api_url, endpoint, gateway, simulator
@@ -180,6 +180,8 @@ def test_paths_must_resolve_inside_the_allowed_roots(front: ModelServer, root: P
         error = response.json()["error"]
         assert error["code"] in ("path_not_allowed", "file_not_found"), error
         assert error["param"] == ("input_file_path" if which == "input" else "output_folder_path")
+        if error["code"] == "path_not_allowed":
+            assert f"folders batches may use here: {root.resolve()}." in error["message"], error
     relative = submit(front, model=MODEL, input_file_path="paths/input.jsonl", output_folder_path=out)
     assert relative.status_code == 400 and relative.json()["error"]["code"] == "invalid_path"
     assert sorted(path.name for path in (tmp_path / "secret").iterdir()) == ["input.jsonl"]
@@ -256,6 +258,46 @@ def test_the_openai_sdk_uploads_a_file_runs_a_batch_and_reads_its_output(front: 
         with pytest.raises(openai.APIStatusError) as too_big:
             client.files.create(file=("big.jsonl", b"x" * (65 * 1024)), purpose="batch")
         assert too_big.value.status_code == 413
+
+
+def test_an_upload_that_names_no_model_says_where_to_name_it(front: ModelServer, tmp_path: Path) -> None:
+    source = write_lines(tmp_path / "guide.jsonl", [question(0), question(1)])
+    with openai.OpenAI(base_url=api_url(front), api_key=TOKEN, max_retries=0) as client:
+        uploaded = client.files.create(file=source.open("rb"), purpose="batch")
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert "body.model" in refused.value.message and "extra_body" in refused.value.message
+        batch = client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            extra_body={"model": MODEL},
+        )
+        batch = client.batches.retrieve(wait_for(front, batch.id)["id"])
+        assert batch.status == "completed" and batch.request_counts and batch.request_counts.completed == 2
+
+
+def test_the_batch_commands_without_a_gateway_print_one_line(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "MY_TOKEN": TOKEN}
+    for verb in (
+        ["status", "batch_x"],
+        ["results", "batch_x"],
+        ["submit", "in.jsonl", "--output", "out", "--model", MODEL],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "batch", *verb, "--url", url],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=60,
+        )
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines() == [
+            f"error: no gateway answers at {url}/resource_server/v1 (ConnectError): start one with "
+            "`inference-gateway serve`, or give its address with --url."
+        ]
 
 
 def test_an_uploaded_file_is_deleted_with_the_sdk_and_gone_from_disk(front: ModelServer, tmp_path: Path) -> None:

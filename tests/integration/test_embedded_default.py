@@ -82,7 +82,6 @@ def default_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
         yield server, token
     finally:
         server.stop()
-    assert "export MY_TOKEN=$(inference-gateway dev-token)" in (state / "serve.log").read_text()
 
 
 @pytest.mark.parametrize("command", GUIDE_CURLS, ids=["chat", "cluster-chat", "completions", "advanced"])
@@ -124,10 +123,34 @@ def test_usage_guide_python_examples(default_gateway: tuple[ModelServer, str]) -
     assert response.choices[0].message.content
 
 
+def test_the_printed_token_command_works_outside_the_virtual_environment(
+    default_gateway: tuple[ModelServer, str],
+) -> None:
+    server, token = default_gateway
+    state = server.env["INFERENCE_GATEWAY_STATE_DIR"]
+    log = (Path(state) / "serve.log").read_text()
+    (printed,) = [line.strip() for line in log.splitlines() if line.strip().startswith("export MY_TOKEN=")]
+    # A new shell: no virtual environment active, so no inference-gateway on the PATH.
+    result = subprocess.run(
+        ["bash", "-c", f'{printed}; printf %s "$MY_TOKEN"'],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"], "INFERENCE_GATEWAY_STATE_DIR": state},
+        timeout=60,
+    )
+    assert result.stdout == token, result.stderr
+
+
 def test_the_simulator_says_what_it_is(default_gateway: tuple[ModelServer, str]) -> None:
     server, token = default_gateway
     client = openai.OpenAI(base_url=f"http://localhost:{server.port}/resource_server/v1", api_key=token)
-    assert {"facebook/opt-125m", "meta-llama/Meta-Llama-3-8B-Instruct"} <= {m.id for m in client.models.list()}
+    models = {model.id: model for model in client.models.list()}
+    assert {"facebook/opt-125m", "meta-llama/Meta-Llama-3-8B-Instruct"} <= set(models)
+    assert all(model.model_extra and model.model_extra["simulated"] is True for model in models.values())
+    answer = client.chat.completions.create(
+        model="facebook/opt-125m", messages=[{"role": "user", "content": "Hello"}], max_tokens=3
+    )
+    assert answer.model_extra and answer.model_extra["simulated"] is True
     state = Path(server.env["INFERENCE_GATEWAY_STATE_DIR"])
     # The local Parsl worker launched it; its log sits with the node's model-server files.
     assert any("simulator" in log.read_text() for log in (state / "servers").glob("*.log"))

@@ -155,6 +155,20 @@ def test_models_lists_only_what_the_caller_may_use(client: openai.OpenAI) -> Non
     assert "restricted-model" not in names
 
 
+def test_a_simulator_behind_a_base_url_is_marked_once_its_model_list_is_read(http: httpx.Client) -> None:
+    # The gateway learns it from the backend's /v1/models, which the availability tracker reads at start and then
+    # every status interval.
+    deadline = time.monotonic() + 30
+    while True:
+        models = {model["id"]: model for model in http.get("/resource_server/v1/models").json()["data"]}
+        if models[MODEL]["simulated"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert models[MODEL]["simulated"] is True and models["offline-model"]["simulated"] is False
+    endpoints = {item["id"]: item for item in http.get("/resource_server/list-endpoints").json()["data"]}
+    assert endpoints["local/vllm"]["simulated"] is True
+
+
 def test_list_endpoints_and_health(http: httpx.Client) -> None:
     listed = http.get("/resource_server/list-endpoints").json()["data"]
     assert {entry["id"] for entry in listed} == {"local/vllm", "dark/vllm"}
@@ -249,6 +263,18 @@ def test_missing_or_wrong_token_is_401(front: ModelServer, header: str | None) -
     error = error_of(response)
     assert error["type"] == "authentication_error"
     assert "wrong-token" not in response.text
+
+
+def test_an_empty_token_is_named_as_such(front: ModelServer) -> None:
+    # What `-H "Authorization: Bearer $MY_TOKEN"` sends when MY_TOKEN is empty (the openai SDK refuses an empty key).
+    result = subprocess.run(
+        ["curl", "--silent", "-H", "Authorization: Bearer ", f"{api_url(front)}/models"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    error = json.loads(result.stdout)["error"]
+    assert error["code"] == "empty_token" and "$MY_TOKEN" in error["message"] and "empty" in error["message"]
 
 
 def test_openai_client_sees_401_as_authentication_error(front: ModelServer) -> None:
@@ -419,6 +445,25 @@ def test_check_config_names_the_bad_key_and_line(tmp_path: Path) -> None:
     result = _cli("check-config", str(bad))
     assert result.returncode == 2
     assert "line 6" in result.stderr and "endpoints.0.transport" in result.stderr
+
+
+def test_serve_on_a_port_in_use_says_so_before_starting(tmp_path: Path) -> None:
+    import socket
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "endpoints:\n  - {cluster: local, framework: vllm, models: [m], base_url: 'http://127.0.0.1:9/v1'}\n"
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _cli(
+            "serve", "--port", str(port), "--config", str(config), env={"INFERENCE_GATEWAY_STATE_DIR": str(tmp_path)}
+        )
+    assert result.returncode == 1, result.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use." in result.stderr
+    assert "startup complete" not in result.stderr and "Dev auth is on" not in result.stderr
 
 
 def test_dev_token_is_created_once_with_mode_0600(tmp_path: Path) -> None:

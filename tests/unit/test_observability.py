@@ -109,3 +109,24 @@ def test_the_access_log_can_be_plain_text(tmp_path: Path) -> None:
     line = path.read_text()
     assert " INFO gateway.access: POST /resource_server/v1/chat/completions 200 " in line
     assert "request_id=rid-1" in line
+
+
+def test_recent_activity_keeps_an_hour_of_minutes_per_model() -> None:
+    from gateway.observability.recent import RecentActivity
+
+    tally = Tally()
+    for record in (served(ttft=0.2), served(ttft=0.4), served(status=503), served(model="other")):
+        tally.observe(record.finished())
+    recent = RecentActivity()
+    start = 1_800_000_000.0 - 1_800_000_000.0 % 60
+    recent.add(tally.export(), now=start)
+    minutes = recent.series("m", now=start + 30)
+    assert len(minutes["requests_per_second"]) == 60
+    assert minutes["requests_per_second"][-1] == 3 / 60 and minutes["requests_per_second"][0] == 0.0
+    assert minutes["error_rate"][-1] == 1 / 3 and minutes["error_rate"][-2] is None
+    assert abs((minutes["ttft_seconds"][-1] or 0) - 0.3) < 1e-9
+    # An hour on, the minute has left the window and is forgotten once the model is counted again.
+    later = start + 3600
+    assert recent.series("m", now=later)["requests_per_second"] == [0.0] * 60
+    recent.add(tally.export(), now=later)
+    assert list(recent._minutes["m"]) == [int(later // 60)]

@@ -139,12 +139,19 @@ def test_refused_registration_leaves_the_file_alone(
     assert registry.read_text() == REGISTRY
 
 
-def test_file_without_globus_endpoints_is_refused(tmp_path: Path, service: ComputeService) -> None:
+def test_file_without_globus_endpoints_is_refused_before_any_globus_login(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def login() -> None:
+        raise AssertionError("a Globus Compute client was made: that starts a Globus login")
+
+    monkeypatch.setattr("gateway.dispatch.globus.sdk_client", login)
     path = tmp_path / "direct.yaml"
     path.write_text("endpoints:\n  - {cluster: local, framework: vllm, models: [m], base_url: 'http://h/v1'}\n")
 
     assert cli.main(["register-functions", "--config", str(path)]) == 2
-    assert service.registered == {}
+    assert "no endpoint has transport: globus, so there is nothing to register" in capsys.readouterr().err
+    assert cli.main(["register-functions", "--config", "endpoint_configs/local.yaml"]) == 2
 
 
 IDS = {"inference": "11111111-1111-4111-8111-111111111111", "status": "22222222-2222-4222-8222-222222222222"}
