@@ -2,7 +2,8 @@
 
 Its clients (the ``anthropic`` SDK, coding assistants) read errors as
 ``{"type": "error", "error": {"type", "message"}}``, and in a stream as an ``error`` event of that shape.
-The gateway's own errors keep their status; only the body is said Anthropic's way.
+The gateway's own errors keep their status; only the body is said Anthropic's way. The token may come as
+Anthropic's ``x-api-key`` header too, which is how its SDK and tools send a key.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import functools
 from typing import Any
 
 import orjson
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -40,16 +42,21 @@ def error_event(error: GatewayError) -> bytes:
 
 
 def anthropic_errors(handler: Handler) -> Handler:
-    """Say the errors of ``handler`` (an ``api_handler``, whose errors are OpenAI-shaped) in Anthropic's shape."""
+    """Take the token from ``x-api-key`` too, and say the errors of ``handler`` (an ``api_handler``, whose errors
+    are OpenAI-shaped) in Anthropic's shape."""
 
     @functools.wraps(handler)
     async def wrapped(request: Request) -> Response:
+        headers = Headers(scope=request.scope)
+        key = headers.get("x-api-key")
+        if key is not None and "authorization" not in headers:
+            request.scope["headers"] = [*request.scope["headers"], (b"authorization", f"Bearer {key}".encode())]
         response = await handler(request)
         if response.status_code < 400 or isinstance(response, EventStream):
             return response
         error = orjson.loads(bytes(response.body)).get("error", {})
-        headers = {name: value for name, value in response.headers.items() if name != "content-length"}
+        kept = {name: value for name, value in response.headers.items() if name != "content-length"}
         body = orjson.dumps(error_body(response.status_code, str(error.get("message", ""))))
-        return Response(body, status_code=response.status_code, headers=headers)
+        return Response(body, status_code=response.status_code, headers=kept)
 
     return wrapped
