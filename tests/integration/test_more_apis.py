@@ -228,6 +228,13 @@ def test_score_pairs(front: ModelServer) -> None:
     assert [item["index"] for item in data] == [0, 1] and all(0 <= item["score"] <= 1 for item in data)
 
 
+def test_tokenize_and_rerank_through_the_openai_clients_plain_post(client: openai.OpenAI) -> None:
+    counted: Any = client.post("/tokenize", body={"model": MODEL, "prompt": "The future of AI is"}, cast_to=object)
+    assert counted["count"] == 5
+    ranked: Any = client.post("/rerank", body={"model": MODEL, "query": "q", "documents": ["a", "b"]}, cast_to=object)
+    assert len(ranked["results"]) == 2
+
+
 def test_tokenize_and_detokenize_round_trip(front: ModelServer) -> None:
     tokens = post(front, "tokenize", {"model": MODEL, "prompt": "The future of AI is"})
     assert tokens.status_code == 200, tokens.text
