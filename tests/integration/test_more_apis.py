@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
+import signal
 import sqlite3
 import threading
 import time
@@ -317,3 +319,39 @@ def test_usage_is_counted_from_each_apis_own_counts(front: ModelServer, home: Pa
         "rr": ("rerank", 3, None),
     }
     assert rows[ids["rs"]]["status"] == 200 and rows[ids["rs"]]["stream"]
+
+
+# --- a backend that dies mid-stream -------------------------------------------------------------------------------
+
+
+def test_a_broken_stream_ends_with_each_apis_own_error_event(tmp_path: Path) -> None:
+    with simulator("--tpot", "0.05") as doomed, gateway(direct_config(endpoint(doomed.base_url)), tmp_path) as server:
+        body = {"model": MODEL, "input": "x", "max_output_tokens": 400, "stream": True}
+        with httpx.stream("POST", f"{api_url(server)}/responses", headers=AUTH, json=body, timeout=30) as answer:
+            lines = []
+            for line in answer.iter_lines():
+                lines.append(line)
+                if line == "event: response.output_text.delta" and lines.count(line) == 3:
+                    os.killpg(doomed.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        assert lines[-3] == "event: error"
+        error = json.loads(lines[-2].removeprefix("data: "))
+        assert error["type"] == "error" and error["code"] == "bad_gateway" and "broken off" in error["message"]
+        assert "data: [DONE]" not in lines
+
+
+def test_a_broken_messages_stream_raises_in_the_anthropic_client(tmp_path: Path) -> None:
+    with simulator("--tpot", "0.05") as doomed, gateway(direct_config(endpoint(doomed.base_url)), tmp_path) as server:
+        claude = anthropic.Anthropic(base_url=f"http://{server.host}:{server.port}/resource_server", api_key=TOKEN)
+        texts = []
+        question: list[anthropic.types.MessageParam] = [{"role": "user", "content": "Hi"}]
+        with (
+            pytest.raises(anthropic.APIStatusError) as broken,
+            claude.messages.stream(model=MODEL, max_tokens=400, messages=question) as stream,
+        ):
+            for text in stream.text_stream:
+                texts.append(text)
+                if len(texts) == 3:
+                    os.killpg(doomed.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        assert broken.value.body["error"]["type"] == "api_error"  # type: ignore[index]
+        assert "broken off" in broken.value.body["error"]["message"]  # type: ignore[index]
+        assert 3 <= len(texts) < 400
