@@ -15,6 +15,7 @@ OPERATIONS = (
     "embeddings",
     "responses",
     "messages",
+    "messages/count_tokens",
     "rerank",
     "score",
     "tokenize",

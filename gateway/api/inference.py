@@ -288,6 +288,12 @@ async def messages(request: Request) -> Response:
     return await _infer(request, "messages")
 
 
+@anthropic_errors
+@api_handler
+async def count_tokens(request: Request) -> Response:
+    return await _infer(request, "messages/count_tokens")
+
+
 @api_handler
 async def rerank(request: Request) -> Response:
     return await _infer(request, "rerank")

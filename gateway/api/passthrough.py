@@ -17,7 +17,7 @@ from gateway.api import anthropic
 from gateway.errors import GatewayError, InvalidRequest, NotFound, sse_error_event
 from gateway.federation.registry import Endpoint
 
-APIS = frozenset({"responses", "messages", "rerank", "score", "tokenize", "detokenize"})
+APIS = frozenset({"responses", "messages", "messages/count_tokens", "rerank", "score", "tokenize", "detokenize"})
 # The APIs that can stream, each with its own events; the others answer whole.
 _STREAMING = frozenset({"responses", "messages"})
 # The token limit of each generating API, and whether it is required (Anthropic's ``max_tokens`` is).

@@ -64,6 +64,7 @@ class MoreApis:
         return {
             "/v1/responses": ("POST", self._responses),
             "/v1/messages": ("POST", self._messages),
+            "/v1/messages/count_tokens": ("POST", self._count_tokens),
             "/rerank": ("POST", self._rerank),
             "/v1/rerank": ("POST", self._rerank),
             "/v2/rerank": ("POST", self._rerank),
@@ -95,14 +96,21 @@ class MoreApis:
             max_tokens = self.app._max_tokens(limit, prompt_tokens)
             stop = _stop_strings(request.get("stop_sequences"))
         except RequestRejected as error:
-            # vLLM answers its Anthropic route's errors in Anthropic's shape.
-            kind = "NotFoundError" if error.status == 404 else "BadRequestError"
-            body = {"type": "error", "error": {"type": kind, "message": error.message}}
-            await _send_whole(send, error.status, orjson.dumps(body), _JSON)
+            await _send_anthropic_error(send, error)
             return
         output = generate(0, prompt_seed(text), max_tokens, stop)
         answer = _MessagesAnswer(engine.model, f"msg_{self.app._next_id()}", prompt_tokens, output)
         await self._generate(engine, answer, request.get("stream") is True, receive, send)
+
+    async def _count_tokens(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            request = _parse_json(await _read_body(receive))
+            self.app._engine(request)
+            _, prompt_tokens = _messages_prompt(request.get("messages"), request.get("system"))
+        except RequestRejected as error:
+            await _send_anthropic_error(send, error)
+            return
+        await _send_whole(send, 200, orjson.dumps({"input_tokens": prompt_tokens}), _JSON)
 
     async def _generate(
         self, engine: Engine, answer: _ResponsesAnswer | _MessagesAnswer, stream: bool, receive: Receive, send: Send
@@ -395,6 +403,13 @@ class _MessagesAnswer:
         delta = {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
         yield self._event("message_delta", delta=delta, usage=self._usage(len(self.output.pieces)))
         yield self._event("message_stop")
+
+
+async def _send_anthropic_error(send: Send, error: RequestRejected) -> None:
+    """vLLM answers the errors of its Anthropic routes in Anthropic's shape, with its own error types."""
+    kind = "NotFoundError" if error.status == 404 else "BadRequestError"
+    body = {"type": "error", "error": {"type": kind, "message": error.message}}
+    await _send_whole(send, error.status, orjson.dumps(body), _JSON)
 
 
 # Request fields -------------------------------------------------------------------------------------------------

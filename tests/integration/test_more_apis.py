@@ -174,6 +174,15 @@ def test_messages_streamed_with_anthropics_events(claude: anthropic.Anthropic) -
     assert (final.usage.input_tokens, final.usage.output_tokens) == (3, 5)
 
 
+def test_messages_count_tokens_through_the_anthropic_client(claude: anthropic.Anthropic) -> None:
+    counted = claude.messages.count_tokens(
+        model=MODEL, system="Be brief.", messages=[{"role": "user", "content": "Explain Globus Compute."}]
+    )
+    assert counted.input_tokens == 5
+    with pytest.raises(anthropic.NotFoundError):
+        claude.messages.count_tokens(model="no/such-model", messages=[{"role": "user", "content": "Hi"}])
+
+
 def test_messages_with_a_bearer_token_on_the_cluster_route(front: ModelServer) -> None:
     claude = anthropic.Anthropic(
         base_url=f"http://{front.host}:{front.port}/resource_server/local/vllm", auth_token=TOKEN, api_key=None
