@@ -205,7 +205,8 @@ async def _relay(
 async def _streamed(
     runtime: Runtime, endpoints: list[Endpoint], op: str, body: dict[str, Any], model: str, record: RequestRecord
 ) -> Response:
-    # Every stream asks for usage, to count its tokens; a client that did not ask gets its stream without it.
+    # Every stream asks for usage, to count its tokens; a client that did not ask gets its stream without it. The
+    # APIs with their own events (Responses, Messages) report usage unasked, and their streams pass unchanged.
     record.keep_usage = asks_for_usage(body) or op in OWN_USAGE_EVENTS
     if not record.keep_usage:
         body = with_usage(body)
