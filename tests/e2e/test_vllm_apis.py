@@ -72,6 +72,11 @@ def test_messages_streamed(claude: anthropic.Anthropic, vllm_server: VllmServer)
     assert 0 < final.usage.output_tokens <= 8
 
 
+def test_messages_count_tokens(claude: anthropic.Anthropic, vllm_server: VllmServer) -> None:
+    counted = claude.messages.count_tokens(model=vllm_server.model, messages=[{"role": "user", "content": QUESTION}])
+    assert counted.input_tokens > 0
+
+
 def test_messages_error_from_vllm_in_anthropics_shape(front: ModelServer, vllm_server: VllmServer) -> None:
     answer = httpx.post(
         f"{api_url(front)}/messages",
