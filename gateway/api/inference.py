@@ -15,7 +15,7 @@ from starlette.responses import Response
 from gateway.accounting.record import RequestRecord, record_of
 from gateway.accounting.streams import OWN_USAGE_EVENTS, asks_for_usage, for_client, with_usage
 from gateway.api.anthropic import anthropic_errors
-from gateway.api.passthrough import not_served, offering, route_missing, stream_error_event
+from gateway.api.passthrough import lacks_route, not_served, offering, route_missing, stream_error_event
 from gateway.api.responses import EventStream, api_handler, authenticate, json_response, read_json, request_id
 from gateway.api.validation import validate
 from gateway.dispatch.base import (
@@ -149,7 +149,7 @@ async def _whole(
         except BackendFailure as exc:
             failure = exc
             _record(endpoint, exc)
-            if _retryable(exc):
+            if _retryable(exc) or lacks_route(endpoint, op, exc):
                 continue
             break
         finally:
@@ -221,7 +221,7 @@ async def _streamed(
             endpoint.in_flight -= 1
             failure = exc
             _record(endpoint, exc)
-            if _retryable(exc):
+            if _retryable(exc) or lacks_route(endpoint, op, exc):
                 continue
             break
         except BaseException:

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from gateway.api import anthropic
+from gateway.dispatch.base import BackendError
 from gateway.errors import GatewayError, InvalidRequest, NotFound, sse_error_event
 from gateway.federation.registry import Endpoint
 
@@ -68,6 +69,15 @@ def route_missing(body: bytes) -> bool:
     error = parsed.get("error")
     message = error.get("message") if isinstance(error, dict) else parsed.get("detail")
     return isinstance(message, str) and message.startswith(("Not Found", "File Not Found"))
+
+
+def lacks_route(endpoint: Endpoint, op: str, failure: Exception) -> bool:
+    """Whether ``failure`` is the endpoint's model server answering 404 for ``op``'s route, which it then remembers
+    (so that another endpoint of the model may serve the request, and later ones go there at once)."""
+    if isinstance(failure, BackendError) and failure.status == 404 and route_missing(failure.body):
+        endpoint.unserved.add(op)
+        return True
+    return False
 
 
 def not_served(endpoint: Endpoint, op: str) -> NotFound:

@@ -31,21 +31,32 @@ FAST_WRITES = {"flush_interval": 0.1, "retry_interval": 0.3, "timeout": 3}
 
 class RoutelessBackend:
     """Stands in for a model server without the gateway's newer routes, as vLLM serving a model whose task lacks
-    them: every POST gets FastAPI's 404 for an unknown path. (The real vLLM is in the end-to-end tier.)"""
+    them: it lists ``models`` at ``/v1/models`` and answers every POST with FastAPI's 404 for an unknown path.
+    (The real vLLM is in the end-to-end tier.)"""
 
-    def __init__(self) -> None:
+    def __init__(self, models: tuple[str, ...] = ("routeless",)) -> None:
+        listed = json.dumps({"object": "list", "data": [{"id": model, "object": "model"} for model in models]})
+
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["content-length"]))
-                body = b'{"detail":"Not Found"}'
-                self.send_response(404)
+            def _send(self, status: int, body: bytes) -> None:
+                self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                if self.path == "/v1/models":
+                    self._send(200, listed.encode())
+                else:
+                    self._send(404, b'{"detail":"Not Found"}')
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["content-length"]))
+                self._send(404, b'{"detail":"Not Found"}')
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
@@ -289,6 +300,21 @@ def test_the_model_list_says_which_apis_a_model_has(client: openai.OpenAI) -> No
     models = {model.id: model for model in client.models.list()}
     assert models["chat-only"].apis == ["chat/completions"]  # type: ignore[attr-defined]
     assert "messages" in models[MODEL].apis  # type: ignore[attr-defined]
+
+
+def test_a_model_whose_other_endpoint_lacks_the_route_is_served_by_the_one_that_has_it(tmp_path: Path) -> None:
+    with simulator(models=(MODEL,)) as backend, RoutelessBackend((MODEL,)) as routeless:
+        config = direct_config(endpoint(backend.base_url), endpoint(routeless.base_url, cluster="bare"))
+        config["federation"] = {"policy": "round_robin", "status_interval": 0.2, "stale_after": 5}
+        with gateway(config, tmp_path) as server:
+            listed = f"http://{server.host}:{server.port}/resource_server/list-endpoints"
+            for _ in range(20):
+                answer = post(server, "rerank", {"model": MODEL, "query": "q", "documents": ["a", "b"]})
+                assert answer.status_code == 200, answer.text
+                apis = {entry["id"]: entry["apis"] for entry in httpx.get(listed, headers=AUTH).json()["data"]}
+                if "rerank" not in apis["bare/vllm"]:
+                    break
+            assert "rerank" not in apis["bare/vllm"] and "rerank" in apis["local/vllm"]
 
 
 # --- usage -------------------------------------------------------------------------------------------------------
