@@ -1,9 +1,9 @@
 """The APIs beside chat, completions and embeddings that model servers such as vLLM serve.
 
 OpenAI's Responses (``responses``), Anthropic's Messages (``messages`` and ``messages/count_tokens``),
-rerank and score, and the tokenizer (``tokenize``, ``detokenize``) go through the same path as chat: the gateway checks the fields
-it acts on (the model, ``stream``, the token limits), picks an endpoint, and passes the body through
-unchanged. What differs per API lives here: those checks, which endpoints answer it, and how an error
+rerank and score, and the tokenizer (``tokenize``, ``detokenize``) go through the same path as chat: the
+gateway checks the fields it acts on (the model, ``stream``, the token limits), picks an endpoint, and passes
+the body through unchanged. What differs per API lives here: those checks, which endpoints answer it, and how an error
 travels inside its stream.
 """
 
