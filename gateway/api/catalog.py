@@ -99,6 +99,7 @@ async def cluster_models(request: Request) -> Response:
             "framework": endpoint.framework,
             "state": endpoint.state(wall, model),
             "route": endpoint.route,
+            "apis": endpoint.served_apis,
             "simulated": endpoint.simulated,
         }
         for endpoint in await _cluster_endpoints(request)

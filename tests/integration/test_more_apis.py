@@ -300,6 +300,8 @@ def test_the_model_list_says_which_apis_a_model_has(client: openai.OpenAI) -> No
     models = {model.id: model for model in client.models.list()}
     assert models["chat-only"].apis == ["chat/completions"]  # type: ignore[attr-defined]
     assert "messages" in models[MODEL].apis  # type: ignore[attr-defined]
+    cluster = httpx.get(f"{str(client.base_url).removesuffix('/v1/')}/narrow/models", headers=AUTH).json()
+    assert cluster["data"][0]["apis"] == ["chat/completions"]
 
 
 def test_a_model_whose_other_endpoint_lacks_the_route_is_served_by_the_one_that_has_it(tmp_path: Path) -> None:
