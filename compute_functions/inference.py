@@ -5,7 +5,7 @@ raising: a dict travels back through any transport, an exception class may not u
 
 The request::
 
-    {"op": "chat/completions" | "completions" | "embeddings",
+    {"op": "chat/completions" | "completions" | "embeddings" | ... (``compute_functions.routes.OPERATIONS``),
      "payload": {...},                 # the OpenAI body, with the model name the server knows
      "model_server": {"command": [...], "host": ..., "port": ..., "health_path": ..., "startup_timeout": ...,
                       "idle_timeout": ..., "env": {...}, "state_dir": ... (optional)},
@@ -29,8 +29,8 @@ import httpx
 
 from compute_functions import node
 from compute_functions.model_server import ModelServerFailed
+from compute_functions.routes import OPERATIONS, url_of
 
-OPERATIONS = ("chat/completions", "completions", "embeddings")
 _MAX_ERROR_BODY = 64 * 1024
 _CONNECT_TIMEOUT = 10.0
 # A server that refused a connection may be restarting (or stopped as idle a moment ago): look again this often.
@@ -76,8 +76,8 @@ def inference(request: dict[str, Any]) -> dict[str, Any]:
             return failure("model_start_failed", f"the model server did not start: {exc}", body=str(exc))
         try:
             if stream:
-                return _streamed(f"{base_url}/{op}", payload, timeout, stream)
-            return _whole(f"{base_url}/{op}", payload, timeout)
+                return _streamed(url_of(base_url, op), payload, timeout, stream)
+            return _whole(url_of(base_url, op), payload, timeout)
         except httpx.ConnectError:
             node.forget(spec)
             time.sleep(0.5 * attempt)

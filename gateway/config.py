@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from compute_functions.routes import OPERATIONS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "endpoint_configs" / "local.yaml"
 
@@ -38,6 +40,22 @@ RESERVED_CLUSTER_NAMES = frozenset(
 
 class ConfigError(Exception):
     """A configuration file that cannot be used; the message names the file, key and line."""
+
+
+# The APIs a model server of each kind answers, by their path under /v1: vLLM's OpenAI-compatible server routes them
+# all (a model whose task lacks one answers 404 there, which the gateway then learns); OpenAI's own API has no
+# Anthropic messages, rerank, score or tokenizer.
+SERVED_APIS: dict[str, tuple[str, ...]] = {
+    "vllm": OPERATIONS,
+    "openai": ("chat/completions", "completions", "embeddings", "responses"),
+}
+
+
+def _known_apis(apis: list[str] | None) -> list[str] | None:
+    unknown = sorted(set(apis or ()) - set(OPERATIONS))
+    if unknown:
+        raise ValueError(f"unknown API {', '.join(unknown)}; the APIs are {', '.join(OPERATIONS)}")
+    return apis
 
 
 # Identity-provider domains compare case-insensitively, as DNS names do.
@@ -242,6 +260,9 @@ class EndpointSettings(_Strict):
     models: list[str] = Field(min_length=1)
     transport: Literal["direct", "parsl", "globus"] = "direct"
     kind: Literal["vllm", "openai"] = "vllm"
+    # The APIs its model server answers (``chat/completions``, ``responses``, ``messages``, ``rerank``, ...);
+    # by default those of its kind (``SERVED_APIS``).
+    apis: Annotated[list[str] | None, AfterValidator(_known_apis)] = None
     base_url: str | None = None
     model_server: str | None = None
     api_key_env: str | None = None

@@ -83,7 +83,9 @@ class RequestRecord:
     def take_usage(self, usage: Any) -> None:
         """Keep the token counts of a backend's ``usage`` object, whatever else it holds."""
         if isinstance(usage, dict):
-            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            # OpenAI's Responses and Anthropic's Messages call them input and output tokens.
+            prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+            completion = usage.get("completion_tokens", usage.get("output_tokens"))
             if isinstance(prompt, int):
                 self.prompt_tokens = prompt
             if isinstance(completion, int):

@@ -29,6 +29,28 @@ def with_usage(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
 
 
+# APIs whose streams report usage in their own events, unasked: OpenAI's Responses in ``response.completed``
+# (the response with its usage), Anthropic's Messages in ``message_start`` (input tokens) and ``message_delta``
+# (output tokens). Their streams reach the client unchanged.
+OWN_USAGE_EVENTS = frozenset({"responses", "messages"})
+
+
+def take_event_usage(events: bytes, record: RequestRecord) -> bytes:
+    """Record the usage reported in ``events`` (whole SSE events of an ``OWN_USAGE_EVENTS`` API)."""
+    for event in events.split(b"\n\n"):
+        if not any(marker in event for marker in _USAGE_OBJECT):
+            continue
+        try:
+            data = orjson.loads(_data(event))
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(data, dict):
+            continue
+        holder = data.get("response") or data.get("message")
+        record.take_usage(holder.get("usage") if isinstance(holder, dict) else data.get("usage"))
+    return events
+
+
 def _data(event: bytes) -> bytes:
     lines = [line for line in event.splitlines() if line.startswith(b"data:")]
     return b"\n".join(line[6:] if line.startswith(b"data: ") else line[5:] for line in lines)
@@ -60,6 +82,8 @@ def take_usage(events: bytes, record: RequestRecord, keep: bool) -> bytes:
 
 def for_client(events: bytes, record: RequestRecord) -> bytes:
     """``events`` as the client should get them, with their usage recorded; may be empty."""
+    if record.op in OWN_USAGE_EVENTS:
+        return take_event_usage(events, record)
     if not record.keep_usage:
         events = events.replace(NULL_USAGE, b"")
     return take_usage(events, record, record.keep_usage)

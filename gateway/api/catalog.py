@@ -32,6 +32,8 @@ async def list_models(request: Request) -> Response:
             "created": _STARTED,
             "owned_by": ",".join(endpoint.id for endpoint in endpoints),
             "endpoints": [endpoint.id for endpoint in endpoints],
+            # The APIs some endpoint of it answers (``chat/completions``, ``responses``, ``messages``, ...).
+            "apis": sorted({api for endpoint in endpoints for api in endpoint.served_apis}),
             # Some endpoint of it runs the simulator: its answers (marked "simulated" too) are synthetic words.
             "simulated": any(endpoint.simulated for endpoint in endpoints),
         }
@@ -55,6 +57,7 @@ def _endpoint_view(endpoint: Endpoint, wall: float, now: float) -> dict[str, Any
         "models": list(endpoint.models),
         "transport": endpoint.transport,
         "route": endpoint.route,
+        "apis": endpoint.served_apis,
         "state": endpoint.state(wall),
         "detail": endpoint.maintenance if endpoint.maintenance is not None else seen.detail,
         "observed_at": _iso(seen.observed_at),
@@ -96,6 +99,7 @@ async def cluster_models(request: Request) -> Response:
             "framework": endpoint.framework,
             "state": endpoint.state(wall, model),
             "route": endpoint.route,
+            "apis": endpoint.served_apis,
             "simulated": endpoint.simulated,
         }
         for endpoint in await _cluster_endpoints(request)

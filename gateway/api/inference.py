@@ -1,4 +1,5 @@
-"""Chat completions, completions and embeddings: validate, pick an endpoint, forward, relay the answer."""
+"""Chat completions, completions, embeddings and the other APIs of ``passthrough``: validate, pick an endpoint,
+forward, relay the answer."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.accounting.record import RequestRecord, record_of
-from gateway.accounting.streams import asks_for_usage, for_client, with_usage
+from gateway.accounting.streams import OWN_USAGE_EVENTS, asks_for_usage, for_client, with_usage
+from gateway.api.anthropic import anthropic_errors
+from gateway.api.passthrough import lacks_route, not_served, offering, route_missing, stream_error_event
 from gateway.api.responses import EventStream, api_handler, authenticate, json_response, read_json, request_id
 from gateway.api.validation import validate
 from gateway.dispatch.base import (
@@ -28,7 +31,6 @@ from gateway.errors import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
-    sse_error_event,
 )
 from gateway.federation.registry import Endpoint
 from gateway.federation.selection import NOT_HOT, describe, explain, plan
@@ -55,13 +57,15 @@ def _upstream_message(body: bytes) -> tuple[str, str | None]:
     return str(error), None
 
 
-def client_error(failure: BackendFailure, model: str) -> GatewayError:
+def client_error(failure: BackendFailure, model: str, op: str | None = None) -> GatewayError:
     """The error the client sees for a backend failure (after failover had its chance)."""
     if isinstance(failure, BackendTimeout):
         return UpstreamTimeout(f"The backend for model '{model}' did not answer in time.")
     if isinstance(failure, BackendProtocolError):
         return UpstreamProtocolError(f"The backend for model '{model}' sent an invalid answer: {failure.detail}.")
     if isinstance(failure, BackendError):
+        if failure.status == 404 and op is not None and route_missing(failure.body):
+            return not_served(failure.endpoint, op)
         message, code = _upstream_message(failure.body)
         if failure.status == 503:
             return ServiceUnavailable(
@@ -145,7 +149,7 @@ async def _whole(
         except BackendFailure as exc:
             failure = exc
             _record(endpoint, exc)
-            if _retryable(exc):
+            if _retryable(exc) or lacks_route(endpoint, op, exc):
                 continue
             break
         finally:
@@ -156,7 +160,7 @@ async def _whole(
         record.take_usage(answer.get("usage"))
         return json_response(answer)
     assert failure is not None
-    raise client_error(failure, model)
+    raise client_error(failure, model, op)
 
 
 async def _relay(
@@ -185,7 +189,7 @@ async def _relay(
         _record(endpoint, exc)
         error = client_error(exc, model)
         record.error_code = error.code
-        yield sse_error_event(error)
+        yield stream_error_event(record.op, error)
     finally:
         if not finished:
             record.error_code = "client_disconnected"
@@ -201,8 +205,9 @@ async def _relay(
 async def _streamed(
     runtime: Runtime, endpoints: list[Endpoint], op: str, body: dict[str, Any], model: str, record: RequestRecord
 ) -> Response:
-    # Every stream asks for usage, to count its tokens; a client that did not ask gets its stream without it.
-    record.keep_usage = asks_for_usage(body)
+    # Every stream asks for usage, to count its tokens; a client that did not ask gets its stream without it. The
+    # APIs with their own events (Responses, Messages) report usage unasked, and their streams pass unchanged.
+    record.keep_usage = asks_for_usage(body) or op in OWN_USAGE_EVENTS
     if not record.keep_usage:
         body = with_usage(body)
     failure: BackendFailure | None = None
@@ -216,7 +221,7 @@ async def _streamed(
             endpoint.in_flight -= 1
             failure = exc
             _record(endpoint, exc)
-            if _retryable(exc):
+            if _retryable(exc) or lacks_route(endpoint, op, exc):
                 continue
             break
         except BaseException:
@@ -224,7 +229,7 @@ async def _streamed(
             raise
         return EventStream(_relay(runtime, first, events, endpoint, model, record), headers=_STREAM_HEADERS)
     assert failure is not None
-    raise client_error(failure, model)
+    raise client_error(failure, model, op)
 
 
 async def _infer(request: Request, op: str) -> Response:
@@ -244,7 +249,7 @@ async def _infer(request: Request, op: str) -> Response:
     record.stream = bool(body.get("stream"))
     params = request.path_params
     cluster = params.get("cluster")
-    candidates = runtime.registry.candidates(model, identity, cluster, params.get("framework"))
+    candidates = offering(runtime.registry.candidates(model, identity, cluster, params.get("framework")), op)
     if runtime.config.logging.log_prompts:
         record.prompt = body.get("messages") or body.get("prompt") or body.get("input")
     endpoints = _route(runtime, candidates, model, cluster_route=cluster is not None)
@@ -271,3 +276,40 @@ async def completions(request: Request) -> Response:
 @api_handler
 async def embeddings(request: Request) -> Response:
     return await _infer(request, "embeddings")
+
+
+@api_handler
+async def responses(request: Request) -> Response:
+    return await _infer(request, "responses")
+
+
+@anthropic_errors
+@api_handler
+async def messages(request: Request) -> Response:
+    return await _infer(request, "messages")
+
+
+@anthropic_errors
+@api_handler
+async def count_tokens(request: Request) -> Response:
+    return await _infer(request, "messages/count_tokens")
+
+
+@api_handler
+async def rerank(request: Request) -> Response:
+    return await _infer(request, "rerank")
+
+
+@api_handler
+async def score(request: Request) -> Response:
+    return await _infer(request, "score")
+
+
+@api_handler
+async def tokenize(request: Request) -> Response:
+    return await _infer(request, "tokenize")
+
+
+@api_handler
+async def detokenize(request: Request) -> Response:
+    return await _infer(request, "detokenize")

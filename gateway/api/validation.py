@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.api import passthrough
 from gateway.errors import InvalidRequest
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -102,6 +103,9 @@ def validate(op: str, body: Any) -> str:
         raise _fail("model", "'model' is required.", "missing_required_parameter")
     if not isinstance(model, str) or not model:
         raise _fail("model", "'model' must be a non-empty string.", "invalid_type")
+    if op in passthrough.APIS:
+        passthrough.check(op, body)
+        return model
     if op == "chat/completions":
         _check_messages(body.get("messages"))
     elif op == "completions":

@@ -1,7 +1,8 @@
 """The dispatch contract.
 
-A ``Dispatcher`` carries one OpenAI operation (``chat/completions``,
-``completions`` or ``embeddings``) to an ``Endpoint`` and brings the answer back:
+A ``Dispatcher`` carries one operation (``chat/completions``, ``completions``,
+``embeddings``, ``responses``, ``messages``, ...: ``OPERATIONS``) to an
+``Endpoint`` and brings the answer back:
 
 - ``await call(endpoint, op, payload)`` returns the whole answer as a dict;
 - ``stream(endpoint, op, payload)`` is an async iterator of complete SSE events
@@ -20,10 +21,9 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Any
 
+from compute_functions.routes import OPERATIONS as OPERATIONS
 from gateway.federation.availability import Availability
 from gateway.federation.registry import Endpoint
-
-OPERATIONS = ("chat/completions", "completions", "embeddings")
 
 
 class BackendFailure(Exception):

@@ -10,6 +10,7 @@ import orjson
 
 from compute_functions.http1 import ConnectionBroken, Http, Reply, ServerUnreachable
 from compute_functions.metrics import model_load
+from compute_functions.routes import path_of
 from gateway.dispatch.base import (
     BackendError,
     BackendProtocolError,
@@ -47,7 +48,8 @@ class DirectDispatcher(Dispatcher):
 
     async def _post(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> Reply:
         try:
-            return await self._client(endpoint).request("POST", op, orjson.dumps(payload))
+            client = self._client(endpoint)
+            return await client.request("POST", path_of(op, client.prefix), orjson.dumps(payload))
         except ServerUnreachable as exc:
             raise BackendUnavailable(endpoint, f"cannot connect: {exc}") from None
         except TimeoutError:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.auth.base import Identity
-from gateway.config import AccessSettings, EndpointSettings, GlobusComputeSettings
+from gateway.config import SERVED_APIS, AccessSettings, EndpointSettings, GlobusComputeSettings
 from gateway.errors import NotFound, PermissionDenied
 from gateway.federation.availability import Availability, State
 
@@ -44,6 +44,9 @@ class Endpoint:
     worker_model_server: dict[str, Any] | None = None
     # Its configured model server is the simulator: known before the first status, whatever the transport.
     simulator: bool = False
+    # The APIs its model server answers, as configured (or its kind's); ``unserved`` those it answered 404 for.
+    apis: tuple[str, ...] = SERVED_APIS["vllm"]
+    unserved: set[str] = field(default_factory=set)
     availability: Availability = field(default_factory=lambda: Availability("unknown", observed_at=0.0))
     maintenance: str | None = None
     in_flight: int = 0
@@ -67,6 +70,14 @@ class Endpoint:
     def simulated(self) -> bool:
         """Whether its answers are synthetic: the simulator is configured here, or the backend says it is one."""
         return self.simulator or self.availability.simulated
+
+    def offers(self, api: str) -> bool:
+        """Whether its model server answers ``api`` (``responses``, ``messages``, ...), as far as is known."""
+        return api in self.apis and api not in self.unserved
+
+    @property
+    def served_apis(self) -> list[str]:
+        return [api for api in self.apis if api not in self.unserved]
 
     def backend_model(self, model: str) -> str:
         """The name the backend knows ``model`` by."""
@@ -133,6 +144,7 @@ class Endpoint:
             transport=settings.transport,
             kind=settings.kind,
             base_url=base_url,
+            apis=tuple(settings.apis) if settings.apis is not None else SERVED_APIS[settings.kind],
             api_key_env=settings.api_key_env,
             aliases=aliases,
             allowed_groups=frozenset(settings.allowed_groups),

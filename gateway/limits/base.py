@@ -140,8 +140,17 @@ def requested_tokens(op: str, body: dict[str, Any], assumed_max_tokens: int) -> 
         prompt = characters // 4 + 1
     elif op == "completions":
         prompt = _characters(body.get("prompt")) // 4 + 1
-    else:
+    elif op == "messages":
+        # Anthropic's Messages: the system text beside the messages; its max_tokens is required.
+        prompt = (_characters(body.get("system")) + _characters(body.get("messages"))) // 4 + 1
+    elif op == "responses":
+        prompt = (_characters(body.get("instructions")) + _characters(body.get("input"))) // 4 + 1
+        return prompt + int(body.get("max_output_tokens") or assumed_max_tokens)
+    elif op == "embeddings":
         return _characters(body.get("input")) // 4 + 1
+    else:
+        # Rerank, score and the tokenizer generate nothing; their texts are in fields of several names.
+        return _characters([value for name, value in body.items() if name != "model"]) // 4 + 1
     limit = body.get("max_completion_tokens") or body.get("max_tokens") or assumed_max_tokens
     n = body.get("n")
     choices = n if isinstance(n, int) and n > 1 else 1

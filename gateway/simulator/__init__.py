@@ -4,7 +4,8 @@ Run it with ``python -m gateway.simulator --model NAME`` (or the ``inference-sim
 nothing else from ``gateway``, so it can be launched on a worker node that has only uvicorn and orjson.
 """
 
-from gateway.simulator.server import SimulatorApp, SimulatorSettings, create_app
+from gateway.simulator.apis import create_app
+from gateway.simulator.server import SimulatorApp, SimulatorSettings
 
 __all__ = ["SimulatorApp", "SimulatorSettings", "command", "create_app"]
 

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import uvicorn
 
-from gateway.simulator.server import SimulatorSettings, create_app
+from gateway.simulator.apis import create_app
+from gateway.simulator.server import SimulatorSettings
 
 
 def parse_args(argv: Sequence[str] | None = None) -> SimulatorSettings:

@@ -12,8 +12,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import anthropic
 import openai
 import pytest
 import uvicorn
@@ -159,6 +160,19 @@ def test_streamed_chat_comes_back_through_the_relay(gateway: RunningGateway) -> 
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
     streamed = [request for _, (request,) in gateway.executors.made[0].submitted if request.get("stream")]
     assert streamed and streamed[-1]["stream"]["url"].startswith(f"{gateway.url}/resource_server/internal/streams/")
+
+
+def test_responses_messages_and_tokenizer_go_through_globus_compute(gateway: RunningGateway) -> None:
+    client = gateway.client()
+    with client.responses.stream(model=MODEL, input="Boiling point of water?", max_output_tokens=6) as stream:
+        deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert final.output_text == "".join(deltas) and final.usage is not None and final.usage.output_tokens == 6
+    claude = anthropic.Anthropic(base_url=f"{gateway.url}/resource_server/polaris/vllm", api_key=TOKEN, max_retries=0)
+    with claude.messages.stream(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "Hi"}]) as events:
+        assert len("".join(events.text_stream).split()) == 4
+    counted: Any = client.post("/tokenize", body={"model": MODEL, "prompt": "water boils"}, cast_to=object)
+    assert counted["count"] == 2
 
 
 def test_offline_globus_endpoint_is_refused_without_waiting(gateway: RunningGateway, service: ComputeService) -> None:

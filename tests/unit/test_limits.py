@@ -134,6 +134,11 @@ async def test_concurrent_requests_are_held_until_settled() -> None:
         ("completions", {"prompt": ["abcd", "efgh"], "max_tokens": 5, "n": 2}, 3 + 10),
         ("completions", {"prompt": [1, 2, 3], "max_completion_tokens": 1}, 4 + 1),
         ("embeddings", {"input": "abcdefgh"}, 3),
+        ("responses", {"input": "abcdefgh", "instructions": "abcd", "max_output_tokens": 5}, 4 + 5),
+        ("responses", {"input": [{"role": "user", "content": [{"type": "input_text", "text": "abcd"}]}]}, 2 + 7),
+        ("messages", {"system": "abcd", "messages": [{"role": "user", "content": "abcd"}], "max_tokens": 2}, 3 + 2),
+        ("rerank", {"model": "a-long-model-name", "query": "abcd", "documents": ["abcd", {"text": "abcd"}]}, 4),
+        ("tokenize", {"model": "m", "prompt": "abcdefgh"}, 3),
     ],
 )
 def test_requested_tokens(op: str, body: dict[str, object], tokens: int) -> None:

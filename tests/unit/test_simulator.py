@@ -572,6 +572,7 @@ def test_simulator_imports_nothing_else_from_the_gateway() -> None:
         "gateway",
         "gateway.simulator",
         "gateway.simulator.__main__",
+        "gateway.simulator.apis",
         "gateway.simulator.engine",
         "gateway.simulator.server",
     ]
