@@ -434,6 +434,9 @@ class BatchSettings(_Strict):
     # A worker works on a batch for this long per task, then the gateway sends the next task.
     slice_seconds: float = Field(default=60.0, gt=0)
     poll_interval: float = Field(default=2.0, gt=0)
+    # A replica holds each batch it runs by a lease in the database, renewed four times a lease; the batches of a
+    # replica that died are taken up by another this long after its last renewal.
+    lease_seconds: float = Field(default=10.0, ge=1)
     completion_window: str = Field(default="24h", pattern=r"^[1-9][0-9]*h$")
     # Tasks in a row that fail without progress before the batch fails.
     max_attempts: int = Field(default=10, ge=1)
