@@ -1,0 +1,127 @@
+"""Two gateway replicas sharing one database: batches are shared work, and a replica that dies loses its share."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from compute_functions.model_server import ModelServer
+from tests.databases import asyncpg_url, scratch_database
+from tests.integration.test_batches import (
+    HEADERS,
+    MODEL,
+    answered,
+    batch_settings,
+    question,
+    submit,
+    wait_for,
+    write_lines,
+)
+from tests.support import api_url, endpoint, gateway, simulator
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[ModelServer]:
+    # 20 ms a request and 8 in flight per batch: a few hundred lines a second, slow enough to kill a replica mid-way.
+    with simulator("--ttft", "0.02") as server:
+        yield server
+
+
+def replica_config(backend: ModelServer, root: Path, database: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "auth": {"providers": ["dev"]},
+        "endpoints": [endpoint(backend.base_url, [MODEL])],
+        "batches": batch_settings(root, concurrency=8, max_active_per_user=2, lease_seconds=2),
+        "database": database,
+    }
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """Shared by both replicas: the SQLite file in their common state folder, or a scratch PostgreSQL database."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    with scratch_database() as url:
+        yield {"url": asyncpg_url(url)}
+
+
+def two_replicas(stack: ExitStack, config: dict[str, Any], tmp_path: Path) -> tuple[ModelServer, ModelServer]:
+    # One state folder for both, as a shared filesystem gives replicas on several machines.
+    return stack.enter_context(gateway(config, tmp_path)), stack.enter_context(gateway(config, tmp_path))
+
+
+def test_a_batch_whose_replica_is_killed_is_finished_by_the_other_answering_every_line_once(
+    backend: ModelServer, database: dict[str, Any], tmp_path: Path
+) -> None:
+    root = tmp_path / "scratch"
+    lines = 3000
+    source = write_lines(root / "input.jsonl", [question(index) for index in range(lines)])
+    with ExitStack() as stack:
+        first, second = two_replicas(stack, replica_config(backend, root, database), tmp_path)
+        created = submit(first, input_file_path=str(source), output_folder_path=str(root / "out"), model=MODEL)
+        assert created.status_code == 200, created.text
+        batch_id = created.json()["id"]
+        seen = wait_for(second, batch_id, lambda batch: batch["request_counts"]["completed"] >= 400)
+        assert seen["status"] == "in_progress", seen
+        assert first.process is not None
+        os.kill(first.process.pid, signal.SIGKILL)
+        first.process.wait()
+        at_kill = len(answered(root / "out" / batch_id))
+        assert at_kill < lines
+        batch = wait_for(second, batch_id, timeout=90)
+    assert batch["status"] == "completed", batch
+    assert batch["request_counts"] == {"total": lines, "completed": lines, "failed": 0}
+    done = answered(root / "out" / batch_id)
+    assert sorted(done) == list(range(1, lines + 1))
+
+
+def test_the_active_batch_limit_holds_across_replicas_and_either_cancels_a_batch(
+    backend: ModelServer, database: dict[str, Any], tmp_path: Path
+) -> None:
+    root = tmp_path / "scratch"
+    source = write_lines(root / "input.jsonl", [question(index) for index in range(3000)])
+    with ExitStack() as stack:
+        replicas = two_replicas(stack, replica_config(backend, root, database), tmp_path)
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(
+                pool.map(
+                    lambda index: submit(
+                        replicas[index % 2],
+                        input_file_path=str(source),
+                        output_folder_path=str(root / "out"),
+                        model=MODEL,
+                    ),
+                    range(6),
+                )
+            )
+        accepted = [response.json()["id"] for response in responses if response.status_code == 200]
+        refused = [response for response in responses if response.status_code == 429]
+        assert len(accepted) == 2 and len(refused) == 4, [response.text for response in responses]
+        assert all(response.json()["error"]["code"] == "too_many_active_batches" for response in refused)
+        # Each batch cancelled through both replicas: whichever holds it stops it, and nothing more is written.
+        for batch_id in accepted:
+            wait_for(replicas[0], batch_id, lambda batch: batch["request_counts"]["completed"] >= 100)
+        for index, batch_id in enumerate(accepted):
+            cancelled = httpx.post(f"{api_url(replicas[index])}/batches/{batch_id}/cancel", headers=HEADERS, timeout=30)
+            assert cancelled.status_code == 200, cancelled.text
+        for batch_id in accepted:
+            batch = wait_for(replicas[1], batch_id, timeout=30)
+            assert batch["status"] == "cancelled", batch
+            done = answered(root / "out" / batch_id)
+            assert len(done) == len(set(done)) == batch["request_counts"]["completed"] < 3000
+        time.sleep(1)
+        assert all(
+            len(answered(root / "out" / batch_id)) == status["request_counts"]["completed"]
+            for batch_id in accepted
+            for status in [wait_for(replicas[0], batch_id)]
+        )
