@@ -345,6 +345,9 @@ class LimitSettings(_Strict):
     redis_url: str | None = None
     redis_url_env: str = "INFERENCE_GATEWAY_LIMITS_REDIS_URL"
     redis_prefix: str = "inference-gateway:limits:"
+    # A concurrency slot in Redis is a lease its replica renews while the request runs: the slots of a replica
+    # that died are free again this long after its last renewal.
+    slot_lease_seconds: float = Field(default=10.0, ge=2)
     assumed_max_tokens: int = Field(default=256, ge=1)
     defaults: RateLimit = Field(default_factory=RateLimit)
     users: dict[str, RateLimit] = Field(default_factory=dict)

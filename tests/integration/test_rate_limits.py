@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import sqlite3
 import threading
 import time
@@ -183,3 +184,51 @@ def test_two_gateways_sharing_redis_hold_a_user_to_one_limit(backend: ModelServe
     # A full bucket (one second's worth) at the start, then the rate for as long as requests were let in.
     expected = rate + rate * (admitted[-1] - admitted[0])
     assert abs(len(admitted) - expected) <= 0.05 * expected, (len(admitted), expected)
+
+
+def test_a_slot_held_by_a_killed_replica_is_freed_within_seconds_and_retry_after_says_when(
+    backend: ModelServer, tmp_path: Path
+) -> None:
+    lease = 6
+    config = direct_config(endpoint(backend.base_url, [LLAMA]))
+    config["limits"] = {
+        "redis_url": REDIS,
+        "redis_prefix": f"test-limits-{os.urandom(4).hex()}:",
+        "slot_lease_seconds": lease,
+        "models": {LLAMA: {"total": {"concurrent_requests": 1}}},
+    }
+    short = {"model": LLAMA, "messages": QUESTION, "max_tokens": 1}
+    with (
+        gateway(config, tmp_path, env={"INFERENCE_GATEWAY_STATE_DIR": str(tmp_path / "a")}) as first,
+        gateway(config, tmp_path, env={"INFERENCE_GATEWAY_STATE_DIR": str(tmp_path / "b")}) as second,
+        httpx.Client(headers=AUTH, timeout=30) as session,
+    ):
+        # A stream of a few thousand tokens at 10 ms each holds the model's one slot through the first replica.
+        long = {**short, "max_tokens": 3000, "stream": True}
+        with session.stream("POST", f"{api_url(first)}/chat/completions", json=long) as stream:
+            assert stream.status_code == 200
+            chunks = stream.iter_bytes()
+            next(chunks)
+            # Longer than a lease: the holder renews it, and the other replica says to try again soon.
+            time.sleep(lease * 1.5)
+            refused = session.post(f"{api_url(second)}/chat/completions", json=short)
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "1", refused.text
+            assert first.process is not None
+            os.kill(first.process.pid, signal.SIGKILL)
+            first.process.wait()
+        killed = time.monotonic()
+        told: list[tuple[float, int]] = []
+        while time.monotonic() - killed < 3 * lease:
+            answer = session.post(f"{api_url(second)}/chat/completions", json=short)
+            if answer.status_code == 200:
+                break
+            assert answer.status_code == 429, answer.text
+            told.append((time.monotonic(), int(answer.headers["retry-after"])))
+            time.sleep(0.2)
+        freed = time.monotonic()
+    assert answer.status_code == 200, told
+    # Once the dead replica stopped renewing, Retry-After counts down to the end of its lease, not 1 s each time.
+    counted = [(when, seconds) for when, seconds in told if seconds > 1]
+    assert counted, told
+    when, seconds = counted[0]
+    assert freed <= when + seconds + 2, (told, freed - killed)
