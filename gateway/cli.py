@@ -43,7 +43,7 @@ def _serve(args: argparse.Namespace) -> int:
         "http": "httptools",
         "access_log": False,
         "log_config": None,
-        "timeout_graceful_shutdown": 10,
+        "timeout_graceful_shutdown": config.server.drain_timeout,
     }
     if args.workers > 1:
         from gateway import workers

@@ -51,6 +51,9 @@ class ServerSettings(_Strict):
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     request_timeout: float = Field(default=600.0, gt=0)
     connect_timeout: float = Field(default=10.0, gt=0)
+    # On SIGTERM the gateway stops accepting connections at once and gives the requests and streams in flight this
+    # long to finish before it cuts them.
+    drain_timeout: float = Field(default=60.0, gt=0)
 
 
 class DevAuthSettings(_Strict):
