@@ -24,12 +24,6 @@ EXAMPLE = REPO / "examples" / "replicas" / "replicas.sh"
 REDIS = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 MODEL = "facebook/opt-125m"
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists(),
-    reason="haproxy is not installed (make haproxy-env)",
-)
-
-
 def example(command: str, env: dict[str, str]) -> None:
     done = subprocess.run(["bash", str(EXAMPLE), command], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -37,6 +31,8 @@ def example(command: str, env: dict[str, str]) -> None:
 
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    if shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists():
+        pytest.fail("haproxy is not installed: make haproxy-env (as root) installs it")
     with scratch_database() as url:
         lb = free_port()
         env = {
