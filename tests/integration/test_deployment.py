@@ -24,6 +24,7 @@ EXAMPLE = REPO / "examples" / "replicas" / "replicas.sh"
 REDIS = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 MODEL = "facebook/opt-125m"
 
+
 def example(command: str, env: dict[str, str]) -> None:
     done = subprocess.run(["bash", str(EXAMPLE), command], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
