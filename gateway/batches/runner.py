@@ -143,6 +143,9 @@ class BatchRunner:
                         # Not renewed in time (the database was out of reach): another replica may run it now.
                         log.warning("batch %s: its lease lapsed; leaving it to the replica that holds it", batch_id)
                         task.cancel()
+                    elif kept.get(batch_id) == "cancelling" and batch_id in self._wake:
+                        # Cancelled through another replica: end a pause between slices now.
+                        self._wake[batch_id].set()
                 room = self.settings.max_running - len(self._tasks)
                 if room > 0:
                     claimed = await self.store.claim(self.owner, seconds, room)

@@ -123,19 +123,20 @@ class BatchStore:
         except (OSError, sa.exc.SQLAlchemyError) as exc:
             raise _unavailable(exc) from exc
 
-    async def renew(self, owner: str, batch_ids: list[str], seconds: float) -> set[str]:
-        """Extend ``owner``'s leases on ``batch_ids``; the ids it still holds (a lease that lapsed may be gone)."""
+    async def renew(self, owner: str, batch_ids: list[str], seconds: float) -> dict[str, str]:
+        """Extend ``owner``'s leases on ``batch_ids``; the status of each it still holds (a lapsed lease may be
+        gone)."""
         if not batch_ids:
-            return set()
+            return {}
         statement = (
             sa.update(batches)
             .where(batches.c.id.in_(batch_ids), batches.c.lease_owner == owner)
             .values(lease_expires_at=time.time() + seconds)
-            .returning(batches.c.id)
+            .returning(batches.c.id, batches.c.status)
         )
         try:
             async with self.database.engine.begin() as connection:
-                return {str(row[0]) for row in await connection.execute(statement)}
+                return {str(row[0]): str(row[1]) for row in await connection.execute(statement)}
         except (OSError, sa.exc.SQLAlchemyError) as exc:
             raise _unavailable(exc) from exc
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -56,52 +57,85 @@ def deployment(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
             example("stop", env)
 
 
-def test_a_rolling_restart_behind_haproxy_fails_no_request(deployment: tuple[str, dict[str, str]]) -> None:
-    url, env = deployment
-    stop = threading.Event()
-    answered: list[str] = []
-    failures: list[str] = []
+class Load:
+    """Clients sending whole and streamed requests through the load balancer until stopped; what each got."""
 
-    def whole() -> None:
+    def __init__(self, url: str, whole: int = 2, streamed: int = 2) -> None:
+        self.url = url
+        self.answered: list[str] = []
+        self.failures: list[str] = []
+        # Streams that failed after their first event reached the client: a replica lost mid-answer.
+        self.cut: list[str] = []
+        self._stop = threading.Event()
+        targets = [self._whole] * whole + [self._streamed] * streamed
+        self._clients = [threading.Thread(target=target) for target in targets]
+
+    def __enter__(self) -> Load:
+        for client in self._clients:
+            client.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for client in self._clients:
+            client.join(timeout=120)
+
+    def _whole(self) -> None:
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi?"}], "max_tokens": 5}
         with httpx.Client(headers={"authorization": f"Bearer {TOKEN}"}, timeout=60) as session:
-            while not stop.is_set():
+            while not self._stop.is_set():
                 try:
-                    response = session.post(f"{url}/chat/completions", json=body)
+                    response = session.post(f"{self.url}/chat/completions", json=body)
                     ok = response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 5
-                    (answered if ok else failures).append(f"whole {response.status_code} {response.text[:200]}")
+                    outcome = f"whole {response.status_code} {response.text[:200]}"
+                    (self.answered if ok else self.failures).append(outcome)
                 except httpx.HTTPError as exc:
-                    failures.append(f"whole {exc!r}")
+                    self.failures.append(f"whole {exc!r}")
 
-    def streamed() -> None:
+    def _streamed(self) -> None:
         # About a second each at 5 ms a token: a replica told to stop is usually in the middle of some.
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me more."}], "max_tokens": 200}
         with httpx.Client(headers={"authorization": f"Bearer {TOKEN}"}, timeout=60) as session:
-            while not stop.is_set():
+            while not self._stop.is_set():
+                lines: list[str] = []
                 try:
-                    with session.stream("POST", f"{url}/chat/completions", json={**body, "stream": True}) as stream:
-                        lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
+                    request = {**body, "stream": True}
+                    with session.stream("POST", f"{self.url}/chat/completions", json=request) as stream:
+                        for line in stream.iter_lines():
+                            if line.startswith("data: "):
+                                lines.append(line)
                     chunks = [json.loads(line[6:]) for line in lines[:-1]]
                     ok = (
                         stream.status_code == 200
                         and lines[-1:] == ["data: [DONE]"]
                         and chunks[-1]["choices"][0]["finish_reason"] == "length"
                     )
-                    (answered if ok else failures).append(f"stream {stream.status_code} {lines[-2:]}")
+                    outcome = f"stream {stream.status_code} {lines[-2:]}"
                 except (httpx.HTTPError, IndexError, KeyError, ValueError) as exc:
-                    failures.append(f"stream {exc!r}")
+                    ok, outcome = False, f"stream {exc!r} after {len(lines)} events"
+                (self.answered if ok else self.cut if lines else self.failures).append(outcome)
 
-    clients = [threading.Thread(target=target) for target in (whole, whole, streamed, streamed)]
-    for client in clients:
-        client.start()
-    try:
+
+def test_a_rolling_restart_behind_haproxy_fails_no_request(deployment: tuple[str, dict[str, str]]) -> None:
+    url, env = deployment
+    with Load(url) as load:
         time.sleep(2)
-        before = len(answered)
+        before = len(load.answered)
         example("rolling-restart", env)
         time.sleep(2)
-    finally:
-        stop.set()
-        for client in clients:
-            client.join(timeout=120)
-    assert not failures, failures[:5]
-    assert before > 0 and len(answered) > before
+    assert not load.failures and not load.cut, (load.failures + load.cut)[:5]
+    assert before > 0 and len(load.answered) > before
+
+
+def test_a_replica_killed_behind_haproxy_fails_only_answers_it_had_begun(
+    deployment: tuple[str, dict[str, str]],
+) -> None:
+    url, env = deployment
+    with Load(url) as load:
+        time.sleep(2)
+        before = len(load.answered)
+        os.kill(int((Path(env["RUN_DIR"]) / "r1.pid").read_text()), signal.SIGKILL)
+        # Long enough for HAProxy's checks to take r1 out and for requests to flow through r2 alone.
+        time.sleep(5)
+    assert not load.failures, load.failures[:5]
+    assert before > 0 and len(load.answered) > before
