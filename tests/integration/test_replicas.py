@@ -36,11 +36,11 @@ def backend() -> Iterator[ModelServer]:
         yield server
 
 
-def replica_config(backend: ModelServer, root: Path, database: dict[str, Any]) -> dict[str, Any]:
+def replica_config(backend: ModelServer, root: Path, database: dict[str, Any], concurrency: int = 8) -> dict[str, Any]:
     return {
         "auth": {"providers": ["dev"]},
         "endpoints": [endpoint(backend.base_url, [MODEL])],
-        "batches": batch_settings(root, concurrency=8, max_active_per_user=2, lease_seconds=2),
+        "batches": batch_settings(root, concurrency=concurrency, max_active_per_user=2, lease_seconds=2),
         "database": database,
     }
 
@@ -60,25 +60,25 @@ def two_replicas(stack: ExitStack, config: dict[str, Any], tmp_path: Path) -> tu
     return stack.enter_context(gateway(config, tmp_path)), stack.enter_context(gateway(config, tmp_path))
 
 
-def test_a_batch_whose_replica_is_killed_is_finished_by_the_other_answering_every_line_once(
+def test_10000_lines_whose_replica_is_killed_are_finished_by_the_other_answering_each_once(
     backend: ModelServer, database: dict[str, Any], tmp_path: Path
 ) -> None:
     root = tmp_path / "scratch"
-    lines = 3000
+    lines = 10_000
     source = write_lines(root / "input.jsonl", [question(index) for index in range(lines)])
     with ExitStack() as stack:
-        first, second = two_replicas(stack, replica_config(backend, root, database), tmp_path)
+        first, second = two_replicas(stack, replica_config(backend, root, database, concurrency=32), tmp_path)
         created = submit(first, input_file_path=str(source), output_folder_path=str(root / "out"), model=MODEL)
         assert created.status_code == 200, created.text
         batch_id = created.json()["id"]
-        seen = wait_for(second, batch_id, lambda batch: batch["request_counts"]["completed"] >= 400)
+        seen = wait_for(second, batch_id, lambda batch: batch["request_counts"]["completed"] >= 2000)
         assert seen["status"] == "in_progress", seen
         assert first.process is not None
         os.kill(first.process.pid, signal.SIGKILL)
         first.process.wait()
         at_kill = len(answered(root / "out" / batch_id))
         assert at_kill < lines
-        batch = wait_for(second, batch_id, timeout=90)
+        batch = wait_for(second, batch_id, timeout=120)
     assert batch["status"] == "completed", batch
     assert batch["request_counts"] == {"total": lines, "completed": lines, "failed": 0}
     done = answered(root / "out" / batch_id)
