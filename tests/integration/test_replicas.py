@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -15,6 +16,7 @@ import httpx
 import pytest
 
 from compute_functions.model_server import ModelServer
+from gateway.simulator import command as simulator_command
 from tests.databases import asyncpg_url, scratch_database
 from tests.integration.test_batches import (
     HEADERS,
@@ -125,3 +127,49 @@ def test_the_active_batch_limit_holds_across_replicas_and_either_cancels_a_batch
             for batch_id in accepted
             for status in [wait_for(replicas[0], batch_id)]
         )
+
+
+def test_a_stream_whose_worker_posts_to_the_other_replica_reaches_its_client(tmp_path: Path) -> None:
+    relay = {
+        "redis_url": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        "redis_prefix": f"test-replicas-relay-{os.urandom(4).hex()}:",
+    }
+    receiving = {"auth": {"providers": ["dev"]}, "endpoints": [endpoint("http://127.0.0.1:9/v1", [MODEL])]}
+    for home in ("a", "b"):
+        (tmp_path / home).mkdir()
+    with gateway({**receiving, "relay": relay}, tmp_path / "b") as other:
+        launch = simulator_command(MODEL, options=("--tpot", "0.005"))
+        config = {
+            "auth": {"providers": ["dev"]},
+            # The first request waits for the worker pool and the model server it launches.
+            "federation": {"when_not_hot": "hold"},
+            "endpoints": [
+                {
+                    "cluster": "local",
+                    "framework": "vllm",
+                    "models": [MODEL],
+                    "transport": "parsl",
+                    "worker_model_server": {"command": launch, "state_dir": str(tmp_path / "servers")},
+                    "parsl": {"provider": "local", "max_workers_per_node": 1},
+                }
+            ],
+            # The workers of this replica post their streams to the other one.
+            "relay": {**relay, "url": f"http://{other.host}:{other.port}"},
+        }
+        with gateway(config, tmp_path / "a") as first:
+            response = httpx.post(
+                f"{api_url(first)}/chat/completions",
+                headers=HEADERS,
+                json={
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": "Hi?"}],
+                    "max_tokens": 20,
+                    "stream": True,
+                },
+                timeout=120,
+            )
+    assert response.status_code == 200, response.text
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert sum(1 for chunk in chunks if chunk["choices"] and chunk["choices"][0]["delta"].get("content")) == 20
