@@ -33,9 +33,6 @@ class BatchStore:
         except (OSError, sa.exc.SQLAlchemyError) as exc:
             raise _unavailable(exc) from exc
 
-    async def add(self, job: BatchJob) -> None:
-        await self._execute(sa.insert(batches).values(**vars(job)))
-
     async def add_within(self, job: BatchJob, limit: int) -> bool:
         """Add ``job`` unless its user already has ``limit`` active batches; False when refused.
 

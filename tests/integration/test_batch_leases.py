@@ -50,7 +50,7 @@ async def test_replicas_claiming_at_once_never_share_a_batch(url: str) -> None:
     stores = await replicas(url, 5)
     try:
         for index in range(20):
-            await stores[0].add(job(f"batch_{index:02}", username=f"user{index}"))
+            assert await stores[0].add_within(job(f"batch_{index:02}", username=f"user{index}"), 1)
         claims = await asyncio.gather(*(store.claim(f"replica-{n}", 30, 3) for n, store in enumerate(stores)))
         claimed = [batch_id for claim in claims for batch_id in claim]
         assert len(claimed) == len(set(claimed)) == 15
@@ -65,7 +65,7 @@ async def test_replicas_claiming_at_once_never_share_a_batch(url: str) -> None:
 async def test_a_lapsed_lease_goes_to_another_replica_and_its_holder_learns_it(url: str) -> None:
     stores = await replicas(url, 2)
     try:
-        await stores[0].add(job("batch_a"))
+        assert await stores[0].add_within(job("batch_a"), 1)
         assert await stores[0].claim("first", 0.5, 4) == ["batch_a"]
         assert await stores[1].claim("second", 30, 4) == []
         assert await stores[0].renew("first", ["batch_a"], 0.5) == {"batch_a": "queued"}
