@@ -173,3 +173,25 @@ def test_a_stream_whose_worker_posts_to_the_other_replica_reaches_its_client(tmp
     assert events[-1] == "[DONE]"
     chunks = [json.loads(event) for event in events[:-1]]
     assert sum(1 for chunk in chunks if chunk["choices"] and chunk["choices"][0]["delta"].get("content")) == 20
+
+
+def test_sigterm_lets_streams_in_flight_finish_and_refuses_new_connections(tmp_path: Path) -> None:
+    with simulator("--tpot", "0.01") as slow:
+        config = {"auth": {"providers": ["dev"]}, "endpoints": [endpoint(slow.base_url, [MODEL])]}
+        with gateway(config, tmp_path) as server, httpx.Client(headers=HEADERS, timeout=60) as session:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me."}], "max_tokens": 300}
+            url = f"{api_url(server)}/chat/completions"
+            with session.stream("POST", url, json={**body, "stream": True}) as stream:
+                lines = stream.iter_lines()
+                first = next(line for line in lines if line.startswith("data: "))
+                assert server.process is not None
+                os.kill(server.process.pid, signal.SIGTERM)
+                time.sleep(0.5)
+                with pytest.raises(httpx.ConnectError):
+                    httpx.post(url, json=body, headers=HEADERS, timeout=5)
+                rest = [line for line in lines if line.startswith("data: ")]
+            assert stream.status_code == 200 and rest[-1] == "data: [DONE]"
+            chunks = [json.loads(line[6:]) for line in [first, *rest[:-1]]]
+            assert sum(1 for chunk in chunks if chunk["choices"] and chunk["choices"][0]["delta"].get("content")) == 300
+            # Once shut down, uvicorn ends the process by the signal it was sent, as the signal's default would.
+            assert server.process.wait(timeout=30) == -signal.SIGTERM
