@@ -42,9 +42,13 @@ wait_for() {
     done
 }
 
-ready() { curl -fs -o /dev/null "http://127.0.0.1:$1/resource_server/ready"; }
+# The body of a 200 answer from URL $1, or a failure (the gateway's Python, so that nothing else is needed).
+fetch() {
+    "$PYTHON" -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode())' "$1" 2>/dev/null
+}
+ready() { fetch "http://127.0.0.1:$1/resource_server/ready" > /dev/null; }
 # HAProxy's view of server r$1 in its statistics (CSV: proxy, server, ..., status in the 18th field).
-in_haproxy() { curl -fs "http://$STATS_BIND/stats;csv" | awk -F, -v s="r$1" '$1 == "replicas" && $2 == s { print $18 }' | grep -qx UP; }
+in_haproxy() { fetch "http://$STATS_BIND/stats;csv" | awk -F, -v s="r$1" '$1 == "replicas" && $2 == s { print $18 }' | grep -qx UP; }
 running() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 start_replica() {
@@ -96,7 +100,7 @@ start() {
         "$PYTHON" -m gateway.simulator --model facebook/opt-125m --tpot 0.005 --port "$BACKEND_PORT" >> "$RUN_DIR/backend.log" 2>&1 &
         echo $! > "$RUN_DIR/backend.pid"
         BACKEND_URL="http://127.0.0.1:$BACKEND_PORT/v1"
-        wait_for 30 curl -fs -o /dev/null "http://127.0.0.1:$BACKEND_PORT/health"
+        wait_for 30 fetch "http://127.0.0.1:$BACKEND_PORT/health" > /dev/null
     fi
     sed -e "s|@BACKEND_URL@|$BACKEND_URL|" -e "s|@REDIS_PREFIX@|$REDIS_PREFIX|" \
         -e "s|@STATE_DIR@|$INFERENCE_GATEWAY_STATE_DIR|" "$HERE/gateway.yaml" > "$RUN_DIR/gateway.yaml"
