@@ -19,7 +19,7 @@ import pytest
 
 from compute_functions.model_server import free_port
 from tests.databases import asyncpg_url, scratch_database
-from tests.support import REPO, TOKEN
+from tests.support import REPO, TOKEN, forget_redis_keys
 
 EXAMPLE = REPO / "examples" / "replicas" / "replicas.sh"
 REDIS = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -55,6 +55,7 @@ def deployment(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
             yield f"http://127.0.0.1:{lb}/resource_server/v1", env
         finally:
             example("stop", env)
+            forget_redis_keys(REDIS, env["REDIS_PREFIX"])
 
 
 class Load:

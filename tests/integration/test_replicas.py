@@ -28,7 +28,7 @@ from tests.integration.test_batches import (
     wait_for,
     write_lines,
 )
-from tests.support import api_url, endpoint, gateway, simulator
+from tests.support import api_url, endpoint, forget_redis_keys, gateway, simulator
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,9 @@ def test_a_stream_whose_worker_posts_to_the_other_replica_reaches_its_client(tmp
     receiving = {"auth": {"providers": ["dev"]}, "endpoints": [endpoint("http://127.0.0.1:9/v1", [MODEL])]}
     for home in ("a", "b"):
         (tmp_path / home).mkdir()
-    with gateway({**receiving, "relay": relay}, tmp_path / "b") as other:
+    with ExitStack() as stack:
+        stack.callback(forget_redis_keys, relay["redis_url"], relay["redis_prefix"])
+        other = stack.enter_context(gateway({**receiving, "relay": relay}, tmp_path / "b"))
         launch = simulator_command(MODEL, options=("--tpot", "0.005"))
         config = {
             "auth": {"providers": ["dev"]},
