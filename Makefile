@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export INFERENCE_GATEWAY_VLLM_VENV ?= $(HOME)/.cache/inference-gateway/venv-vllm
 export INFERENCE_GATEWAY_VLLM_MODEL_DIR ?= $(HOME)/.cache/inference-gateway/tiny-llama
 
-.PHONY: serve test install lint typecheck unit integration e2e slurm vllm-env slurm-env browser bench clean
+.PHONY: serve test install lint typecheck unit integration e2e slurm vllm-env slurm-env browser haproxy-env replicas bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,18 @@ slurm-env:
 browser:
 	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
 
-test: install vllm-env slurm-env browser lint typecheck
+
+# Debian's HAProxy, for the replicas example and the test that restarts replicas behind it (installing needs root).
+haproxy-env:
+	bash examples/replicas/haproxy_env.sh
+
+# Two replicas behind HAProxy on this machine, sharing PostgreSQL and Redis (docs/deployment.md); then
+# `examples/replicas/replicas.sh rolling-restart` and `... stop`, with the same PYTHON.
+replicas: install haproxy-env
+	PYTHON=$(abspath $(BIN)/python) bash examples/replicas/replicas.sh start
+
+
+test: install vllm-env slurm-env browser haproxy-env lint typecheck
 	$(BIN)/pytest
 
 unit: install

@@ -63,17 +63,27 @@ def _serve(args: argparse.Namespace) -> int:
     if config.relay.url is None:
         config.relay.url = listen_url(args.host, args.port)
     configure_logging(config.logging, args.log_level)
-    uvicorn.run(
-        create_app(config),
-        host=args.host,
-        port=args.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_config=None,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=10,
-    )
+    options = {
+        "host": args.host,
+        "port": args.port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "access_log": False,
+        "log_config": None,
+        "timeout_graceful_shutdown": config.server.drain_timeout,
+    }
+    if args.workers > 1:
+        from gateway import workers
+
+        problems = workers.unshareable(config)
+        if problems:
+            print(f"error: --workers {args.workers} cannot share this configuration:", file=sys.stderr)
+            for problem in problems:
+                print(f"  - {problem}", file=sys.stderr)
+            return 2
+        workers.serve(args.config, config, args.workers, args.log_level, **options)
+        return 0
+    uvicorn.run(create_app(config), log_level=args.log_level, **options)
     return 0
 
 
@@ -178,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--config", default=None, help=f"endpoint registry YAML (default: {DEFAULT_CONFIG})")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--workers", type=int, default=1, help="serving processes on this machine (sharing state through Redis)"
+    )
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check-config", help="validate a configuration file")

@@ -71,6 +71,9 @@ class ServerSettings(_Strict):
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     request_timeout: float = Field(default=600.0, gt=0)
     connect_timeout: float = Field(default=10.0, gt=0)
+    # On SIGTERM the gateway stops accepting connections at once and gives the requests and streams in flight this
+    # long to finish before it cuts them.
+    drain_timeout: float = Field(default=60.0, gt=0)
 
 
 class DevAuthSettings(_Strict):
@@ -370,6 +373,9 @@ class LimitSettings(_Strict):
     redis_url: str | None = None
     redis_url_env: str = "INFERENCE_GATEWAY_LIMITS_REDIS_URL"
     redis_prefix: str = "inference-gateway:limits:"
+    # A concurrency slot in Redis is a lease its replica renews while the request runs: the slots of a replica
+    # that died are free again this long after its last renewal.
+    slot_lease_seconds: float = Field(default=10.0, ge=2)
     assumed_max_tokens: int = Field(default=256, ge=1)
     defaults: RateLimit = Field(default_factory=RateLimit)
     users: dict[str, RateLimit] = Field(default_factory=dict)
@@ -459,6 +465,9 @@ class BatchSettings(_Strict):
     # A worker works on a batch for this long per task, then the gateway sends the next task.
     slice_seconds: float = Field(default=60.0, gt=0)
     poll_interval: float = Field(default=2.0, gt=0)
+    # A replica holds each batch it runs by a lease in the database, renewed four times a lease; the batches of a
+    # replica that died are taken up by another this long after its last renewal.
+    lease_seconds: float = Field(default=10.0, ge=1)
     completion_window: str = Field(default="24h", pattern=r"^[1-9][0-9]*h$")
     # Tasks in a row that fail without progress before the batch fails.
     max_attempts: int = Field(default=10, ge=1)

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import redis
 import yaml
 
 from compute_functions.model_server import ModelServer
@@ -197,3 +198,15 @@ class ScriptedBackend:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def forget_redis_keys(url: str, prefix: str) -> None:
+    """Delete what a test left in Redis under its own ``prefix``: some keys, such as the relay's secret, never
+    expire."""
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()

@@ -45,6 +45,8 @@ class BatchJob:
     expired_at: int | None = None
     cancelling_at: int | None = None
     cancelled_at: int | None = None
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
 
     @property
     def folder(self) -> Path:

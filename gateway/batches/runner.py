@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -89,12 +90,14 @@ class BatchRunner:
         self.slicing: dict[str, BatchJob] = {}
         self._children: set[asyncio.subprocess.Process] = set()
         self._background: list[asyncio.Task[None]] = []
+        # Who holds a lease, as operators read it in the database: this machine and process.
+        self.owner = f"{socket.gethostname()[:80]}:{os.getpid()}:{os.urandom(4).hex()}"
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         self._background = [
-            asyncio.create_task(self._resume(), name="batches-resume"),
+            asyncio.create_task(self._hold(), name="batches-leases"),
             asyncio.create_task(self._poll(), name="batches-poll"),
         ]
 
@@ -107,22 +110,52 @@ class BatchRunner:
                 os.killpg(child.pid, signal.SIGTERM)
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _resume(self) -> None:
-        """Take up the batches a previous gateway left unfinished; the workers skip the lines already answered."""
-        delay = 1.0
+    # ------------------------------------------------------------------------------------------ leases
+
+    def lease(self, job: BatchJob) -> None:
+        """Mark ``job`` as held by this replica, before it is first written."""
+        job.lease_owner, job.lease_expires_at = self.owner, time.time() + self.settings.lease_seconds
+
+    def held_elsewhere(self, job: BatchJob) -> bool:
+        """Whether another replica holds a live lease on ``job``."""
+        return (
+            job.lease_owner is not None
+            and job.lease_owner != self.owner
+            and (job.lease_expires_at or 0.0) > time.time()
+        )
+
+    async def _hold(self) -> None:
+        """Keep the leases of the batches this replica runs, and take up the ones no live replica holds (those of
+        a gateway that stopped or died, and new ones) while there is room; the workers skip the lines already
+        answered."""
+        seconds = self.settings.lease_seconds
+        migrated = False
         while True:
             try:
-                await self.store.database.migrate()
-                unfinished = await self.store.unfinished()
-                break
+                if not migrated:
+                    await self.store.database.migrate()
+                    migrated = True
+                held = list(self._tasks)
+                kept = await self.store.renew(self.owner, held, seconds)
+                for batch_id in held:
+                    task = self._tasks.get(batch_id)
+                    if batch_id not in kept and task is not None:
+                        # Not renewed in time (the database was out of reach): another replica may run it now.
+                        log.warning("batch %s: its lease lapsed; leaving it to the replica that holds it", batch_id)
+                        task.cancel()
+                    elif kept.get(batch_id) == "cancelling" and batch_id in self._wake:
+                        # Cancelled through another replica: end a pause between slices now.
+                        self._wake[batch_id].set()
+                room = self.settings.max_running - len(self._tasks)
+                if room > 0:
+                    claimed = await self.store.claim(self.owner, seconds, room)
+                    if claimed:
+                        log.info("taking up %d batches: %s", len(claimed), ", ".join(claimed))
+                    for batch_id in claimed:
+                        self.schedule(batch_id)
             except Exception as exc:
-                log.warning("cannot read the batches to resume (%s); trying again in %.0f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 60.0)
-        if unfinished:
-            log.info("resuming %d unfinished batches", len(unfinished))
-        for job in unfinished:
-            self.schedule(job.id)
+                log.warning("cannot claim or renew batch leases: %s", exc)
+            await asyncio.sleep(seconds / 4)
 
     def schedule(self, batch_id: str) -> None:
         if batch_id in self._tasks:
@@ -190,17 +223,22 @@ class BatchRunner:
     # ------------------------------------------------------------------------------------------ the drive loop
 
     async def _drive(self, batch_id: str) -> None:
-        async with self._slots:
-            while True:
-                try:
-                    if not await self._step(batch_id):
-                        return
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    # The database, most likely; the worker's record keeps the truth meanwhile.
-                    log.exception("batch %s: the gateway's loop failed; trying again shortly", batch_id)
-                    await asyncio.sleep(self.settings.poll_interval * 5)
+        try:
+            async with self._slots:
+                while True:
+                    try:
+                        if not await self._step(batch_id):
+                            return
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        # The database, most likely; the worker's record keeps the truth meanwhile.
+                        log.exception("batch %s: the gateway's loop failed; trying again shortly", batch_id)
+                        await asyncio.sleep(self.settings.poll_interval * 5)
+        finally:
+            # Done, or this gateway stops: another replica may take the batch up at once, not a lease later.
+            with contextlib.suppress(Exception):
+                await self.store.release(self.owner, batch_id)
 
     async def _step(self, batch_id: str) -> bool:
         """Run one slice of the batch, or settle it; False once there is nothing left to do."""

@@ -92,7 +92,6 @@ class Batches:
         self.settings = config.batches
         self.registry = registry
         self.store = BatchStore(database)
-        self._submitting: dict[str, asyncio.Lock] = {}
         # Relative roots are taken from the folder the gateway was started in.
         self.base = Path.cwd()
         self.files_dir = state_dir / "files"
@@ -140,12 +139,6 @@ class Batches:
     async def submit(self, identity: Identity, body: Any, cluster: str | None, framework: str | None) -> BatchJob:
         """A new batch from the usage guide's body (``input_file_path``, ``output_folder_path``, ``model``) or the
         OpenAI SDK's (``input_file_id``, ``endpoint``, ``completion_window``)."""
-        # From the count of active batches to the new row, one submission of a user at a time: two at once would
-        # both find room for one more. (A lock per user who ever submitted: a few hundred bytes each.)
-        async with self._submitting.setdefault(identity.username, asyncio.Lock()):
-            return await self._submit(identity, body, cluster, framework)
-
-    async def _submit(self, identity: Identity, body: Any, cluster: str | None, framework: str | None) -> BatchJob:
         if not isinstance(body, dict):
             raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
         input_path = _text(body, "input_file_path") or _text(body, "input_file")
@@ -166,12 +159,9 @@ class Batches:
             )
         metadata = _metadata(body.get("metadata"))
         output = _text(body, "output_folder_path")
+        # Refused early without reading the input; the insert below decides, for every replica at once.
         if await self.store.active_count(identity.username) >= self.settings.max_active_per_user:
-            raise RateLimited(
-                f"You have {self.settings.max_active_per_user} batches queued or running, the most allowed; "
-                "wait for one to finish or cancel one.",
-                code="too_many_active_batches",
-            )
+            raise self._too_many()
         stored = await self._uploaded(identity, input_file_id) if input_file_id is not None else None
         model = _text(body, "model")
         if model is None and stored is not None:
@@ -225,9 +215,18 @@ class Batches:
             created_at=now,
             expires_at=now + int(window[:-1]) * 3600,
         )
-        await self.store.add(job)
+        self.runner.lease(job)
+        if not await self.store.add_within(job, self.settings.max_active_per_user):
+            raise self._too_many()
         self.runner.schedule(job.id)
         return job
+
+    def _too_many(self) -> RateLimited:
+        return RateLimited(
+            f"You have {self.settings.max_active_per_user} batches queued or running, the most allowed; "
+            "wait for one to finish or cancel one.",
+            code="too_many_active_batches",
+        )
 
     def _endpoint(
         self, identity: Identity, model: str, cluster: str | None, framework: str | None, *, uploaded: bool
@@ -311,8 +310,8 @@ class Batches:
         if job.status != "cancelling":
             job.status, job.cancelling_at = "cancelling", int(time.time())
             await self.store.update(job.id, status=job.status, cancelling_at=job.cancelling_at)
-        if self.runner.cancel(job):
-            # No slice runs, so nothing is left to stop.
+        if self.runner.cancel(job) and not self.runner.held_elsewhere(job):
+            # No slice runs, so nothing is left to stop; a replica that holds the batch settles it itself.
             await self.runner.settle(job, "cancelled")
             return await self.get(identity, batch_id)
         return job

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -32,8 +33,32 @@ class BatchStore:
         except (OSError, sa.exc.SQLAlchemyError) as exc:
             raise _unavailable(exc) from exc
 
-    async def add(self, job: BatchJob) -> None:
-        await self._execute(sa.insert(batches).values(**vars(job)))
+    async def add_within(self, job: BatchJob, limit: int) -> bool:
+        """Add ``job`` unless its user already has ``limit`` active batches; False when refused.
+
+        The count and the insert are one step for every replica sharing the database: a transaction-scoped
+        advisory lock per user on PostgreSQL (its snapshots alone would let two submissions both count room for
+        one), and on SQLite a single statement, which the database's one writer at a time makes atomic.
+        """
+        values = vars(job)
+        room = (
+            sa.select(sa.func.count())
+            .select_from(batches)
+            .where(batches.c.username == job.username, batches.c.status.in_(ACTIVE))
+            .scalar_subquery()
+            < limit
+        )
+        row = sa.select(*[sa.literal(value, batches.c[name].type) for name, value in values.items()]).where(room)
+        statement = sa.insert(batches).from_select(list(values), row)
+        try:
+            async with self.database.engine.begin() as connection:
+                if self.database.dialect == "postgresql":
+                    await connection.execute(
+                        sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext("batches:" + job.username)))
+                    )
+                return bool((await connection.execute(statement)).rowcount)
+        except (OSError, sa.exc.SQLAlchemyError) as exc:
+            raise _unavailable(exc) from exc
 
     async def get(self, batch_id: str) -> BatchJob | None:
         rows = await self._rows(sa.select(batches).where(batches.c.id == batch_id))
@@ -65,9 +90,60 @@ class BatchStore:
         )
         return int((await self._rows(query))[0]["count"])
 
-    async def unfinished(self) -> list[BatchJob]:
-        query = sa.select(batches).where(batches.c.status.in_(ACTIVE)).order_by(batches.c.created_at)
-        return [BatchJob(**row) for row in await self._rows(query)]
+    async def claim(self, owner: str, seconds: float, limit: int) -> list[str]:
+        """Lease to ``owner`` for ``seconds`` up to ``limit`` active batches that no live lease holds, oldest first.
+
+        Replicas claiming at once skip the rows another is claiming (``FOR UPDATE SKIP LOCKED`` on PostgreSQL;
+        SQLite runs one writer at a time), and the lease condition is checked again on the rows updated.
+        """
+        now = time.time()
+        free = sa.and_(
+            batches.c.status.in_(ACTIVE),
+            sa.or_(batches.c.lease_owner.is_(None), batches.c.lease_expires_at < now),
+        )
+        chosen = (
+            sa.select(batches.c.id)
+            .where(free)
+            .order_by(batches.c.created_at, batches.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        statement = (
+            sa.update(batches)
+            .where(batches.c.id.in_(chosen.scalar_subquery()), free)
+            .values(lease_owner=owner, lease_expires_at=now + seconds)
+            .returning(batches.c.id)
+        )
+        try:
+            async with self.database.engine.begin() as connection:
+                return [str(row[0]) for row in await connection.execute(statement)]
+        except (OSError, sa.exc.SQLAlchemyError) as exc:
+            raise _unavailable(exc) from exc
+
+    async def renew(self, owner: str, batch_ids: list[str], seconds: float) -> dict[str, str]:
+        """Extend ``owner``'s leases on ``batch_ids``; the status of each it still holds (a lapsed lease may be
+        gone)."""
+        if not batch_ids:
+            return {}
+        statement = (
+            sa.update(batches)
+            .where(batches.c.id.in_(batch_ids), batches.c.lease_owner == owner)
+            .values(lease_expires_at=time.time() + seconds)
+            .returning(batches.c.id, batches.c.status)
+        )
+        try:
+            async with self.database.engine.begin() as connection:
+                return {str(row[0]): str(row[1]) for row in await connection.execute(statement)}
+        except (OSError, sa.exc.SQLAlchemyError) as exc:
+            raise _unavailable(exc) from exc
+
+    async def release(self, owner: str, batch_id: str) -> None:
+        """Give up ``owner``'s lease on ``batch_id`` so that another replica may take it at once."""
+        await self._execute(
+            sa.update(batches)
+            .where(batches.c.id == batch_id, batches.c.lease_owner == owner)
+            .values(lease_owner=None, lease_expires_at=None)
+        )
 
     async def add_file(self, stored: StoredFile) -> None:
         await self._execute(sa.insert(files).values(**vars(stored)))

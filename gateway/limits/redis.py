@@ -24,9 +24,6 @@ from gateway.limits.base import CONCURRENT, REQUESTS, Plan, RateLimiter, Reserva
 
 log = logging.getLogger("gateway.limits")
 
-# A concurrency slot held by a replica that died is freed after this long.
-LEASE_MS = 15 * 60 * 1000
-
 _KIND = {REQUESTS: "r", CONCURRENT: "c"}
 
 # ARGV: tokens, reservation id, lease (ms), then per KEY: kind (r, t or c), capacity, rate per ms.
@@ -40,7 +37,11 @@ for i, key in ipairs(KEYS) do
   local kind, capacity, rate = ARGV[3 * i + 1], tonumber(ARGV[3 * i + 2]), tonumber(ARGV[3 * i + 3])
   if kind == 'c' then
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    if redis.call('ZCARD', key) >= capacity then return {i, 1000} end
+    if redis.call('ZCARD', key) >= capacity then
+      local left = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]) - now
+      if left < tonumber(ARGV[3]) / 2 then return {i, left} end
+      return {i, 1000}
+    end
   else
     local state = redis.call('HMGET', key, 'level', 'stamp')
     local level = tonumber(state[1]) or capacity
@@ -87,6 +88,22 @@ return 0
 """
 
 
+# ARGV: lease (ms), then a reservation id per KEY: each slot still held gets a new lease (a lapsed one stays gone).
+_RENEW = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local lease = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, 'XX', now + lease, ARGV[i + 1])
+  redis.call('PEXPIRE', key, lease)
+end
+return 0
+"""
+
+# Slots renewed per script call: one call keeps Redis busy for a bounded time.
+_RENEW_CHUNK = 500
+
+
 class RedisRateLimiter(RateLimiter):
     """The same rules as the in-process limiter, with the buckets and slots kept in Redis."""
 
@@ -97,14 +114,19 @@ class RedisRateLimiter(RateLimiter):
         self.client = aioredis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self._reserve_script = self.client.register_script(_RESERVE)
         self._settle_script = self.client.register_script(_SETTLE)
+        self._renew_script = self.client.register_script(_RENEW)
+        self.lease_ms = int(settings.slot_lease_seconds * 1000)
+        # The concurrency slots this replica holds, by reservation id: their keys, renewed until settled.
+        self._slots: dict[str, list[str]] = {}
         self._pending: list[tuple[Reservation, int]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._renewing: asyncio.Task[None] | None = None
         self._stopping = False
         self._failing_since = 0.0
 
-    def prepare(self, rules: tuple[Rule, ...]) -> tuple[list[str], list[Any], list[Any]]:
-        """The scripts' keys, and their per-key arguments for reserving and for settling."""
+    def prepare(self, rules: tuple[Rule, ...]) -> tuple[list[str], list[Any], list[Any], list[str]]:
+        """The scripts' keys, their per-key arguments for reserving and for settling, and the keys of slots."""
         keys = [self.prefix + rule.key for rule in rules]
         reserve: list[Any] = []
         settle: list[Any] = []
@@ -112,7 +134,8 @@ class RedisRateLimiter(RateLimiter):
             kind = _KIND.get(rule.kind, "t")
             reserve += [kind, rule.capacity, rule.rate / 1000.0]
             settle += [kind, rule.capacity]
-        return keys, reserve, settle
+        slots = [key for key, rule in zip(keys, rules, strict=True) if rule.kind == CONCURRENT]
+        return keys, reserve, settle, slots
 
     def _unavailable(self, exc: Exception) -> None:
         if not self._failing_since:
@@ -120,10 +143,12 @@ class RedisRateLimiter(RateLimiter):
             log.error("rate-limit Redis at %s unavailable, requests are let through: %s", self.url, exc)
 
     async def _take(self, plan: Plan, tokens: int) -> Reservation:
-        keys, arguments, _ = plan.state
+        keys, arguments, _, slots = plan.state
         reservation = (plan, tokens, os.urandom(8).hex())
         try:
-            broken, wait_ms = await self._reserve_script(keys=keys, args=[tokens, reservation[2], LEASE_MS, *arguments])
+            broken, wait_ms = await self._reserve_script(
+                keys=keys, args=[tokens, reservation[2], self.lease_ms, *arguments]
+            )
         except (RedisError, OSError) as exc:
             self._unavailable(exc)
             return (None, 0, "")
@@ -132,18 +157,36 @@ class RedisRateLimiter(RateLimiter):
             self._failing_since = 0.0
         if broken:
             raise self.refuse(plan.rules[int(broken) - 1], int(wait_ms) / 1000.0)
+        if slots:
+            self._slots[reservation[2]] = slots
         return reservation
 
     def settle(self, reservation: Reservation, used_tokens: int | None) -> None:
-        plan, tokens, _ = reservation
+        plan, tokens, id = reservation
         if plan is None:
             return
+        self._slots.pop(id, None)
         back = 0 if used_tokens is None else tokens - used_tokens
         self._pending.append((reservation, back))
         self._wake.set()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._send_settlements(), name="rate-limit-settlements")
+        self._renewing = asyncio.create_task(self._renew(), name="rate-limit-slot-leases")
+
+    async def _renew(self) -> None:
+        """Renew the leases of the slots this replica holds, four times a lease."""
+        while True:
+            await asyncio.sleep(self.lease_ms / 4000)
+            pairs = [(key, id) for id, keys in list(self._slots.items()) for key in keys]
+            try:
+                for start in range(0, len(pairs), _RENEW_CHUNK):
+                    chunk = pairs[start : start + _RENEW_CHUNK]
+                    await self._renew_script(
+                        keys=[key for key, _ in chunk], args=[self.lease_ms, *[id for _, id in chunk]]
+                    )
+            except (RedisError, OSError) as exc:
+                self._unavailable(exc)
 
     async def _send_settlements(self) -> None:
         while not self._stopping or self._pending:
@@ -156,7 +199,7 @@ class RedisRateLimiter(RateLimiter):
                 async with self.client.pipeline(transaction=False) as pipe:
                     for (plan, _, id), back in batch:
                         assert plan is not None
-                        keys, _, arguments = plan.state
+                        keys, _, arguments, _ = plan.state
                         await self._settle_script(keys=keys, args=[back, id, *arguments], client=pipe)
                     await pipe.execute()
             except (RedisError, OSError) as exc:
@@ -164,6 +207,11 @@ class RedisRateLimiter(RateLimiter):
                 self._unavailable(exc)
 
     async def close(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewing
+            self._renewing = None
         if self._task is not None:
             self._stopping = True
             self._wake.set()

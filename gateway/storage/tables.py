@@ -64,6 +64,9 @@ batches = sa.Table(
     sa.Column("expired_at", sa.BigInteger()),
     sa.Column("cancelling_at", sa.BigInteger()),
     sa.Column("cancelled_at", sa.BigInteger()),
+    # The gateway replica that runs the batch, and until when (UNIX seconds) its claim holds unless renewed.
+    sa.Column("lease_owner", sa.String(128)),
+    sa.Column("lease_expires_at", sa.Double()),
     sa.Index("ix_batches_username_created_at", "username", "created_at"),
     sa.Index("ix_batches_status", "status"),
 )

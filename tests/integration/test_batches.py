@@ -19,6 +19,7 @@ import pytest
 
 from compute_functions.model_server import ModelServer, free_port
 from gateway.simulator import command as simulator_command
+from tests.databases import asyncpg_url, scratch_database
 from tests.globus_fake import FakeGlobus
 from tests.support import TOKEN, api_url, endpoint, gateway, simulator
 
@@ -90,18 +91,34 @@ def backend() -> Iterator[ModelServer]:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def root(tmp_path_factory: pytest.TempPathFactory, database: dict[str, Any]) -> Path:
+    # One per database: the tests write to fixed folders under it.
     return tmp_path_factory.mktemp("scratch")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """The gateway's database settings: its own SQLite file, or a scratch database on the machine's PostgreSQL."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    with scratch_database() as url:
+        yield {"url": asyncpg_url(url)}
 
 
 @pytest.fixture(scope="module")
 def front(
-    backend: ModelServer, fake: FakeGlobus, root: Path, tmp_path_factory: pytest.TempPathFactory
+    backend: ModelServer,
+    fake: FakeGlobus,
+    root: Path,
+    database: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ModelServer]:
     config = {
         "auth": {"providers": ["dev", "globus"], "globus": {"timeout": 2.0}},
         "endpoints": [endpoint(backend.base_url, [MODEL])],
         "batches": batch_settings(root, max_lines=20_000, max_upload_bytes=64 * 1024),
+        "database": database,
     }
     with gateway(config, tmp_path_factory.mktemp("batches"), env=fake.gateway_env()) as server:
         yield server
@@ -361,13 +378,16 @@ def test_the_command_line_submits_waits_and_collects(front: ModelServer, root: P
 
 
 @pytest.fixture(scope="module")
-def slow_front(tmp_path_factory: pytest.TempPathFactory, root: Path) -> Iterator[tuple[ModelServer, Path]]:
+def slow_front(
+    tmp_path_factory: pytest.TempPathFactory, root: Path, database: dict[str, Any]
+) -> Iterator[tuple[ModelServer, Path]]:
     # 20 ms a request and 8 in flight: about 400 lines a second, slow enough to act in the middle of a batch.
     with simulator("--ttft", "0.02") as backend:
         config = {
             "auth": {"providers": ["dev"]},
             "endpoints": [endpoint(backend.base_url, [MODEL])],
             "batches": batch_settings(root, concurrency=8, max_active_per_user=2),
+            "database": database,
         }
         with gateway(config, tmp_path_factory.mktemp("slow")) as server:
             yield server, root

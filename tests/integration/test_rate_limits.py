@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import sqlite3
 import threading
 import time
@@ -139,13 +140,17 @@ async def test_the_redis_limiter_reserves_refuses_and_settles() -> None:
         await cleanup.close()
 
 
-def test_two_gateways_sharing_redis_hold_a_user_to_one_limit(backend: ModelServer, tmp_path: Path) -> None:
-    rate = 20.0
+def two_gateways_under_load(
+    backend: ModelServer, tmp_path: Path, limit: dict[str, float], max_tokens: int
+) -> tuple[list[int], list[tuple[float, int]]]:
+    """Six clients for 4 s against two gateways sharing a Redis limit: the statuses they got, and when each admitted
+    request was let in with the tokens it used, from the gateways' own usage logs (a client's clock would add each
+    answer's latency, which on a loaded machine is a fair part of a second)."""
     config = direct_config(endpoint(backend.base_url, [MODEL]))
     config["limits"] = {
         "redis_url": REDIS,
         "redis_prefix": f"test-limits-{os.urandom(4).hex()}:",
-        "users": {"dev-user": {"requests_per_second": rate}},
+        "users": {"dev-user": limit},
     }
     config["database"] = {"flush_interval": 0.2}
     homes = [tmp_path / "a", tmp_path / "b"]
@@ -158,7 +163,7 @@ def test_two_gateways_sharing_redis_hold_a_user_to_one_limit(backend: ModelServe
         stop = threading.Event()
 
         def client(index: int) -> None:
-            body = {"model": MODEL, "messages": QUESTION, "max_tokens": 1}
+            body = {"model": MODEL, "messages": QUESTION, "max_tokens": max_tokens}
             with httpx.Client(headers=AUTH, timeout=30) as session:
                 calls = 0
                 while not stop.is_set():
@@ -171,15 +176,79 @@ def test_two_gateways_sharing_redis_hold_a_user_to_one_limit(backend: ModelServe
             stop.set()
             for running in clients:
                 running.result()
-    assert set(statuses) == {200, 429}
-    # When the gateways let requests in, from their own usage logs: a client's clock would add each answer's
-    # latency, which on a loaded machine is a fair part of a second.
     admitted = sorted(
-        row[0]
+        (row[0], row[1] + row[2])
         for home in homes
-        for row in sqlite3.connect(home / "gateway.db").execute("SELECT created_at FROM usage_log WHERE status = 200")
+        for row in sqlite3.connect(home / "gateway.db").execute(
+            "SELECT created_at, prompt_tokens, completion_tokens FROM usage_log WHERE status = 200"
+        )
     )
+    assert set(statuses) == {200, 429}
     assert len(admitted) == statuses.count(200) and statuses.count(429) > len(admitted)
+    return statuses, admitted
+
+
+def test_two_gateways_sharing_redis_hold_a_user_to_one_limit(backend: ModelServer, tmp_path: Path) -> None:
+    rate = 20.0
+    _, admitted = two_gateways_under_load(backend, tmp_path, {"requests_per_second": rate}, max_tokens=1)
     # A full bucket (one second's worth) at the start, then the rate for as long as requests were let in.
-    expected = rate + rate * (admitted[-1] - admitted[0])
+    expected = rate + rate * (admitted[-1][0] - admitted[0][0])
     assert abs(len(admitted) - expected) <= 0.05 * expected, (len(admitted), expected)
+
+
+def test_two_gateways_sharing_redis_hold_a_user_to_one_token_limit(backend: ModelServer, tmp_path: Path) -> None:
+    per_minute = 3000
+    _, admitted = two_gateways_under_load(backend, tmp_path, {"tokens_per_minute": per_minute}, max_tokens=20)
+    # A full bucket (a minute's worth) at the start, then the rate; each request was let in on its estimate (at
+    # least what it used) and gave back the difference when it ended.
+    used = sum(tokens for _, tokens in admitted)
+    expected = per_minute + per_minute / 60 * (admitted[-1][0] - admitted[0][0])
+    assert abs(used - expected) <= 0.05 * expected, (used, expected)
+
+
+def test_a_slot_held_by_a_killed_replica_is_freed_within_seconds_and_retry_after_says_when(
+    backend: ModelServer, tmp_path: Path
+) -> None:
+    lease = 6
+    config = direct_config(endpoint(backend.base_url, [LLAMA]))
+    config["limits"] = {
+        "redis_url": REDIS,
+        "redis_prefix": f"test-limits-{os.urandom(4).hex()}:",
+        "slot_lease_seconds": lease,
+        "models": {LLAMA: {"total": {"concurrent_requests": 1}}},
+    }
+    short = {"model": LLAMA, "messages": QUESTION, "max_tokens": 1}
+    with (
+        gateway(config, tmp_path, env={"INFERENCE_GATEWAY_STATE_DIR": str(tmp_path / "a")}) as first,
+        gateway(config, tmp_path, env={"INFERENCE_GATEWAY_STATE_DIR": str(tmp_path / "b")}) as second,
+        httpx.Client(headers=AUTH, timeout=30) as session,
+    ):
+        # A stream of a few thousand tokens at 10 ms each holds the model's one slot through the first replica.
+        long = {**short, "max_tokens": 3000, "stream": True}
+        with session.stream("POST", f"{api_url(first)}/chat/completions", json=long) as stream:
+            assert stream.status_code == 200
+            chunks = stream.iter_bytes()
+            next(chunks)
+            # Longer than a lease: the holder renews it, and the other replica says to try again soon.
+            time.sleep(lease * 1.5)
+            refused = session.post(f"{api_url(second)}/chat/completions", json=short)
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "1", refused.text
+            assert first.process is not None
+            os.kill(first.process.pid, signal.SIGKILL)
+            first.process.wait()
+        killed = time.monotonic()
+        told: list[tuple[float, int]] = []
+        while time.monotonic() - killed < 3 * lease:
+            answer = session.post(f"{api_url(second)}/chat/completions", json=short)
+            if answer.status_code == 200:
+                break
+            assert answer.status_code == 429, answer.text
+            told.append((time.monotonic(), int(answer.headers["retry-after"])))
+            time.sleep(0.2)
+        freed = time.monotonic()
+    assert answer.status_code == 200, told
+    # Once the dead replica stopped renewing, Retry-After counts down to the end of its lease, not 1 s each time.
+    counted = [(when, seconds) for when, seconds in told if seconds > 1]
+    assert counted, told
+    when, seconds = counted[0]
+    assert freed <= when + seconds + 2, (told, freed - killed)
