@@ -71,6 +71,17 @@ class MethodNotAllowed(GatewayError):
     code = "method_not_allowed"
 
 
+class ClientClosedRequest(GatewayError):
+    """The client went away before its request had arrived whole; nobody reads the answer, the logs and metrics do.
+
+    499 is the status proxies (nginx) log for this, so that it is not counted as the server's failure.
+    """
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_disconnected"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"

@@ -230,8 +230,9 @@ async def _infer(request: Request, op: str) -> Response:
     record = record_of(request)
     identity = await authenticate(request)
     record.user = identity.username
-    body = await read_json(request, runtime.config.server.max_body_bytes)
-    model = validate(op, body)
+    server = runtime.config.server
+    body = await read_json(request, server.max_body_bytes, server.max_json_depth)
+    model = validate(op, body, runtime.config.request_bounds)
     params = request.path_params
     cluster = params.get("cluster")
     candidates = runtime.registry.candidates(model, identity, cluster, params.get("framework"))
