@@ -53,6 +53,9 @@ class ServerSettings(_Strict):
     connect_timeout: float = Field(default=10.0, gt=0)
     # Deeper bodies are refused with 400: the JSON writer that carries a body on stops at 254 levels.
     max_json_depth: int = Field(default=64, ge=2, le=200)
+    # A request's line and headers together; past it 431 (414 when the line is most of it), before it is whole.
+    max_header_bytes: int = Field(default=64 * 1024, ge=4096)
+    max_headers: int = Field(default=100, ge=16)
 
 
 class DevAuthSettings(_Strict):

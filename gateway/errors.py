@@ -88,6 +88,26 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class UriTooLong(GatewayError):
+    status = 414
+    type = "invalid_request_error"
+    code = "uri_too_long"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    type = "invalid_request_error"
+    code = "headers_too_large"
+
+
+class InvalidHttpRequest(GatewayError):
+    """A request the HTTP parser refused before the application saw it."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_http_request"
+
+
 class RateLimited(GatewayError):
     status = 429
     type = "rate_limit_error"

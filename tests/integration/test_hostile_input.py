@@ -276,3 +276,101 @@ def test_a_client_leaving_mid_upload_is_not_an_internal_error(front: ModelServer
     assert _requests(front, 499) - before_499 == 4
     assert _requests(front, 500) == before_500
     assert metric(scrape(f"http://{front.host}:{front.port}/metrics"), "gateway_requests_total") > 0
+
+
+# --- what the HTTP server answers before the application sees a request ----------------------------------------
+
+
+def _raw(server: ModelServer, data: bytes) -> bytes:
+    """Send ``data`` on a new connection; the gateway's first answer (b"" if it closed without one)."""
+    answer = b""
+    with socket.create_connection((server.host, server.port), timeout=30) as connection:
+        try:
+            connection.sendall(data)
+            while chunk := connection.recv(65536):
+                answer += chunk
+                head, _, body = answer.partition(b"\r\n\r\n")
+                length = [line for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")]
+                if length and len(body) >= int(length[0].split(b":")[1]):
+                    break
+        except ConnectionResetError:
+            pass
+    return answer
+
+
+def _error_answer(answer: bytes) -> tuple[int, dict[str, Any]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    assert b"content-type: application/json" in head.lower(), head
+    error = httpx.Response(status, content=body)
+    return status, error_of(error)
+
+
+def test_a_huge_header_is_refused_before_it_is_whole_and_others_are_served(
+    front: ModelServer, client: openai.OpenAI
+) -> None:
+    head = b"GET /resource_server/health HTTP/1.1\r\nHost: x\r\nX-Huge: "
+    answer = _raw(front, head + b"a" * (8 << 20) + b"\r\n\r\n")
+    # The gateway stops reading at the bound: the client gets the 431, or a reset if it was still sending.
+    if answer:
+        status, error = _error_answer(answer)
+        assert status == 431 and error["code"] == "headers_too_large"
+    assert client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=1).choices  # type: ignore[arg-type]
+
+
+def test_a_header_just_over_the_bound_gets_431_in_the_error_shape(front: ModelServer) -> None:
+    answer = _raw(front, b"GET /resource_server/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
+    status, error = _error_answer(answer)
+    assert status == 431 and error["code"] == "headers_too_large" and "65536 bytes" in error["message"]
+
+
+def test_too_many_headers_get_431(front: ModelServer) -> None:
+    headers = b"".join(b"X-H%d: v\r\n" % index for index in range(101))
+    request = b"GET /resource_server/health HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n"
+    status, error = _error_answer(_raw(front, request))
+    assert status == 431 and "more than 100 headers" in error["message"]
+
+
+def test_a_huge_query_string_gets_414(front: ModelServer) -> None:
+    line = b"GET /resource_server/health?q=" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    status, error = _error_answer(_raw(front, line))
+    assert status == 414 and error["code"] == "uri_too_long"
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        b"FROB /resource_server/health HTTP/1.1",  # an unknown method
+        b"GET /resource_server/health HTTP/9.9",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # TLS spoken to the plain-HTTP port
+    ],
+)
+def test_a_malformed_request_gets_400_in_the_error_shape(front: ModelServer, request_line: bytes) -> None:
+    status, error = _error_answer(_raw(front, request_line + b"\r\nHost: x\r\n\r\n"))
+    assert status == 400 and error["code"] == "invalid_http_request"
+
+
+def test_a_bad_header_gets_400_in_the_error_shape(front: ModelServer) -> None:
+    answer = _raw(front, b"GET /resource_server/health HTTP/1.1\r\nHost: x\r\nBad Name: v\r\n\r\n")
+    status, error = _error_answer(answer)
+    assert status == 400 and error["code"] == "invalid_http_request"
+
+
+def test_a_websocket_upgrade_is_answered_as_plain_http(front: ModelServer) -> None:
+    upgrade = (
+        b"GET /resource_server/v1/chat/completions HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    status, error = _error_answer(_raw(front, upgrade))
+    assert status == 405 and error["code"] == "method_not_allowed"
+
+
+def test_a_large_body_sent_with_its_head_in_one_write_is_served(front: ModelServer) -> None:
+    # Most of the first read is body, not head: only what arrives before the head's end counts against the bound.
+    body = b'{"model": "facebook/opt-125m", "input": "' + b"word " * 20_000 + b'"}'
+    head = (
+        f"POST /resource_server/v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    answer = _raw(front, head + body)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
