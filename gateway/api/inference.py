@@ -148,10 +148,10 @@ async def _whole(
             break
         finally:
             endpoint.in_flight -= 1
-        endpoint.record_success(perf_counter() - began)
         if "model" in answer and endpoint.backend_model(model) != model:
             answer["model"] = model
         record.take_usage(answer.get("usage"))
+        endpoint.record_success(perf_counter() - began, record.completion_tokens)
         return json_response(answer)
     assert failure is not None
     raise client_error(failure, model)
@@ -175,7 +175,7 @@ async def _relay(
             if event:
                 yield event
         finished = True
-        endpoint.record_success(perf_counter() - record.started)
+        endpoint.record_success(perf_counter() - record.started, record.completion_tokens)
     except BackendFailure as exc:
         # The 200 and some events are already with the client: say what happened in-band, then end the stream.
         finished = True
