@@ -27,7 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from compute_functions.model_server import ModelServer, free_port
-from tests.databases import asyncpg_url, private_postgres, scratch_database
+from tests.databases import StuckDatabase, asyncpg_url, private_postgres, scratch_database
 from tests.support import REPO, TOKEN, api_url, direct_config, endpoint, gateway, simulator
 
 MODEL = "facebook/opt-125m"
@@ -445,3 +445,64 @@ def test_postgresql_stopped_during_a_load_run_loses_no_request_and_no_row(backen
         assert len(statuses) > 100 and set(statuses.values()) == {200}
         wait_for_rows(postgres_rows(postgres.url), set(statuses))
         assert httpx.get(f"http://127.0.0.1:{server.port}/resource_server/ready").status_code == 200
+
+
+# --- a database that accepts connections and never answers -----------------------------------------------------
+
+
+def usage_counters(server: ModelServer) -> dict[str, float]:
+    """The usage writer's counters from /metrics (a scrape waits for the writer's report)."""
+    text = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=30).text
+    wanted = ("written", "spooled", "dropped")
+    counters = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for name in wanted:
+                if sample.name == f"gateway_usage_rows_{name}_total":
+                    counters[name] = sample.value
+            if sample.name == "gateway_usage_database_up":
+                counters["database_up"] = sample.value
+    return counters
+
+
+def wait_for_counters(server: ModelServer, done: Callable[[dict[str, float]], bool]) -> dict[str, float]:
+    deadline = time.monotonic() + 30
+    while not done(counters := usage_counters(server)):
+        assert time.monotonic() < deadline, counters
+        time.sleep(0.2)
+    return counters
+
+
+def test_a_hanging_database_spools_every_row_and_replays_them_when_it_answers(
+    backend: ModelServer, tmp_path: Path
+) -> None:
+    with scratch_database() as url:
+        stuck = StuckDatabase(5432)
+        try:
+            # The gateway starts while the database hangs: it waits out the timeout, then serves with the spool.
+            config = accounting_config(backend, url=asyncpg_url(stuck.url(url)), timeout=1)
+            with gateway(config, tmp_path) as server:
+                assert httpx.get(f"http://127.0.0.1:{server.port}/resource_server/ready").status_code == 503
+                first = {rid("hung") for _ in range(40)}
+                assert {chat(server, request_id).status_code for request_id in first} == {200}
+                counters = wait_for_counters(server, lambda seen: seen["spooled"] >= 40)
+                assert counters == {"written": 0, "spooled": 40, "dropped": 0, "database_up": 0}
+
+                stuck.flow()
+                wait_for_rows(postgres_rows(url), first)
+                counters = wait_for_counters(server, lambda seen: seen["written"] >= 40)
+                assert counters == {"written": 40, "spooled": 40, "dropped": 0, "database_up": 1}
+
+                # It hangs again with connections open: their rows go to the spool as well, and come back.
+                stuck.hang()
+                second = {rid("hung-again") for _ in range(40)}
+                assert {chat(server, request_id).status_code for request_id in second} == {200}
+                counters = wait_for_counters(server, lambda seen: seen["spooled"] >= 80)
+                assert counters["database_up"] == 0 and counters["dropped"] == 0
+                stuck.flow()
+                wait_for_rows(postgres_rows(url), first | second)
+                counters = wait_for_counters(server, lambda seen: seen["written"] >= 80)
+                assert counters == {"written": 80, "spooled": 80, "dropped": 0, "database_up": 1}
+                assert not (tmp_path / "state" / "usage-spool.jsonl").exists()
+        finally:
+            stuck.close()
