@@ -27,7 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from compute_functions.model_server import ModelServer, free_port
-from tests.databases import StuckDatabase, asyncpg_url, private_postgres, scratch_database
+from tests.databases import SHARED_POSTGRES, StuckDatabase, asyncpg_url, private_postgres, scratch_database
 from tests.support import REPO, TOKEN, api_url, direct_config, endpoint, gateway, simulator
 
 MODEL = "facebook/opt-125m"
@@ -506,3 +506,34 @@ def test_a_hanging_database_spools_every_row_and_replays_them_when_it_answers(
                 assert not (tmp_path / "state" / "usage-spool.jsonl").exists()
         finally:
             stuck.close()
+
+
+def test_a_read_only_database_spools_every_row_and_replays_them_when_writable(
+    backend: ModelServer, tmp_path: Path
+) -> None:
+    with scratch_database() as url:
+        name = url.rsplit("/", 1)[1]
+
+        async def admin(statement: str) -> None:
+            connection = await asyncpg.connect(SHARED_POSTGRES)
+            try:
+                await connection.execute(statement)
+            finally:
+                await connection.close()
+
+        with gateway(accounting_config(backend, url=asyncpg_url(url), timeout=2), tmp_path) as server:
+            warm = rid("warm")
+            assert chat(server, warm).status_code == 200
+            wait_for_rows(postgres_rows(url), {warm})
+            # Read-only from now on, for the gateway's open connections too: they are ended and made anew.
+            asyncio.run(admin(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'))
+            asyncio.run(admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+            refused = {rid("read-only") for _ in range(30)}
+            assert {chat(server, request_id).status_code for request_id in refused} == {200}
+            counters = wait_for_counters(server, lambda seen: seen["spooled"] >= 30)
+            assert counters == {"written": 1, "spooled": 30, "dropped": 0, "database_up": 0}
+            asyncio.run(admin(f'ALTER DATABASE "{name}" SET default_transaction_read_only = off'))
+            asyncio.run(admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+            wait_for_rows(postgres_rows(url), refused | {warm})
+            counters = wait_for_counters(server, lambda seen: seen["written"] >= 31)
+            assert counters == {"written": 31, "spooled": 30, "dropped": 0, "database_up": 1}
