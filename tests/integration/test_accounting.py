@@ -537,3 +537,22 @@ def test_a_read_only_database_spools_every_row_and_replays_them_when_writable(
             wait_for_rows(postgres_rows(url), refused | {warm})
             counters = wait_for_counters(server, lambda seen: seen["written"] >= 31)
             assert counters == {"written": 31, "spooled": 30, "dropped": 0, "database_up": 1}
+
+
+def test_kill_9_of_the_gateway_keeps_every_row_the_writer_was_handed(backend: ModelServer, tmp_path: Path) -> None:
+    with gateway(accounting_config(backend), tmp_path) as server:
+        assert server.process is not None
+        ids = [rid("before-kill") for _ in range(800)]
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(lambda request_id: chat(server, request_id).status_code, ids)) == {200}
+        writer = writer_pid(server)
+        # Rows go to the writer within 10 ms of their answer: a kill 200 ms after the last answer loses none.
+        time.sleep(0.2)
+        os.kill(server.process.pid, 9)
+        server.process.wait()
+        # The writer sees the pipe close, stores what it holds and exits.
+        deadline = time.monotonic() + 30
+        while subprocess.run(["kill", "-0", str(writer)], capture_output=True).returncode == 0:
+            assert time.monotonic() < deadline, "the usage writer did not exit after the gateway died"
+            time.sleep(0.1)
+        wait_for_rows(sqlite_rows(tmp_path / "state" / "gateway.db"), set(ids), seconds=1)
