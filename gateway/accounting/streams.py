@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from compute_functions.sse import event_data
 from gateway.accounting.record import RequestRecord
 
 _USAGE_OBJECT = (b'"usage":{', b'"usage": {')
@@ -29,11 +30,6 @@ def with_usage(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
 
 
-def _data(event: bytes) -> bytes:
-    lines = [line for line in event.splitlines() if line.startswith(b"data:")]
-    return b"\n".join(line[6:] if line.startswith(b"data: ") else line[5:] for line in lines)
-
-
 def take_usage(events: bytes, record: RequestRecord, keep: bool) -> bytes:
     """Record the usage in ``events`` (one or more whole SSE events); drop its usage-only chunk unless ``keep``."""
     for marker in _USAGE_OBJECT:
@@ -47,7 +43,7 @@ def take_usage(events: bytes, record: RequestRecord, keep: bool) -> bytes:
     end = events.find(b"\n\n", at)
     end = len(events) if end < 0 else end + 2
     try:
-        chunk = orjson.loads(_data(events[start:end]))
+        chunk = orjson.loads(event_data(events[start:end]) or b"")
     except orjson.JSONDecodeError:
         return events
     if not isinstance(chunk, dict):
