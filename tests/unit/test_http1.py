@@ -177,3 +177,106 @@ async def test_connections_are_limited_and_given_back() -> None:
         http.close()
     assert all(answer.status == 200 for answer in answers)
     assert most <= 2 and len(connections) <= 2
+
+
+# --- strict where a lenient parser lets a broken or hostile answer through ---------------------------------------
+
+
+async def _answer_with(raw: bytes) -> tuple[int, bytes]:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(raw)
+        await writer.drain()
+        await reader.read()
+
+    server, url, _ = await _serve(handler)
+    async with server:
+        http = Http(url, {}, read_timeout=5.0)
+        reply = await http.request("POST", "completions", b"{}")
+        try:
+            return reply.status, await reply.read()
+        finally:
+            reply.close()
+            http.close()
+
+
+CHUNKED = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        CHUNKED + b"3\r\nabcXY0\r\n\r\n",  # a chunk not followed by CRLF
+        CHUNKED + b"0x3\r\nabc\r\n0\r\n\r\n",  # not a hexadecimal chunk size
+        CHUNKED + b"-3\r\nabc\r\n0\r\n\r\n",
+        CHUNKED + b"fffffffffffffffffffff\r\n",  # a chunk size past 64 bits
+        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 5\r\n\r\nabcde",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nbad header\r\ncontent-length: 3\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nx: a\rb\r\ncontent-length: 3\r\n\r\nabc",  # a bare CR inside a header
+        b"HTTP/1.1 200 OK\ncontent-length: 3\n\nabc",  # LF alone ends no line in an answer
+        b"HTTP/1.1 2000 OK\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"".join(b"x-%d: v\r\n" % n for n in range(101)) + b"content-length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx-long: " + b"a" * 70_000 + b"\r\ncontent-length: 0\r\n\r\n",
+    ],
+)
+async def test_a_malformed_answer_is_a_broken_connection(raw: bytes) -> None:
+    with pytest.raises(ConnectionBroken):
+        await _answer_with(raw)
+
+
+async def test_interim_answers_are_passed_over_for_the_final_one() -> None:
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n"
+    assert await _answer_with(interim + _json_answer(b"{}")) == (200, b"{}")
+
+
+async def test_chunk_extensions_and_trailers_are_read_past() -> None:
+    raw = CHUNKED + b"3;name=value\r\nabc\r\n2\r\nde\r\n0\r\nx-trailer: t\r\n\r\n"
+    assert await _answer_with(raw) == (200, b"abcde")
+
+
+async def test_an_http_1_0_answer_is_not_kept_alive() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await _read_request(reader)
+            writer.write(b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\n{}")
+
+    server, url, connections = await _serve(handler)
+    async with server:
+        http = Http(url, {}, 5.0)
+        for _ in range(3):
+            assert (await http.post("completions", b"{}")).body == b"{}"
+        http.close()
+    assert len(connections) == 3
+
+
+def test_a_line_break_in_a_header_or_path_is_refused_before_sending() -> None:
+    with pytest.raises(ValueError, match="line break"):
+        Http("http://127.0.0.1:1/v1", {"authorization": "Bearer key\r\nx-admin: yes"})
+    http = Http("http://127.0.0.1:1/v1", {})
+    with pytest.raises(ValueError):
+        asyncio.run(http.request("POST", "completions\r\nx: y", b"{}"))
+
+
+async def test_a_post_is_not_sent_twice_when_its_kept_alive_connection_closes() -> None:
+    seen = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal seen
+        while True:
+            await _read_request(reader)
+            seen += 1
+            if seen == 2:
+                # Took the second request, then went away without answering: it may have done the work.
+                writer.transport.abort()
+                return
+            writer.write(_json_answer(b"{}"))
+
+    server, url, connections = await _serve(handler)
+    async with server:
+        http = Http(url, {}, 5.0)
+        assert (await http.post("completions", b"{}")).status == 200
+        with pytest.raises(ConnectionBroken):
+            await http.post("completions", b"{}")
+        http.close()
+    assert seen == 2 and len(connections) == 1
