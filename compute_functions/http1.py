@@ -10,11 +10,13 @@ parser is lenient: chunk sizes and terminators, duplicate ``Content-Length``, li
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httptools
 
@@ -193,6 +195,57 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+class _Tunnel(asyncio.Protocol):
+    """A proxy's answer to ``CONNECT``: its head only, then the connection is the tunnel."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.head = bytearray()
+        self.done: asyncio.Future[bytes] = loop.create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.head += data
+        end = self.head.find(b"\r\n\r\n")
+        if end >= 0 and not self.done.done():
+            # A proxy sends nothing after its head until the tunnel carries the client's first bytes.
+            self.done.set_result(bytes(self.head[: end + 4]))
+        elif len(self.head) > _MAX_HEAD_BYTES and not self.done.done():
+            self.done.set_exception(ConnectionBroken("the proxy's answer to CONNECT is too long"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionBroken("the proxy closed the connection"))
+
+
+class _Status:
+    """Just the status of an answer's head, from llhttp."""
+
+    def __init__(self, head: bytes) -> None:
+        self.status = 0
+        parser = httptools.HttpResponseParser(self)
+        try:
+            parser.feed_data(head)
+        except httptools.HttpParserError as exc:
+            raise ConnectionBroken(f"the proxy's answer is not HTTP/1.1: {exc}") from None
+        self.status = parser.get_status_code()
+
+
+def _proxy_for(scheme: str, host: str) -> tuple[str, int, bytes] | None:
+    """The proxy (host, port, Proxy-Authorization header line) that ``HTTPS_PROXY``/``HTTP_PROXY`` name for
+    ``host``, unless ``NO_PROXY`` exempts it: as curl, httpx and pip read them."""
+    proxies = urllib.request.getproxies_environment()
+    url = proxies.get(scheme)
+    if not url or urllib.request.proxy_bypass(host):
+        return None
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", ""):
+        raise ValueError(f"only http:// proxies are supported, not {url!r}")
+    authorization = b""
+    if parts.username is not None:
+        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        authorization = b"proxy-authorization: Basic " + base64.b64encode(credentials) + b"\r\n"
+    return parts.hostname or "127.0.0.1", parts.port or 80, authorization
+
+
 class Reply:
     """A server's answer whose status and headers have arrived; the body is read with ``read`` or ``pieces``.
 
@@ -292,6 +345,11 @@ class Http:
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
         self._ssl = ssl.create_default_context() if self.tls else None
+        self._proxy = _proxy_for("https" if self.tls else "http", self.host)
+        # Through a proxy, plain HTTP names the whole URL in the request line; HTTPS goes through a CONNECT tunnel.
+        self._origin = f"http://{host_header}" if self._proxy and not self.tls else ""
+        if self._origin and self._proxy is not None:
+            self._headers += self._proxy[2]
 
     async def post(self, op: str, body: bytes) -> Answer:
         """POST ``body`` (JSON) to ``{base_url}/{op}`` and read the whole answer, all within ``timeout``."""
@@ -311,7 +369,8 @@ class Http:
         path = op if op.startswith("/") else f"{self.prefix}/{op}"
         if " " in path:
             raise ValueError(f"path {path!r} contains a space")
-        head = b"%s %s HTTP/1.1\r\n%s" % (method.encode(), _checked(path, "path").encode(), self._headers)
+        target = self._origin + _checked(path, "path")
+        head = b"%s %s HTTP/1.1\r\n%s" % (method.encode(), target.encode(), self._headers)
         if body is not None:
             head += b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
             data = head + body
@@ -339,15 +398,37 @@ class Http:
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
+        host, port = (self._proxy[0], self._proxy[1]) if self._proxy else (self.host, self.port)
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(loop), self.host, self.port, ssl=self._ssl
-                )
+                if self._proxy is not None and self.tls:
+                    return await self._tunnel(loop, host, port)
+                _, connection = await loop.create_connection(lambda: _Connection(loop), host, port, ssl=self._ssl)
         except TimeoutError:
-            raise ServerUnreachable(f"no connection to {self.host}:{self.port} in {self.connect_timeout} s") from None
+            raise ServerUnreachable(f"no connection to {host}:{port} in {self.connect_timeout} s") from None
         except OSError as exc:
-            raise ServerUnreachable(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
+            raise ServerUnreachable(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+        return connection
+
+    async def _tunnel(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> _Connection:
+        """A TLS connection to the server through the proxy at ``host``:``port`` (``CONNECT``)."""
+        assert self._proxy is not None and self._ssl is not None
+        transport, tunnel = await loop.create_connection(lambda: _Tunnel(loop), host, port)
+        try:
+            target = f"{self.host}:{self.port}".encode()
+            transport.write(b"CONNECT %s HTTP/1.1\r\nhost: %s\r\n%s\r\n" % (target, target, self._proxy[2]))
+            status = _Status(await tunnel.done).status
+            if status != 200:
+                raise ServerUnreachable(
+                    f"the proxy {host}:{port} refused to connect to {self.host}:{self.port}: {status}"
+                )
+            connection = _Connection(loop)
+            secure = await loop.start_tls(transport, connection, self._ssl, server_hostname=self.host)
+        except BaseException:
+            transport.close()
+            raise
+        assert secure is not None
+        connection.connection_made(secure)
         return connection
 
     async def _exchange(self, connection: _Connection, data: bytes) -> Reply:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
+import subprocess
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -280,3 +283,105 @@ async def test_a_post_is_not_sent_twice_when_its_kept_alive_connection_closes() 
             await http.post("completions", b"{}")
         http.close()
     assert seen == 2 and len(connections) == 1
+
+
+# --- through a site's proxy (HTTPS_PROXY, HTTP_PROXY, NO_PROXY) ------------------------------------------------
+
+
+async def _proxy() -> tuple[asyncio.Server, int, list[bytes]]:
+    """A forward proxy, as sites run them: CONNECT tunnels for HTTPS, absolute URLs for plain HTTP."""
+    seen: list[bytes] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        line = head.split(b"\r\n", 1)[0]
+        seen.append(line)
+        method, target, _ = line.split(b" ")
+        if method == b"CONNECT":
+            host, port = target.rsplit(b":", 1)
+            upstream_reader, upstream_writer = await asyncio.open_connection(host.decode(), int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            parts = target.split(b"/", 3)  # http:, '', host:port, path
+            host, port = parts[2].rsplit(b":", 1)
+            upstream_reader, upstream_writer = await asyncio.open_connection(host.decode(), int(port))
+            upstream_writer.write(head)
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], seen
+
+
+def _proxy_environment(monkeypatch: pytest.MonkeyPatch, port: int, no_proxy: str = "") -> None:
+    for name in ("http_proxy", "https_proxy", "no_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://user:secret@127.0.0.1:{port}")
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+
+
+async def _echo_server(context: ssl.SSLContext | None = None) -> tuple[asyncio.Server, int, list[bytes]]:
+    lines: list[bytes] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                request = await _read_request(reader)
+                lines.append(request.split(b"\r\n", 1)[0])
+                writer.write(_json_answer(b'{"ok": true}'))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0, ssl=context)
+    return server, server.sockets[0].getsockname()[1], lines
+
+
+async def test_plain_http_goes_through_the_proxy_and_no_proxy_bypasses_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy, proxy_port, seen = await _proxy()
+    server, port, lines = await _echo_server()
+    async with proxy, server:
+        _proxy_environment(monkeypatch, proxy_port)
+        http = Http(f"http://127.0.0.1:{port}/v1", {}, 5.0)
+        assert (await http.post("completions", b"{}")).body == b'{"ok": true}'
+        http.close()
+        assert seen == [f"POST http://127.0.0.1:{port}/v1/completions HTTP/1.1".encode()]
+        _proxy_environment(monkeypatch, proxy_port, no_proxy="127.0.0.1")
+        http = Http(f"http://127.0.0.1:{port}/v1", {}, 5.0)
+        assert (await http.post("completions", b"{}")).status == 200
+        http.close()
+    assert len(seen) == 1 and lines[-1] == b"POST /v1/completions HTTP/1.1"
+
+
+async def test_https_goes_through_a_connect_tunnel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    proxy, proxy_port, seen = await _proxy()
+    server, port, lines = await _echo_server(context)
+    async with proxy, server:
+        _proxy_environment(monkeypatch, proxy_port)
+        # The server's certificate is trusted as a site's own CA would be.
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        http = Http(f"https://localhost:{port}/v1", {}, 5.0)
+        answers = [await http.post("chat/completions", b"{}") for _ in range(3)]
+        http.close()
+    assert [answer.body for answer in answers] == [b'{"ok": true}'] * 3
+    # One tunnel, kept alive for the three requests; the proxy saw nothing but the CONNECT.
+    assert seen == [f"CONNECT localhost:{port} HTTP/1.1".encode()]
+    assert lines == [b"POST /v1/chat/completions HTTP/1.1"] * 3
