@@ -1,0 +1,96 @@
+"""The gateway's OpenAPI document, and every route fuzzed from it against a running gateway: no answer is a 5xx,
+every answer matches the document, every error has the documented shape."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
+
+from compute_functions.model_server import ModelServer
+from tests.support import TOKEN, endpoint, gateway, simulator
+
+MODEL = "facebook/opt-125m"
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
+    root = tmp_path_factory.mktemp("fuzzed-batches")
+    with simulator() as backend:
+        config = {
+            "auth": {"providers": ["dev"]},
+            "endpoints": [endpoint(backend.base_url, [MODEL])],
+            "batches": {"allowed_roots": [str(root)]},
+        }
+        with gateway(config, tmp_path_factory.mktemp("openapi")) as server:
+            yield server
+
+
+@pytest.fixture(scope="module")
+def api_schema(front: ModelServer) -> schemathesis.BaseSchema:
+    return schemathesis.openapi.from_url(f"http://127.0.0.1:{front.port}/resource_server/openapi.json")
+
+
+def test_the_document_names_every_route_of_the_api(front: ModelServer) -> None:
+    from gateway.app import ROUTES
+
+    document = httpx.get(f"http://127.0.0.1:{front.port}/resource_server/openapi.json").json()
+    described = {
+        (f"/resource_server{path}", method.upper())
+        for path, item in document["paths"].items()
+        for method in item
+        if method != "parameters"
+    }
+    served = {(route.path, method) for route in ROUTES for method in route.methods or () if method != "HEAD"}
+    internal = {"/metrics", "/resource_server/internal/streams/{stream_id}", "/resource_server/openapi.json"}
+    assert {entry for entry in served if entry[0] not in internal} == described
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_every_route_answers_fuzzed_requests_as_documented(
+    api_schema: schemathesis.BaseSchema, front: ModelServer, mode: GenerationMode
+) -> None:
+    # Each operation in turn with Hypothesis (schemathesis's pytest plugin does not run on this pytest yet); every
+    # operation is tried even when one fails, and the failures are reported together. Negative requests break the
+    # document's rules on purpose: they must get a 4xx in the error shape.
+    failures = {}
+    for result in api_schema.get_all_operations():
+        operation = result.ok()
+
+        @given(case=operation.as_strategy(generation_mode=mode))
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def fuzz(case: schemathesis.Case) -> None:
+            case.call_and_validate(
+                base_url=f"http://127.0.0.1:{front.port}/resource_server",
+                headers={"authorization": f"Bearer {TOKEN}"},
+                checks=[not_a_server_error, content_type_conformance, response_schema_conformance],
+                timeout=30,
+            )
+
+        try:
+            fuzz()
+        except Unsatisfiable:
+            # An operation without parameters or body (/health) has nothing to break.
+            assert mode is GenerationMode.NEGATIVE
+        except Exception as exc:
+            failures[operation.label] = str(exc)[:2000]
+    assert not failures, "\n\n".join(f"{label}: {failure}" for label, failure in failures.items())
+
+
+def test_every_route_answers_unauthenticated_requests_with_the_error_shape(front: ModelServer) -> None:
+    document = httpx.get(f"http://127.0.0.1:{front.port}/resource_server/openapi.json").json()
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters" or operation.get("security") == []:
+                continue
+            url = f"http://127.0.0.1:{front.port}/resource_server{path}".replace("{", "").replace("}", "")
+            answer = httpx.request(method, url, timeout=30)
+            assert answer.status_code == 401, (method, path, answer.text)
+            assert set(answer.json()["error"]) == {"message", "type", "code", "param"}
