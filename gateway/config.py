@@ -348,6 +348,9 @@ class LimitSettings(_Strict):
     redis_url_env: str = "INFERENCE_GATEWAY_LIMITS_REDIS_URL"
     redis_prefix: str = "inference-gateway:limits:"
     assumed_max_tokens: int = Field(default=256, ge=1)
+    # With Redis: a concurrency slot's lease, renewed every third of it while its request runs; the slots of a
+    # replica that dies are free again this long after it.
+    concurrency_lease_seconds: float = Field(default=30.0, ge=0.3)
     defaults: RateLimit = Field(default_factory=RateLimit)
     users: dict[str, RateLimit] = Field(default_factory=dict)
     models: dict[str, ModelLimits] = Field(default_factory=dict)

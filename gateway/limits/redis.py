@@ -24,8 +24,6 @@ from gateway.limits.base import CONCURRENT, REQUESTS, Plan, RateLimiter, Reserva
 
 log = logging.getLogger("gateway.limits")
 
-# A concurrency slot held by a replica that died is freed after this long.
-LEASE_MS = 15 * 60 * 1000
 
 _KIND = {REQUESTS: "r", CONCURRENT: "c"}
 
@@ -69,6 +67,27 @@ end
 return {0, 0}
 """
 
+# ARGV: lease (ms), then the ids of the slots still held, each with its number of keys, and per key the key's
+# index in KEYS. Each slot that is still there gets a new lease from now.
+_RENEW = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local lease = tonumber(ARGV[1])
+local i = 2
+while i <= #ARGV do
+  local id, count = ARGV[i], tonumber(ARGV[i + 1])
+  for j = 1, count do
+    local key = KEYS[tonumber(ARGV[i + 1 + j])]
+    if redis.call('ZSCORE', key, id) then
+      redis.call('ZADD', key, now + lease, id)
+      redis.call('PEXPIRE', key, lease)
+    end
+  end
+  i = i + 2 + count
+end
+return 0
+"""
+
 # ARGV: tokens to give back (negative: to take), reservation id, then per KEY: kind, capacity.
 _SETTLE = """
 local back = tonumber(ARGV[1])
@@ -97,22 +116,29 @@ class RedisRateLimiter(RateLimiter):
         self.client = aioredis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self._reserve_script = self.client.register_script(_RESERVE)
         self._settle_script = self.client.register_script(_SETTLE)
+        self._renew_script = self.client.register_script(_RENEW)
+        # A slot is leased for ``lease_ms`` and the lease renewed while its request runs, so that the slots of a
+        # replica that died free themselves soon after it: reservation id -> the slot keys it holds.
+        self.lease_ms = int(settings.concurrency_lease_seconds * 1000)
+        self._held: dict[str, list[str]] = {}
+        self._renewer: asyncio.Task[None] | None = None
         self._pending: list[tuple[Reservation, int]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._failing_since = 0.0
 
-    def prepare(self, rules: tuple[Rule, ...]) -> tuple[list[str], list[Any], list[Any]]:
-        """The scripts' keys, and their per-key arguments for reserving and for settling."""
+    def prepare(self, rules: tuple[Rule, ...]) -> tuple[list[str], list[Any], list[Any], list[str]]:
+        """The scripts' keys, their per-key arguments for reserving and for settling, and the slot keys."""
         keys = [self.prefix + rule.key for rule in rules]
+        slots = [key for key, rule in zip(keys, rules, strict=True) if rule.kind == CONCURRENT]
         reserve: list[Any] = []
         settle: list[Any] = []
         for rule in rules:
             kind = _KIND.get(rule.kind, "t")
             reserve += [kind, rule.capacity, rule.rate / 1000.0]
             settle += [kind, rule.capacity]
-        return keys, reserve, settle
+        return keys, reserve, settle, slots
 
     def _unavailable(self, exc: Exception) -> None:
         if not self._failing_since:
@@ -120,10 +146,12 @@ class RedisRateLimiter(RateLimiter):
             log.error("rate-limit Redis at %s unavailable, requests are let through: %s", self.url, exc)
 
     async def _take(self, plan: Plan, tokens: int) -> Reservation:
-        keys, arguments, _ = plan.state
+        keys, arguments, _, slots = plan.state
         reservation = (plan, tokens, os.urandom(8).hex())
         try:
-            broken, wait_ms = await self._reserve_script(keys=keys, args=[tokens, reservation[2], LEASE_MS, *arguments])
+            broken, wait_ms = await self._reserve_script(
+                keys=keys, args=[tokens, reservation[2], self.lease_ms, *arguments]
+            )
         except (RedisError, OSError) as exc:
             self._unavailable(exc)
             return (None, 0, "")
@@ -132,6 +160,8 @@ class RedisRateLimiter(RateLimiter):
             self._failing_since = 0.0
         if broken:
             raise self.refuse(plan.rules[int(broken) - 1], int(wait_ms) / 1000.0)
+        if slots:
+            self._held[reservation[2]] = slots
         return reservation
 
     def settle(self, reservation: Reservation, used_tokens: int | None) -> None:
@@ -139,11 +169,34 @@ class RedisRateLimiter(RateLimiter):
         if plan is None:
             return
         back = 0 if used_tokens is None else tokens - used_tokens
+        self._held.pop(reservation[2], None)
         self._pending.append((reservation, back))
         self._wake.set()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._send_settlements(), name="rate-limit-settlements")
+        self._renewer = asyncio.create_task(self._renew_leases(), name="rate-limit-leases")
+
+    async def _renew_leases(self) -> None:
+        """Every third of a lease, renew the leases of the slots this replica holds, in one script call."""
+        while True:
+            await asyncio.sleep(self.lease_ms / 3000)
+            if not self._held:
+                continue
+            keys: list[str] = []
+            index: dict[str, int] = {}
+            arguments: list[Any] = [self.lease_ms]
+            for id, slots in list(self._held.items()):
+                arguments += [id, len(slots)]
+                for key in slots:
+                    if key not in index:
+                        index[key] = len(keys) + 1
+                        keys.append(key)
+                    arguments.append(index[key])
+            try:
+                await self._renew_script(keys=keys, args=arguments)
+            except (RedisError, OSError) as exc:
+                self._unavailable(exc)
 
     async def _send_settlements(self) -> None:
         while not self._stopping or self._pending:
@@ -156,7 +209,7 @@ class RedisRateLimiter(RateLimiter):
                 async with self.client.pipeline(transaction=False) as pipe:
                     for (plan, _, id), back in batch:
                         assert plan is not None
-                        keys, _, arguments = plan.state
+                        keys, _, arguments, _ = plan.state
                         await self._settle_script(keys=keys, args=[back, id, *arguments], client=pipe)
                     await pipe.execute()
             except (RedisError, OSError) as exc:
@@ -164,6 +217,11 @@ class RedisRateLimiter(RateLimiter):
                 self._unavailable(exc)
 
     async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
         if self._task is not None:
             self._stopping = True
             self._wake.set()

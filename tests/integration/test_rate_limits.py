@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import sqlite3
@@ -183,3 +184,46 @@ def test_two_gateways_sharing_redis_hold_a_user_to_one_limit(backend: ModelServe
     # A full bucket (one second's worth) at the start, then the rate for as long as requests were let in.
     expected = rate + rate * (admitted[-1] - admitted[0])
     assert abs(len(admitted) - expected) <= 0.05 * expected, (len(admitted), expected)
+
+
+def test_the_slots_of_a_replica_that_died_are_free_again_soon_after(backend: ModelServer, tmp_path: Path) -> None:
+    lease = 2.0
+    config = direct_config(endpoint(backend.base_url, [MODEL]))
+    config["limits"] = {
+        "redis_url": REDIS,
+        "redis_prefix": f"test-limits-{os.urandom(4).hex()}:",
+        "concurrency_lease_seconds": lease,
+        "users": {"dev-user": {"concurrent_requests": 2}},
+    }
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 4000, "stream": True}
+    with gateway(config, tmp_path, env={"INFERENCE_GATEWAY_STATE_DIR": str(tmp_path / "b")}) as survivor:
+        dying = gateway(config, tmp_path, env={"INFERENCE_GATEWAY_STATE_DIR": str(tmp_path / "a")})
+        holder = dying.__enter__()
+        try:
+            assert holder.process is not None
+            # Two long streams on the replica that will die hold both of the user's slots.
+            streams = [
+                httpx.stream("POST", f"{api_url(holder)}/chat/completions", headers=AUTH, json=body, timeout=60)
+                for _ in range(2)
+            ]
+            for stream in streams:
+                assert stream.__enter__().status_code == 200
+            short = {"model": MODEL, "messages": QUESTION, "max_tokens": 1}
+            url = f"{api_url(survivor)}/chat/completions"
+            refused = httpx.post(url, headers=AUTH, json=short, timeout=30)
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+            # Longer than two leases: the living holder renews them, and the slots stay taken.
+            time.sleep(2.5 * lease)
+            assert httpx.post(url, headers=AUTH, json=short, timeout=30).status_code == 429
+            os.kill(holder.process.pid, 9)
+            for stream in streams:
+                with contextlib.suppress(httpx.HTTPError):
+                    stream.__exit__(None, None, None)
+        finally:
+            dying.__exit__(None, None, None)
+        # Within about one lease the survivor lets the user in again (it took 15 minutes before leases).
+        deadline = time.monotonic() + 30
+        while (status := httpx.post(url, headers=AUTH, json=short, timeout=30).status_code) == 429:
+            assert time.monotonic() < deadline, "the dead replica's slots were never freed"
+            time.sleep(0.2)
+        assert status == 200
