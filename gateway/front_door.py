@@ -46,7 +46,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(self._head_too_large())
 
     def _head_too_large(self) -> GatewayError:
-        if self.url is not None and len(self.url) > self.max_head_bytes // 2:
+        if len(getattr(self, "url", b"")) > self.max_head_bytes // 2:
             return UriTooLong(f"The request line is longer than the limit of {self.max_head_bytes // 2} bytes.")
         return HeadersTooLarge(f"The request's headers are larger than the limit of {self.max_head_bytes} bytes.")
 
