@@ -27,7 +27,8 @@ _MAX_HEAD_BYTES = 64 * 1024
 _MAX_HEADERS = 100
 # A kept-alive connection idle longer than this is not used again: servers close idle connections (uvicorn, and so
 # vLLM, after 5 s), and a request written as the server closes may or may not have been taken, so it cannot simply
-# be sent again.
+# be sent again. A server that says how long it keeps connections (``Keep-Alive: timeout=N``) is taken at its word,
+# less a second.
 _MAX_IDLE_SECONDS = 2.0
 # Answers whose body ends where the connection does, when they have neither length nor chunks.
 _NO_BODY = frozenset({204, 304})
@@ -53,6 +54,15 @@ def _expire(waiter: asyncio.Future[None]) -> None:
         waiter.set_exception(TimeoutError())
 
 
+def _idle_limit(keep_alive: str | None) -> float:
+    """How long a connection may stay idle and still be used, from the answer's ``Keep-Alive`` header if any."""
+    for part in (keep_alive or "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() == "timeout" and value.strip().isdigit():
+            return max(0.0, int(value) - 1.0)
+    return _MAX_IDLE_SECONDS
+
+
 class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection, its answers parsed by llhttp as the bytes arrive, and a way to wait for more."""
 
@@ -64,6 +74,7 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.waiter: asyncio.Future[None] | None = None
         self.idle_since = 0.0
+        self.max_idle = _MAX_IDLE_SECONDS
         self.error: ConnectionBroken | None = None
         self.expect()
 
@@ -142,6 +153,7 @@ class _Connection(asyncio.Protocol):
             return
         self.status = status
         self.keep_alive = self.parser.should_keep_alive() and self.parser.get_http_version() == "1.1"
+        self.max_idle = _idle_limit(self.headers.get("keep-alive"))
         self.head_done = True
 
     def on_body(self, body: bytes) -> None:
@@ -378,10 +390,10 @@ class Http:
             data = head + b"\r\n"
         await self._slots.acquire()
         try:
-            stale = time.monotonic() - _MAX_IDLE_SECONDS
+            now = time.monotonic()
             while self._idle:
                 connection = self._idle.pop()
-                if connection.closed or connection.idle_since < stale:
+                if connection.closed or now - connection.idle_since > connection.max_idle:
                     connection.close()
                     continue
                 try:

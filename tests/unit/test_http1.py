@@ -385,3 +385,36 @@ async def test_https_goes_through_a_connect_tunnel(monkeypatch: pytest.MonkeyPat
     # One tunnel, kept alive for the three requests; the proxy saw nothing but the CONNECT.
     assert seen == [f"CONNECT localhost:{port} HTTP/1.1".encode()]
     assert lines == [b"POST /v1/chat/completions HTTP/1.1"] * 3
+
+
+async def test_a_connection_is_kept_as_long_as_the_server_says_it_keeps_it() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await _read_request(reader)
+            writer.write(_json_answer(b"{}", b"keep-alive: timeout=60, max=100\r\n"))
+
+    server, url, connections = await _serve(handler)
+    async with server:
+        http = Http(url, {}, 5.0)
+        assert (await http.post("completions", b"{}")).status == 200
+        # Idle longer than the 2 s kept without the header: still used, since the server keeps it for 60 s.
+        http._idle[0].idle_since -= 10
+        assert (await http.post("completions", b"{}")).status == 200
+        http.close()
+    assert len(connections) == 1
+
+
+async def test_a_connection_idle_for_long_is_not_used_again() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await _read_request(reader)
+            writer.write(_json_answer(b"{}"))
+
+    server, url, connections = await _serve(handler)
+    async with server:
+        http = Http(url, {}, 5.0)
+        assert (await http.post("completions", b"{}")).status == 200
+        http._idle[0].idle_since -= 10
+        assert (await http.post("completions", b"{}")).status == 200
+        http.close()
+    assert len(connections) == 2
