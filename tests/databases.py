@@ -10,6 +10,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -112,10 +113,12 @@ def private_postgres() -> Iterator[PrivatePostgres]:
 class StuckDatabase:
     """A TCP listener in front of a database: it forwards connections, or, while ``hang()`` holds, accepts them
     and passes no byte either way, as a database server that is stuck does (the connections already open stall
-    too). ``flow()`` lets the bytes through again."""
+    too). ``flow()`` lets the bytes through again; ``delay`` slows each piece down."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
+        # Seconds each piece waits before it is passed on: a slow database rather than a stuck one.
+        self.delay = 0.0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._flowing = threading.Event()
@@ -157,6 +160,7 @@ class StuckDatabase:
         try:
             while data := source.recv(65536):
                 self._flowing.wait()
+                time.sleep(self.delay)
                 target.sendall(data)
         except OSError:
             pass

@@ -556,3 +556,19 @@ def test_kill_9_of_the_gateway_keeps_every_row_the_writer_was_handed(backend: Mo
             assert time.monotonic() < deadline, "the usage writer did not exit after the gateway died"
             time.sleep(0.1)
         wait_for_rows(sqlite_rows(tmp_path / "state" / "gateway.db"), set(ids), seconds=1)
+
+
+def test_a_slow_database_gets_every_row_once(backend: ModelServer, tmp_path: Path) -> None:
+    with scratch_database() as url:
+        slow = StuckDatabase(5432)
+        slow.flow()
+        slow.delay = 0.05  # each piece to or from PostgreSQL 50 ms late, every call well inside the 3 s timeout
+        try:
+            with gateway(accounting_config(backend, url=asyncpg_url(slow.url(url))), tmp_path) as server:
+                ids = {rid("slow") for _ in range(30)}
+                assert {chat(server, request_id).status_code for request_id in ids} == {200}
+                wait_for_rows(postgres_rows(url), ids, seconds=60)
+                counters = wait_for_counters(server, lambda seen: seen["written"] >= 30)
+                assert counters == {"written": 30, "spooled": 0, "dropped": 0, "database_up": 1}
+        finally:
+            slow.close()
