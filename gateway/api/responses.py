@@ -131,16 +131,22 @@ async def authenticate(request: Request) -> Identity:
     return identity
 
 
+_CONTAINERS = (dict, list)
+
+
 def _depth(value: Any) -> int:
-    """How deeply ``value``'s arrays and objects nest (a scalar is 0), without recursion."""
+    """How deeply ``value``'s arrays and objects nest (a scalar is 0), without recursion: one level at a time,
+    keeping only the containers (a batch of token ids is a million integers looked at once each)."""
     deepest = 0
-    level: list[Any] = [value]
+    level: list[Any] = [value] if value.__class__ in _CONTAINERS else []
     while level:
-        containers = [item for item in level if isinstance(item, dict | list)]
-        if not containers:
-            break
         deepest += 1
-        level = [child for item in containers for child in (item.values() if isinstance(item, dict) else item)]
+        level = [
+            child
+            for item in level
+            for child in (item.values() if item.__class__ is dict else item)
+            if child.__class__ in _CONTAINERS
+        ]
     return deepest
 
 
