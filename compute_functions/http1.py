@@ -289,7 +289,9 @@ class Reply:
         patience = self._http.read_timeout
         # Without a length or chunks the body ends where the connection does; llhttp cannot see that end for us.
         until_close = not (
-            self.status in _NO_BODY or "content-length" in self.headers or "transfer-encoding" in self.headers
+            self.status in _NO_BODY
+            or "content-length" in self.headers
+            or "chunked" in self.headers.get("transfer-encoding", "").lower()
         )
         while True:
             if connection.body:

@@ -418,3 +418,15 @@ async def test_a_connection_idle_for_long_is_not_used_again() -> None:
         assert (await http.post("completions", b"{}")).status == 200
         http.close()
     assert len(connections) == 2
+
+
+async def test_a_body_with_a_transfer_coding_other_than_chunked_ends_with_the_connection() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: identity\r\n\r\n{}")
+
+    server, url, _ = await _serve(handler)
+    async with server:
+        http = Http(url, {}, 5.0)
+        assert (await http.post("embeddings", b"{}")).body == b"{}"
+        http.close()
