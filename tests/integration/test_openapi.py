@@ -3,9 +3,11 @@ every answer matches the document, every error has the documented shape."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import httpx
+import jsonschema
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -94,3 +96,39 @@ def test_every_route_answers_unauthenticated_requests_with_the_error_shape(front
             answer = httpx.request(method, url, timeout=30)
             assert answer.status_code == 401, (method, path, answer.text)
             assert set(answer.json()["error"]) == {"message", "type", "code", "param"}
+
+
+def test_real_answers_match_the_documents_schemas(front: ModelServer) -> None:
+    base = f"http://127.0.0.1:{front.port}/resource_server"
+    document = httpx.get(f"{base}/openapi.json").json()
+
+    def check(answer: httpx.Response, schema: str) -> None:
+        assert answer.status_code == 200, answer.text
+        validator = jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{schema}", **document})
+        validator.validate(answer.json())
+
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    question = [{"role": "user", "content": "What is the boiling point of water?"}]
+    with httpx.Client(base_url=base, headers=auth, timeout=30) as client:
+        check(client.post("/v1/chat/completions", json={"model": MODEL, "messages": question}), "ChatCompletion")
+        check(client.post("/v1/completions", json={"model": MODEL, "prompt": "Water boils at"}), "TextCompletion")
+        check(client.post("/v1/embeddings", json={"model": MODEL, "input": "water"}), "Embeddings")
+        check(client.get("/v1/models"), "ModelList")
+        check(client.get("/list-endpoints"), "EndpointList")
+        check(client.get("/health"), "Health")
+        check(client.get("/ready"), "Ready")
+        check(client.get("/whoami"), "Identity")
+        check(client.get("/status"), "Status")
+        check(client.get("/local/models"), "ClusterModels")
+        check(client.get("/local/jobs"), "ClusterJobs")
+        line = {"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": MODEL}}
+        stored = client.post(
+            "/v1/files", files={"file": ("in.jsonl", json.dumps(line).encode())}, data={"purpose": "batch"}
+        )
+        check(stored, "File")
+        batch = client.post(
+            "/v1/batches", json={"input_file_id": stored.json()["id"], "endpoint": "/v1/chat/completions"}
+        )
+        check(batch, "Batch")
+        check(client.get("/v1/batches"), "BatchList")
+        check(client.post(f"/v1/batches/{batch.json()['id']}/cancel"), "Batch")
