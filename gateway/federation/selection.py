@@ -26,6 +26,10 @@ class Plan:
     skipped: list[Endpoint]
 
 
+# How much cheaper (as a factor) the second of two drawn endpoints must be to be chosen over the first.
+CLEARLY_CHEAPER = 1.25
+
+
 def load(endpoint: Endpoint) -> int:
     """Requests the endpoint is busy with: the gateway's own in flight (exact, live) plus what others had
     running and waiting there when the backend last reported."""
@@ -79,7 +83,9 @@ def plan(
         # (requests ahead times recent request time) goes first. Always taking the cheapest of all would
         # send a burst of simultaneous requests to one endpoint before its count moves.
         first, second = (rng or _rng).sample(hot, 2)
-        pick = first if cost(first, now) <= cost(second, now) else second
+        # The figures are estimates: only a clearly cheaper second endpoint displaces the first drawn, so that
+        # equal endpoints share the traffic whatever noise their timings carry.
+        pick = second if cost(second, now) * CLEARLY_CHEAPER < cost(first, now) else first
         ordered.append(pick)
         if limit > 1:
             rest = [endpoint for endpoint in hot if endpoint is not pick]

@@ -569,6 +569,8 @@ def test_a_slow_database_gets_every_row_once(backend: ModelServer, tmp_path: Pat
                 assert {chat(server, request_id).status_code for request_id in ids} == {200}
                 wait_for_rows(postgres_rows(url), ids, seconds=60)
                 counters = wait_for_counters(server, lambda seen: seen["written"] >= 30)
-                assert counters == {"written": 30, "spooled": 0, "dropped": 0, "database_up": 1}
+                # On a busy machine a call may still pass the timeout: its rows are spooled, then written once.
+                assert counters["written"] == 30 and counters["dropped"] == 0 and counters["database_up"] == 1
+                assert not (tmp_path / "state" / "usage-spool.jsonl").exists()
         finally:
             slow.close()

@@ -80,8 +80,17 @@ def test_a_slower_endpoint_costs_more_for_the_same_load() -> None:
     now = fast.latency_at = slow.latency_at
     fast.in_flight = slow.in_flight = 2
     assert cost(slow, now) == 2 * cost(fast, now)
-    fast.in_flight = 6  # now seven requests at 0.1 s against three at 0.2 s
-    assert ids(plan([fast, slow], random.Random(0)).endpoints)[0] == "slow"
+    fast.in_flight = 8  # now nine requests at 0.1 s against three at 0.2 s
+    assert all(ids(plan([fast, slow], random.Random(seed)).endpoints)[0] == "slow" for seed in range(50))
+
+
+def test_endpoints_whose_costs_differ_by_noise_share_the_traffic() -> None:
+    a, b = make("a"), make("b")
+    a.record_success(0.100)
+    b.record_success(0.115)
+    rng = random.Random(5)
+    firsts = Counter(ids(plan([a, b], rng).endpoints)[0] for _ in range(2000))
+    assert 900 < firsts["a"] < 1100, firsts
 
 
 def test_untried_endpoint_is_tried_first() -> None:
