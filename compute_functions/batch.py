@@ -100,6 +100,9 @@ def inside(path: Path, roots: list[str]) -> bool:
 
 def checked_path(raw: str, roots: list[str], what: str, *, must_exist: bool) -> Path:
     """``raw`` resolved (symlinks and `..` included); ``BatchRefused`` unless it is absolute and inside ``roots``."""
+    if "\0" in raw:
+        # The operating system cannot take it, and Python says so with a ValueError, not an OSError.
+        raise BatchRefused("invalid_path", f"The {what} path {raw!r} contains a NUL byte.")
     path = Path(raw)
     if not path.is_absolute():
         raise BatchRefused("invalid_path", f"The {what} must be an absolute path, not '{raw}'.")

@@ -1,21 +1,37 @@
 """A small HTTP/1.1 client with kept-alive connections, for talking to OpenAI-compatible servers.
 
 A general-purpose async client spends more CPU per request than a model server's own answer costs a fast backend,
-and every microsecond of it sits between a scientist and the first token. This one speaks what OpenAI-compatible
-servers answer (a length, chunked or close-delimited body, keep-alive) and nothing more: the gateway's ``direct``
-transport and a batch's worker both use it. Standard library only, as it runs on workers too.
+and every microsecond of it sits between a scientist and the first token. This one keeps only what the gateway's
+``direct`` transport and a batch's worker need (a pool of kept-alive connections, bodies as they arrive) and
+leaves the parsing of answers to llhttp (Node's HTTP parser, through ``httptools``), which is strict where a hand
+parser is lenient: chunk sizes and terminators, duplicate ``Content-Length``, line endings, header syntax.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
+import time
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-# Past this many unread bytes the connection stops reading until the consumer catches up.
+import httptools
+
+# Past this many unread body bytes the connection stops reading until the consumer catches up.
 _HIGH_WATER = 1 << 20
+# An answer's status line and headers together, and how many headers, at most.
+_MAX_HEAD_BYTES = 64 * 1024
+_MAX_HEADERS = 100
+# A kept-alive connection idle longer than this is not used again: servers close idle connections (uvicorn, and so
+# vLLM, after 5 s), and a request written as the server closes may or may not have been taken, so it cannot simply
+# be sent again. A server that says how long it keeps connections (``Keep-Alive: timeout=N``) is taken at its word,
+# less a second.
+_MAX_IDLE_SECONDS = 2.0
+# Answers whose body ends where the connection does, when they have neither length nor chunks.
+_NO_BODY = frozenset({204, 304})
 
 
 class ServerUnreachable(Exception):
@@ -38,25 +54,62 @@ def _expire(waiter: asyncio.Future[None]) -> None:
         waiter.set_exception(TimeoutError())
 
 
+def _idle_limit(keep_alive: str | None) -> float:
+    """How long a connection may stay idle and still be used, from the answer's ``Keep-Alive`` header if any."""
+    for part in (keep_alive or "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() == "timeout" and value.strip().isdigit():
+            return max(0.0, int(value) - 1.0)
+    return _MAX_IDLE_SECONDS
+
+
 class _Connection(asyncio.Protocol):
-    """One TCP (or TLS) connection: bytes in a buffer, and a way to wait for more."""
+    """One TCP (or TLS) connection, its answers parsed by llhttp as the bytes arrive, and a way to wait for more."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.received = 0
+        self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.paused = False
         self.waiter: asyncio.Future[None] | None = None
+        self.idle_since = 0.0
+        self.max_idle = _MAX_IDLE_SECONDS
+        self.error: ConnectionBroken | None = None
+        self.expect()
+
+    def expect(self) -> None:
+        """Get ready for the answer to a request about to be written."""
+        self.received = 0
+        self.head_bytes = 0
+        self.head_size = 0
+        self.headers: dict[str, str] = {}
+        self.status = 0
+        self.head_done = False
+        self.interim = False
+        self.body = bytearray()
+        self.complete = False
+        self.keep_alive = False
+        self.awaiting = True
+
+    # asyncio.Protocol -------------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio's
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
-        self.buffer += data
-        if len(self.buffer) > _HIGH_WATER and not self.paused and self.transport is not None:
+        if not self.head_done:
+            self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(self.error or ConnectionBroken(f"not a valid HTTP/1.1 answer: {exc}"))
+            return
+        if not self.head_done and self.head_bytes > _MAX_HEAD_BYTES:
+            self._fail(ConnectionBroken(f"the answer's headers are longer than {_MAX_HEAD_BYTES} bytes"))
+            return
+        if len(self.body) > _HIGH_WATER and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
         self._wake()
@@ -70,6 +123,56 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self._wake()
 
+    # llhttp's callbacks ------------------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if not self.awaiting:
+            # Bytes after the end of the answer, before any new request: nothing this connection can be used for.
+            self.error = ConnectionBroken("the server sent more than its answer")
+            raise self.error
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # What arrived in one read may hold a whole head: its size is checked here as well as across reads.
+        self.head_size += len(name) + len(value) + 4
+        if len(self.headers) >= _MAX_HEADERS or self.head_size > _MAX_HEAD_BYTES:
+            self.error = ConnectionBroken(
+                f"the answer has more than {_MAX_HEADERS} headers or {_MAX_HEAD_BYTES} bytes of them"
+            )
+            raise self.error
+        key = name.lower().decode("latin-1")
+        text = value.decode("latin-1")
+        # Repeated fields are one list (RFC 9110, 5.3); llhttp has already refused a repeated Content-Length.
+        self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            # An interim answer (100 Continue, 103 Early Hints): the final one follows on the same connection.
+            self.interim = True
+            self.headers = {}
+            return
+        self.status = status
+        self.keep_alive = self.parser.should_keep_alive() and self.parser.get_http_version() == "1.1"
+        self.max_idle = _idle_limit(self.headers.get("keep-alive"))
+        self.head_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        self.complete = True
+        self.awaiting = False
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _fail(self, error: ConnectionBroken) -> None:
+        self.error = error
+        self.close()
+        self._wake()
+
     def _wake(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
@@ -77,6 +180,8 @@ class _Connection(asyncio.Protocol):
 
     async def more(self, patience: float | None) -> None:
         """Wait until more bytes arrive (or the server closes); ``TimeoutError`` after ``patience`` seconds."""
+        if self.error is not None:
+            raise self.error
         if self.closed:
             raise ConnectionBroken("the server closed the connection")
         if self.paused and self.transport is not None:
@@ -91,25 +196,66 @@ class _Connection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
 
-    def take(self, size: int) -> bytes:
-        data = bytes(self.buffer[:size])
-        del self.buffer[:size]
+    def take(self) -> bytes:
+        data = bytes(self.body)
+        self.body.clear()
         return data
-
-    async def line(self, patience: float | None, limit: int = 65536) -> bytes:
-        """The bytes up to the next CRLF, without it."""
-        while (end := self.buffer.find(b"\r\n")) < 0:
-            if len(self.buffer) > limit:
-                raise ConnectionBroken("a header or chunk-size line is too long")
-            await self.more(patience)
-        line = self.take(end)
-        del self.buffer[:2]
-        return line
 
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+
+class _Tunnel(asyncio.Protocol):
+    """A proxy's answer to ``CONNECT``: its head only, then the connection is the tunnel."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.head = bytearray()
+        self.done: asyncio.Future[bytes] = loop.create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.head += data
+        end = self.head.find(b"\r\n\r\n")
+        if end >= 0 and not self.done.done():
+            # A proxy sends nothing after its head until the tunnel carries the client's first bytes.
+            self.done.set_result(bytes(self.head[: end + 4]))
+        elif len(self.head) > _MAX_HEAD_BYTES and not self.done.done():
+            self.done.set_exception(ConnectionBroken("the proxy's answer to CONNECT is too long"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionBroken("the proxy closed the connection"))
+
+
+class _Status:
+    """Just the status of an answer's head, from llhttp."""
+
+    def __init__(self, head: bytes) -> None:
+        self.status = 0
+        parser = httptools.HttpResponseParser(self)
+        try:
+            parser.feed_data(head)
+        except httptools.HttpParserError as exc:
+            raise ConnectionBroken(f"the proxy's answer is not HTTP/1.1: {exc}") from None
+        self.status = parser.get_status_code()
+
+
+def _proxy_for(scheme: str, host: str) -> tuple[str, int, bytes] | None:
+    """The proxy (host, port, Proxy-Authorization header line) that ``HTTPS_PROXY``/``HTTP_PROXY`` name for
+    ``host``, unless ``NO_PROXY`` exempts it: as curl, httpx and pip read them."""
+    proxies = urllib.request.getproxies_environment()
+    url = proxies.get(scheme)
+    if not url or urllib.request.proxy_bypass(host):
+        return None
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", ""):
+        raise ValueError(f"only http:// proxies are supported, not {url!r}")
+    authorization = b""
+    if parts.username is not None:
+        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        authorization = b"proxy-authorization: Basic " + base64.b64encode(credentials) + b"\r\n"
+    return parts.hostname or "127.0.0.1", parts.port or 80, authorization
 
 
 class Reply:
@@ -119,11 +265,11 @@ class Reply:
     end goes back to the pool, any other is closed.
     """
 
-    def __init__(self, http: Http, connection: _Connection, status: int, headers: dict[str, str]) -> None:
+    def __init__(self, http: Http, connection: _Connection) -> None:
         self._http = http
         self._connection: _Connection | None = connection
-        self.status = status
-        self.headers = headers
+        self.status = connection.status
+        self.headers = connection.headers
         self._finished = False
 
     @property
@@ -135,75 +281,46 @@ class Reply:
         return b"".join([piece async for piece in self.pieces()])
 
     async def pieces(self) -> AsyncIterator[bytes]:
-        """The body's bytes as they arrive: whatever is buffered at each moment, joined into one piece."""
+        """The body's bytes as they arrive: whatever has been parsed at each moment, joined into one piece (events
+        that arrived together leave together)."""
         connection = self._connection
         if connection is None or self._finished:
             return
         patience = self._http.read_timeout
-        if self.status in (204, 304):
-            self._finished = True
-            return
-        if "chunked" in self.headers.get("transfer-encoding", "").lower():
-            async for piece in self._chunked(connection, patience):
-                yield piece
-        elif (declared := self.headers.get("content-length")) is not None:
-            remaining = int(declared)
-            while remaining > 0:
-                if not connection.buffer:
-                    await connection.more(patience)
-                    continue
-                piece = connection.take(remaining)
-                remaining -= len(piece)
-                yield piece
-        else:
-            # The body ends where the connection does.
-            while True:
-                if connection.buffer:
-                    yield connection.take(len(connection.buffer))
-                elif connection.closed:
-                    break
-                else:
-                    try:
-                        await connection.more(patience)
-                    except ConnectionBroken:
-                        break
-            self.headers["connection"] = "close"
-        self._finished = True
-
-    async def _chunked(self, connection: _Connection, patience: float | None) -> AsyncIterator[bytes]:
-        buffer = connection.buffer
+        # Without a length or chunks the body ends where the connection does; llhttp cannot see that end for us.
+        until_close = not (
+            self.status in _NO_BODY
+            or "content-length" in self.headers
+            or "chunked" in self.headers.get("transfer-encoding", "").lower()
+        )
         while True:
-            # Every chunk already buffered goes out as one piece: events that arrived together leave together.
-            pieces: list[bytes] = []
-            while True:
-                end = buffer.find(b"\r\n")
-                if end < 0:
+            if connection.body:
+                yield connection.take()
+            elif connection.complete:
+                break
+            elif connection.error is not None:
+                raise connection.error
+            elif connection.closed:
+                if until_close:
                     break
-                try:
-                    size = int(bytes(buffer[:end]).split(b";", 1)[0], 16)
-                except ValueError:
-                    raise ConnectionBroken(f"bad chunk size line {bytes(buffer[:40])!r}") from None
-                if size == 0:
-                    del buffer[: end + 2]
-                    if pieces:
-                        yield b"".join(pieces)
-                    while await connection.line(patience):
-                        pass  # trailers
-                    return
-                if len(buffer) < end + 2 + size + 2:
-                    break
-                pieces.append(bytes(buffer[end + 2 : end + 2 + size]))
-                del buffer[: end + 2 + size + 2]
-            if pieces:
-                yield b"".join(pieces)
-            await connection.more(patience)
+                raise ConnectionBroken("the server closed the connection before the end of the answer")
+            else:
+                await connection.more(patience)
+        self._finished = True
 
     def close(self) -> None:
         connection, self._connection = self._connection, None
         if connection is None:
             return
-        reusable = self._finished and "close" not in self.headers.get("connection", "").lower()
+        reusable = self._finished and connection.complete and connection.keep_alive
         self._http._release(connection, reusable)
+
+
+def _checked(text: str, what: str) -> str:
+    # Written verbatim into the request, a CR or LF would end the header and start another one.
+    if "\r" in text or "\n" in text or "\0" in text:
+        raise ValueError(f"{what} {text!r} contains a line break or NUL byte")
+    return text
 
 
 class Http:
@@ -211,6 +328,9 @@ class Http:
 
     ``ServerUnreachable`` when it cannot connect (within ``connect_timeout``), ``TimeoutError`` when the server
     stays silent for ``read_timeout`` seconds, ``ConnectionBroken`` when the answer is cut or is not HTTP.
+    A request is sent again on a new connection only when that is safe: a GET whose kept-alive connection turned
+    out to be closed. A POST is never sent twice; connections idle for long are not reused, so that a server's
+    idle timeout seldom meets a request.
     """
 
     def __init__(
@@ -233,10 +353,17 @@ class Http:
         self.read_timeout = read_timeout if read_timeout is not None else timeout
         host_header = parts.netloc.rsplit("@", 1)[-1]
         fixed = {"host": host_header, **{k.lower(): v for k, v in headers.items()}}
-        self._headers = "".join(f"{name}: {value}\r\n" for name, value in fixed.items()).encode()
+        self._headers = "".join(
+            f"{_checked(name, 'header name')}: {_checked(value, 'header value')}\r\n" for name, value in fixed.items()
+        ).encode()
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
         self._ssl = ssl.create_default_context() if self.tls else None
+        self._proxy = _proxy_for("https" if self.tls else "http", self.host)
+        # Through a proxy, plain HTTP names the whole URL in the request line; HTTPS goes through a CONNECT tunnel.
+        self._origin = f"http://{host_header}" if self._proxy and not self.tls else ""
+        if self._origin and self._proxy is not None:
+            self._headers += self._proxy[2]
 
     async def post(self, op: str, body: bytes) -> Answer:
         """POST ``body`` (JSON) to ``{base_url}/{op}`` and read the whole answer, all within ``timeout``."""
@@ -254,7 +381,10 @@ class Http:
         An ``op`` that starts with ``/`` is a path from the server's root instead (``/metrics``).
         """
         path = op if op.startswith("/") else f"{self.prefix}/{op}"
-        head = b"%s %s HTTP/1.1\r\n%s" % (method.encode(), path.encode(), self._headers)
+        if " " in path:
+            raise ValueError(f"path {path!r} contains a space")
+        target = self._origin + _checked(path, "path")
+        head = b"%s %s HTTP/1.1\r\n%s" % (method.encode(), target.encode(), self._headers)
         if body is not None:
             head += b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
             data = head + body
@@ -262,16 +392,18 @@ class Http:
             data = head + b"\r\n"
         await self._slots.acquire()
         try:
+            now = time.monotonic()
             while self._idle:
                 connection = self._idle.pop()
-                if connection.closed:
+                if connection.closed or now - connection.idle_since > connection.max_idle:
+                    connection.close()
                     continue
                 try:
                     return await self._exchange(connection, data)
                 except ConnectionBroken:
-                    # A kept-alive connection the server closed meanwhile: nothing of an answer came, so the
-                    # server never took the request, and it goes again on another connection.
-                    if connection.received:
+                    # The server closed the kept-alive connection as the request went out. Whether it took the
+                    # request nobody can tell, so only a request that may be repeated (GET) goes again.
+                    if connection.received or method != "GET":
                         raise
             return await self._exchange(await self._connect(), data)
         except BaseException:
@@ -280,38 +412,55 @@ class Http:
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
+        host, port = (self._proxy[0], self._proxy[1]) if self._proxy else (self.host, self.port)
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(loop), self.host, self.port, ssl=self._ssl
-                )
+                if self._proxy is not None and self.tls:
+                    return await self._tunnel(loop, host, port)
+                _, connection = await loop.create_connection(lambda: _Connection(loop), host, port, ssl=self._ssl)
         except TimeoutError:
-            raise ServerUnreachable(f"no connection to {self.host}:{self.port} in {self.connect_timeout} s") from None
+            raise ServerUnreachable(f"no connection to {host}:{port} in {self.connect_timeout} s") from None
         except OSError as exc:
-            raise ServerUnreachable(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
+            raise ServerUnreachable(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+        return connection
+
+    async def _tunnel(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> _Connection:
+        """A TLS connection to the server through the proxy at ``host``:``port`` (``CONNECT``)."""
+        assert self._proxy is not None and self._ssl is not None
+        transport, tunnel = await loop.create_connection(lambda: _Tunnel(loop), host, port)
+        try:
+            target = f"{self.host}:{self.port}".encode()
+            transport.write(b"CONNECT %s HTTP/1.1\r\nhost: %s\r\n%s\r\n" % (target, target, self._proxy[2]))
+            status = _Status(await tunnel.done).status
+            if status != 200:
+                raise ServerUnreachable(
+                    f"the proxy {host}:{port} refused to connect to {self.host}:{self.port}: {status}"
+                )
+            connection = _Connection(loop)
+            secure = await loop.start_tls(transport, connection, self._ssl, server_hostname=self.host)
+        except BaseException:
+            transport.close()
+            raise
+        assert secure is not None
+        connection.connection_made(secure)
         return connection
 
     async def _exchange(self, connection: _Connection, data: bytes) -> Reply:
         try:
             assert connection.transport is not None
+            connection.expect()
             connection.transport.write(data)
-            status_line = await connection.line(self.read_timeout)
-            parts = status_line.split(b" ", 2)
-            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-                raise ConnectionBroken(f"not an HTTP answer: {status_line[:80]!r}")
-            headers: dict[str, str] = {}
-            while line := await connection.line(self.read_timeout):
-                name, _, value = line.partition(b":")
-                headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+            while not connection.head_done:
+                await connection.more(self.read_timeout)
         except BaseException:
             connection.close()
             raise
-        return Reply(self, connection, int(parts[1]), headers)
+        return Reply(self, connection)
 
     def _release(self, connection: _Connection, reusable: bool) -> None:
         self._slots.release()
-        if reusable and not connection.closed and not connection.buffer:
-            connection.received = 0
+        if reusable and not connection.closed:
+            connection.idle_since = time.monotonic()
             self._idle.append(connection)
         else:
             connection.close()

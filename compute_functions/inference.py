@@ -30,6 +30,7 @@ import httpx
 from compute_functions import node
 from compute_functions.model_server import ModelServerFailed
 from compute_functions.routes import OPERATIONS, url_of
+from compute_functions.sse import EventCounter
 
 _MAX_ERROR_BODY = 64 * 1024
 _CONNECT_TIMEOUT = 10.0
@@ -138,13 +139,12 @@ def _streamed(url: str, payload: dict[str, Any], timeout: httpx.Timeout, stream:
 
 def _relay(upstream: httpx.Response, timeout: httpx.Timeout, stream: dict[str, Any]) -> dict[str, Any]:
     """Copy the server's events to the gateway as they arrive: no batching, no delay."""
-    events = 0
+    events = EventCounter()
 
     def body() -> Iterator[bytes]:
-        nonlocal events
         try:
             for data in upstream.iter_bytes():
-                events += data.count(b"\n\n")
+                events.feed(data)
                 yield data
         except httpx.TimeoutException:
             raise _UpstreamBroke(failure("timeout", "the model server stopped streaming")) from None
@@ -167,7 +167,7 @@ def _relay(upstream: httpx.Response, timeout: httpx.Timeout, stream: dict[str, A
         # The gateway breaks the connection when nobody waits for the stream any more.
         return failure("cancelled", f"the gateway closed the stream: {exc.__class__.__name__}")
     if answer.status_code in (200, 204):
-        return {"ok": True, "streamed": events}
+        return {"ok": True, "streamed": events.events}
     if answer.status_code in (410, 499):
         return failure("cancelled", "the client went away", answer.status_code, answer.text)
     return failure("relay", "the gateway's relay refused the stream", answer.status_code, answer.text)

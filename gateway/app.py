@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.accounting.record import SCOPE_KEY, RequestRecord
-from gateway.api import admin, batches, catalog, downloads, identity, inference, monitoring, status, streams
+from gateway.api import admin, batches, catalog, downloads, identity, inference, monitoring, openapi, status, streams
 from gateway.api.responses import request_id
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_response
@@ -64,6 +64,7 @@ ROUTES = [
     Route(f"{CLUSTER}/files/{{file_id}}/content", batches.file_content, methods=["GET"]),
     Route("/resource_server/list-endpoints", catalog.list_endpoints, methods=["GET"]),
     Route("/resource_server/health", catalog.health, methods=["GET"]),
+    Route("/resource_server/openapi.json", openapi.openapi, methods=["GET"]),
     Route("/resource_server/ready", monitoring.ready, methods=["GET"]),
     Route("/resource_server/admin/usage", admin.usage, methods=["GET"]),
     Route("/metrics", monitoring.metrics, methods=["GET"]),

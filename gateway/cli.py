@@ -49,6 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.front_door import protocol
     from gateway.observability.logs import configure_logging
 
     config = load_config(args.config)
@@ -67,7 +68,9 @@ def _serve(args: argparse.Namespace) -> int:
         "host": args.host,
         "port": args.port,
         "loop": "uvloop",
-        "http": "httptools",
+        "http": protocol(config.server),
+        # No route speaks WebSocket: an upgrade request is answered as the HTTP request it also is.
+        "ws": "none",
         "access_log": False,
         "log_config": None,
         "timeout_graceful_shutdown": config.server.drain_timeout,

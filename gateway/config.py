@@ -74,6 +74,11 @@ class ServerSettings(_Strict):
     # On SIGTERM the gateway stops accepting connections at once and gives the requests and streams in flight this
     # long to finish before it cuts them.
     drain_timeout: float = Field(default=60.0, gt=0)
+    # Deeper bodies are refused with 400: the JSON writer that carries a body on stops at 254 levels.
+    max_json_depth: int = Field(default=64, ge=2, le=200)
+    # A request's line and headers together; past it 431 (414 when the line is most of it), before it is whole.
+    max_header_bytes: int = Field(default=64 * 1024, ge=4096)
+    max_headers: int = Field(default=100, ge=16)
 
 
 class DevAuthSettings(_Strict):
@@ -385,6 +390,39 @@ class LimitSettings(_Strict):
         return os.environ.get(self.redis_url_env) or self.redis_url
 
 
+class ModelBounds(_Strict):
+    """One model's own bounds; an absent one is taken from ``request_bounds``."""
+
+    n: int | None = Field(default=None, ge=1)
+    best_of: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    logprobs: int | None = Field(default=None, ge=0)
+    top_logprobs: int | None = Field(default=None, ge=0)
+    dimensions: int | None = Field(default=None, ge=1)
+
+
+class RequestBounds(_Strict):
+    """The largest numbers a request may ask for; past them the gateway answers 400 and no backend sees it.
+
+    The defaults are OpenAI's own limits (``n``, ``logprobs``, ``top_logprobs``) or generous ones (``max_tokens``,
+    ``dimensions``); ``models`` narrows them for one model, e.g. ``max_tokens`` to its context length.
+    """
+
+    n: int = Field(default=128, ge=1)
+    best_of: int = Field(default=128, ge=1)
+    max_tokens: int = Field(default=131_072, ge=1)
+    logprobs: int = Field(default=20, ge=0)
+    top_logprobs: int = Field(default=20, ge=0)
+    dimensions: int = Field(default=65_536, ge=1)
+    models: dict[str, ModelBounds] = Field(default_factory=dict)
+
+    def for_model(self, model: str) -> RequestBounds:
+        own = self.models.get(model)
+        if own is None:
+            return self
+        return self.model_copy(update=own.model_dump(exclude_none=True))
+
+
 class LoggingSettings(_Strict):
     json_lines: bool = Field(default=True, alias="json")
     access_log: bool = True
@@ -480,6 +518,7 @@ class GatewayConfig(_Strict):
     endpoints: list[EndpointSettings] = Field(min_length=1)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    request_bounds: RequestBounds = Field(default_factory=RequestBounds)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
@@ -529,6 +568,9 @@ class GatewayConfig(_Strict):
         unknown = set(self.limits.models) - served
         if unknown:
             raise ValueError(f"limits.models names models no endpoint serves: {', '.join(sorted(unknown))}")
+        unknown = set(self.request_bounds.models) - served
+        if unknown:
+            raise ValueError(f"request_bounds.models names models no endpoint serves: {', '.join(sorted(unknown))}")
         return self
 
     @model_validator(mode="after")

@@ -71,10 +71,41 @@ class MethodNotAllowed(GatewayError):
     code = "method_not_allowed"
 
 
+class ClientClosedRequest(GatewayError):
+    """The client went away before its request had arrived whole; nobody reads the answer, the logs and metrics do.
+
+    499 is the status proxies (nginx) log for this, so that it is not counted as the server's failure.
+    """
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_disconnected"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class UriTooLong(GatewayError):
+    status = 414
+    type = "invalid_request_error"
+    code = "uri_too_long"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    type = "invalid_request_error"
+    code = "headers_too_large"
+
+
+class InvalidHttpRequest(GatewayError):
+    """A request the HTTP parser refused before the application saw it."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_http_request"
 
 
 class RateLimited(GatewayError):

@@ -109,6 +109,7 @@ class ScriptedBackend:
 
     ``status-NNN`` answers that status with an OpenAI error body, ``not-json`` answers 200
     with a body that is not JSON, ``plain-stream`` answers a stream request with text/plain,
+    ``crlf-stream`` and ``cr-stream`` stream with those line endings,
     and any other model gets a small valid answer. It records each request's headers and
     refuses requests without ``Authorization: Bearer <api_key>`` when ``api_key`` is set.
     """
@@ -164,6 +165,21 @@ class ScriptedBackend:
                     self._send(200, b"<html>proxy error</html>", "text/html")
                 elif model == "plain-stream":
                     self._send(200, b"hello", "text/plain")
+                elif model in ("crlf-stream", "cr-stream"):
+                    # Allowed by the SSE standard: CRLF or CR line endings, comments, an event's data over two
+                    # lines (joined with LF, which JSON takes as white space), and a usage-only last chunk.
+                    newline = "\r\n" if model == "crlf-stream" else "\r"
+                    events = [": the model is warm", 'data: {"id": "x", "object": "chat.completion.chunk",']
+                    for index, word in enumerate(["Hello", " world"]):
+                        delta = {"content": word} if index else {"role": "assistant", "content": word}
+                        choice = {"index": 0, "delta": delta, "finish_reason": "stop" if index else None}
+                        events[-1] += f'\ndata: "created": 0, "model": "{model}", "choices": [{json.dumps(choice)}]}}'
+                        events.append('data: {"id": "x", "object": "chat.completion.chunk",')
+                    usage = json.dumps({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
+                    events[-1] += f'\ndata: "created": 0, "model": "{model}", "choices": [], "usage": {usage}}}'
+                    events.append("data: [DONE]")
+                    text = "".join(event.replace("\n", newline) + newline * 2 for event in events)
+                    self._send(200, text.encode(), "text/event-stream")
                 elif body.get("stream"):
                     chunk = {
                         "id": "x",

@@ -138,8 +138,12 @@ class UsageRecorder:
             batch = rows[start : start + self.batch_size]
             try:
                 await self.database.insert_usage(batch)
-            except DatabaseUnavailable as exc:
-                log.warning("usage database unavailable, rows go to %s until it is back: %s", self.spool.path, exc)
+            except Exception as exc:
+                # Whatever went wrong, the rows taken off the queue exist nowhere else: they go to the spool.
+                if isinstance(exc, DatabaseUnavailable):
+                    log.warning("usage database unavailable, rows go to %s until it is back: %s", self.spool.path, exc)
+                else:
+                    log.exception("usage rows could not be inserted; they go to %s", self.spool.path)
                 self.database_up = False
                 self._retry_at = time.monotonic() + self.retry_interval
                 await self._keep(rows[start:])

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from compute_functions.sse import event_data
 from gateway.accounting.record import RequestRecord
 
 _USAGE_OBJECT = (b'"usage":{', b'"usage": {')
@@ -41,7 +42,7 @@ def take_event_usage(events: bytes, record: RequestRecord) -> bytes:
         if not any(marker in event for marker in _USAGE_OBJECT):
             continue
         try:
-            data = orjson.loads(_data(event))
+            data = orjson.loads(event_data(event) or b"")
         except orjson.JSONDecodeError:
             continue
         if not isinstance(data, dict):
@@ -49,11 +50,6 @@ def take_event_usage(events: bytes, record: RequestRecord) -> bytes:
         holder = data.get("response") or data.get("message")
         record.take_usage(holder.get("usage") if isinstance(holder, dict) else data.get("usage"))
     return events
-
-
-def _data(event: bytes) -> bytes:
-    lines = [line for line in event.splitlines() if line.startswith(b"data:")]
-    return b"\n".join(line[6:] if line.startswith(b"data: ") else line[5:] for line in lines)
 
 
 def take_usage(events: bytes, record: RequestRecord, keep: bool) -> bytes:
@@ -69,7 +65,7 @@ def take_usage(events: bytes, record: RequestRecord, keep: bool) -> bytes:
     end = events.find(b"\n\n", at)
     end = len(events) if end < 0 else end + 2
     try:
-        chunk = orjson.loads(_data(events[start:end]))
+        chunk = orjson.loads(event_data(events[start:end]) or b"")
     except orjson.JSONDecodeError:
         return events
     if not isinstance(chunk, dict):

@@ -49,7 +49,8 @@ def _batches(request: Request) -> Batches:
 async def create_batch(request: Request) -> Response:
     batches = _batches(request)
     identity = await authenticate(request)
-    body = await read_json(request, batches.config.server.max_body_bytes)
+    server = batches.config.server
+    body = await read_json(request, server.max_body_bytes, server.max_json_depth)
     params = request.path_params
     job = await batches.submit(identity, body, params.get("cluster"), params.get("framework"))
     return json_response(job.view())
@@ -160,7 +161,9 @@ async def upload_file(request: Request) -> Response:
         size = upload.size or 0
         if size > batches.settings.max_upload_bytes:
             raise PayloadTooLarge(f"The upload is larger than the limit of {batches.settings.max_upload_bytes} bytes.")
-        stored = await batches.upload(identity, upload.filename or "input.jsonl", upload.file, size)
+        # The name is only shown back; one PostgreSQL could not store (a NUL byte) is dropped rather than refused.
+        filename = (upload.filename or "").replace("\0", "") or "input.jsonl"
+        stored = await batches.upload(identity, filename, upload.file, size)
     finally:
         await form.close()
     return json_response(stored.view())

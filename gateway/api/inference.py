@@ -154,10 +154,10 @@ async def _whole(
             break
         finally:
             endpoint.in_flight -= 1
-        endpoint.record_success(perf_counter() - began)
         if "model" in answer and endpoint.backend_model(model) != model:
             answer["model"] = model
         record.take_usage(answer.get("usage"))
+        endpoint.record_success(perf_counter() - began, record.completion_tokens)
         return json_response(answer)
     assert failure is not None
     raise client_error(failure, model, op)
@@ -181,7 +181,7 @@ async def _relay(
             if event:
                 yield event
         finished = True
-        endpoint.record_success(perf_counter() - record.started)
+        endpoint.record_success(perf_counter() - record.started, record.completion_tokens)
     except BackendFailure as exc:
         # The 200 and some events are already with the client: say what happened in-band, then end the stream.
         finished = True
@@ -237,7 +237,8 @@ async def _infer(request: Request, op: str) -> Response:
     record = record_of(request)
     identity = await authenticate(request)
     record.user = identity.username
-    body = await read_json(request, runtime.config.server.max_body_bytes)
+    server = runtime.config.server
+    body = await read_json(request, server.max_body_bytes, server.max_json_depth)
     record.request_id, record.op = request_id(request), op
     named = body.get("model") if isinstance(body, dict) else None
     if isinstance(named, str):
@@ -245,7 +246,7 @@ async def _infer(request: Request, op: str) -> Response:
         # has its row in the usage log and counts among the user's errors. Names no endpoint serves share one
         # label: any string a caller sends must not become a metric series of its own.
         record.model = named if runtime.registry.serves(named) else UNKNOWN_MODEL
-    model = validate(op, body)
+    model = validate(op, body, runtime.config.request_bounds)
     record.stream = bool(body.get("stream"))
     params = request.path_params
     cluster = params.get("cluster")

@@ -11,14 +11,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway.accounting.record import SCOPE_KEY, RequestRecord
 from gateway.auth.base import Identity
 from gateway.auth.bearer import bearer_token
-from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, error_response
+from gateway.errors import ClientClosedRequest, GatewayError, InvalidRequest, PayloadTooLarge, error_response
 
 log = logging.getLogger("gateway.api")
 
@@ -49,10 +49,15 @@ def api_handler(handler: Handler) -> Handler:
     async def wrapped(request: Request) -> Response:
         rid = request_id(request)
         code: str | None = None
+        error: GatewayError
         try:
             response = await handler(request)
         except GatewayError as exc:
             response, code = error_response(exc, rid), exc.code
+        except ClientDisconnect:
+            log.info("client left before sending all of %s %s (request %s)", request.method, request.url.path, rid)
+            error = ClientClosedRequest("The client closed the connection before the request body had arrived.")
+            response, code = error_response(error, rid), error.code
         except Exception:
             log.exception("unexpected error in %s %s (request %s)", request.method, request.url.path, rid)
             error = GatewayError(f"Internal error; quote request id {rid} when reporting it.")
@@ -126,8 +131,35 @@ async def authenticate(request: Request) -> Identity:
     return identity
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body parsed as JSON; 413 past ``limit`` bytes, 400 when it is not JSON."""
+_CONTAINERS = (dict, list)
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value``'s arrays and objects nest (a scalar is 0), without recursion: one level at a time,
+    keeping only the containers (a batch of token ids is a million integers looked at once each)."""
+    deepest = 0
+    level: list[Any] = [value] if value.__class__ in _CONTAINERS else []
+    while level:
+        deepest += 1
+        level = [
+            child
+            for item in level
+            for child in (item.values() if item.__class__ is dict else item)
+            if child.__class__ in _CONTAINERS
+        ]
+    return deepest
+
+
+def _too_deep(body: bytes, parsed: Any, max_depth: int) -> bool:
+    # A body with fewer brackets than the limit cannot nest deeper; counting bytes in C spares the walk.
+    if body.count(b"[") + body.count(b"{") <= max_depth:
+        return False
+    return _depth(parsed) > max_depth
+
+
+async def read_json(request: Request, limit: int, max_depth: int) -> Any:
+    """The request body parsed as JSON; 413 past ``limit`` bytes, 400 when it is not JSON or nests deeper than
+    ``max_depth``."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -147,8 +179,19 @@ async def read_json(request: Request, limit: int) -> Any:
     if not body:
         raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
     try:
-        return orjson.loads(body)
+        parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if exc.msg == "depth limit exceeded":
+            raise _nested_too_deep(max_depth) from None
         raise InvalidRequest(
             f"The request body is not valid JSON: {exc.msg} at position {exc.pos}.", code="invalid_json"
         ) from None
+    if _too_deep(body, parsed, max_depth):
+        raise _nested_too_deep(max_depth)
+    return parsed
+
+
+def _nested_too_deep(max_depth: int) -> InvalidRequest:
+    return InvalidRequest(
+        f"The request body nests arrays and objects more than {max_depth} levels deep.", code="json_too_deep"
+    )

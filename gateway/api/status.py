@@ -104,7 +104,7 @@ async def sign_in(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     if runtime.authenticator.browser_login() is None:
         raise NotFound("This gateway has no browser login: sign in with a token.", code="route_not_found")
-    body = await read_json(request, 16 * 1024)
+    body = await read_json(request, 16 * 1024, runtime.config.server.max_json_depth)
     fields = {}
     for name in ("code", "code_verifier", "redirect_uri"):
         value = body.get(name) if isinstance(body, dict) else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.api import passthrough
+from gateway.config import RequestBounds
 from gateway.errors import InvalidRequest
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -18,12 +19,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_string_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 def _is_token_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(item, int) and not isinstance(item, bool) for item in value)
+    return isinstance(value, list) and all(_is_int(item) for item in value)
 
 
 def _check_messages(messages: Any) -> None:
@@ -73,13 +78,37 @@ def _check_input(value: Any) -> None:
         raise _fail("input", "'input' must be a non-empty string, a list of strings or a list of token ids.")
 
 
+def _check_count(body: dict[str, Any], name: str, low: int, high: int) -> None:
+    """``body[name]``, when given, is an integer from ``low`` to ``high``: a backend asked for 2**62 choices or
+    tokens would spend its memory on one request and stall everyone else's."""
+    value = body.get(name)
+    if value is not None and (not _is_int(value) or not low <= value <= high):
+        raise _fail(name, f"'{name}' must be an integer from {low} to {high}.")
+
+
+def _check_bounds(op: str, body: dict[str, Any], bounds: RequestBounds) -> None:
+    if op == "embeddings":
+        _check_count(body, "dimensions", 1, bounds.dimensions)
+        return
+    for name in ("max_tokens", "max_completion_tokens"):
+        _check_count(body, name, 1, bounds.max_tokens)
+    _check_count(body, "n", 1, bounds.n)
+    if op == "completions":
+        _check_count(body, "best_of", 1, bounds.best_of)
+        best_of, n = body.get("best_of"), body.get("n")
+        if best_of is not None and n is not None and best_of < n:
+            raise _fail("best_of", "'best_of' must be at least 'n'.")
+        _check_count(body, "logprobs", 0, bounds.logprobs)
+        return
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise _fail("logprobs", "'logprobs' must be true or false.", "invalid_type")
+    _check_count(body, "top_logprobs", 0, bounds.top_logprobs)
+
+
 def _check_sampling(body: dict[str, Any]) -> None:
     if "stream" in body and body["stream"] is not None and not isinstance(body["stream"], bool):
         raise _fail("stream", "'stream' must be true or false.", "invalid_type")
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = body.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise _fail(name, f"'{name}' must be an integer of at least 1.")
     temperature = body.get("temperature")
     if temperature is not None and (not _is_number(temperature) or not 0 <= temperature <= 2):
         raise _fail("temperature", "'temperature' must be a number from 0 to 2.")
@@ -94,7 +123,7 @@ def _check_sampling(body: dict[str, Any]) -> None:
         raise _fail("stream_options", "'stream_options' must be an object.", "invalid_type")
 
 
-def validate(op: str, body: Any) -> str:
+def validate(op: str, body: Any, bounds: RequestBounds) -> str:
     """Check ``body`` for operation ``op`` and return its model name; raise ``InvalidRequest`` otherwise."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
@@ -105,6 +134,9 @@ def validate(op: str, body: Any) -> str:
         raise _fail("model", "'model' must be a non-empty string.", "invalid_type")
     if op in passthrough.APIS:
         passthrough.check(op, body)
+        # Their own token limits are bounded like chat's: an absurd one would hold a sequence slot for hours.
+        for name in ("max_tokens", "max_output_tokens"):
+            _check_count(body, name, 1, bounds.for_model(model).max_tokens)
         return model
     if op == "chat/completions":
         _check_messages(body.get("messages"))
@@ -115,4 +147,5 @@ def validate(op: str, body: Any) -> str:
         if body.get("stream"):
             raise _fail("stream", "Embeddings cannot be streamed.")
     _check_sampling(body)
+    _check_bounds(op, body, bounds.for_model(model))
     return model

@@ -36,6 +36,9 @@ def _text(body: dict[str, Any], name: str) -> str | None:
     value = body.get(name)
     if value is not None and (not isinstance(value, str) or not value):
         raise InvalidRequest(f"'{name}' must be a non-empty string.", param=name, code="invalid_type")
+    if value is not None and "\0" in value:
+        # No path may hold one, and PostgreSQL keeps no text that does.
+        raise InvalidRequest(f"'{name}' contains a NUL byte.", param=name)
     return value
 
 
@@ -46,6 +49,8 @@ def _metadata(value: Any) -> dict[str, str] | None:
         raise InvalidRequest(f"'metadata' must be an object of at most {_MAX_METADATA} keys.", param="metadata")
     if not all(isinstance(key, str) and isinstance(item, str) for key, item in value.items()):
         raise InvalidRequest("'metadata' keys and values must be strings.", param="metadata")
+    if any("\0" in key or "\0" in item for key, item in value.items()):
+        raise InvalidRequest("'metadata' keys and values cannot contain a NUL byte.", param="metadata")
     return value
 
 
@@ -289,7 +294,8 @@ class Batches:
 
     async def get(self, identity: Identity, batch_id: str) -> BatchJob:
         """The caller's batch ``batch_id`` with its latest counts; 404 for a batch of anyone else."""
-        job = await self.store.get(batch_id)
+        # An id with a NUL byte names nothing, and PostgreSQL would refuse the query.
+        job = None if "\0" in batch_id else await self.store.get(batch_id)
         if job is None or job.username != identity.username:
             raise NotFound(f"No batch '{batch_id}'.", code="batch_not_found", param="batch_id")
         return self.runner.progress(job)
@@ -344,7 +350,7 @@ class Batches:
         return stored
 
     async def file(self, identity: Identity, file_id: str) -> StoredFile:
-        stored = await self.store.file(file_id)
+        stored = None if "\0" in file_id else await self.store.file(file_id)
         if stored is None or stored.username != identity.username:
             raise NotFound(f"No file '{file_id}'.", code="file_not_found", param="file_id")
         return stored

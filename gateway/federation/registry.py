@@ -16,8 +16,12 @@ from gateway.federation.availability import Availability, State
 # unless the availability tracker sees the endpoint serving again first.
 BREAKER_FAILURES = 3
 BREAKER_SECONDS = 30.0
-# Weight of the newest request in the moving average of request time.
+# Weight of the newest request in the moving average of time per token.
 LATENCY_WEIGHT = 0.2
+# How fast that average fades while an endpoint gets no request: an endpoint passed over because it looked slow
+# looks as fast as any other after a few half-lives, gets a request, and is measured anew. Without it, one slow
+# answer would keep an endpoint out for good, since only a request it serves can change the figure.
+LATENCY_HALF_LIFE = 2.0
 # An observation older than this no longer says anything: the endpoint's state becomes ``unknown``.
 STALE_SECONDS = 60.0
 
@@ -51,7 +55,10 @@ class Endpoint:
     maintenance: str | None = None
     in_flight: int = 0
     others_load: int = 0
+    # Seconds per token (each generated token, plus one for the prompt) of recent answers, and when last measured:
+    # per token, so that a request that asked for 2,000 tokens does not make its endpoint look slow.
     latency: float = 0.0
+    latency_at: float = 0.0
     failures: int = 0
     down_until: float = 0.0
     stale_after: float = STALE_SECONDS
@@ -123,11 +130,19 @@ class Endpoint:
         if unreachable or self.failures >= self.breaker_failures:
             self.down_until = time.monotonic() + self.breaker_seconds
 
-    def record_success(self, seconds: float | None = None) -> None:
-        """A request succeeded here, taking ``seconds`` when known (kept as a moving average)."""
+    def record_success(self, seconds: float | None = None, tokens: int | None = None) -> None:
+        """A request succeeded here, taking ``seconds`` for ``tokens`` generated tokens when known (kept as a moving
+        average of time per token)."""
         self.failures = 0
         if seconds is not None:
-            self.latency = seconds if not self.latency else self.latency + LATENCY_WEIGHT * (seconds - self.latency)
+            per_token = seconds / (1 + (tokens or 0))
+            self.latency = per_token if not self.latency else self.latency + LATENCY_WEIGHT * (per_token - self.latency)
+            self.latency_at = time.monotonic()
+
+    def recent_latency(self, now: float) -> float:
+        """``latency``, faded by the time since it was last measured (``now`` is ``time.monotonic()``)."""
+        fade: float = 0.5 ** ((now - self.latency_at) / LATENCY_HALF_LIFE)
+        return self.latency * fade
 
     @classmethod
     def from_settings(

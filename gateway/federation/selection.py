@@ -26,16 +26,20 @@ class Plan:
     skipped: list[Endpoint]
 
 
+# How much cheaper (as a factor) the second of two drawn endpoints must be to be chosen over the first.
+CLEARLY_CHEAPER = 1.25
+
+
 def load(endpoint: Endpoint) -> int:
     """Requests the endpoint is busy with: the gateway's own in flight (exact, live) plus what others had
     running and waiting there when the backend last reported."""
     return endpoint.in_flight + endpoint.others_load
 
 
-def cost(endpoint: Endpoint) -> float:
-    """The expected wait for one more request: the requests ahead of it times the endpoint's recent request
-    time. An endpoint with no request time yet costs nothing, so that it gets tried."""
-    return (endpoint.in_flight + endpoint.others_load + 1) * endpoint.latency
+def cost(endpoint: Endpoint, now: float) -> float:
+    """The expected wait for one more request: the requests ahead of it times the endpoint's recent time per
+    token, faded since it was measured. An endpoint with no time yet costs nothing, so that it gets tried."""
+    return (endpoint.in_flight + endpoint.others_load + 1) * endpoint.recent_latency(now)
 
 
 def plan(
@@ -79,11 +83,13 @@ def plan(
         # (requests ahead times recent request time) goes first. Always taking the cheapest of all would
         # send a burst of simultaneous requests to one endpoint before its count moves.
         first, second = (rng or _rng).sample(hot, 2)
-        pick = first if cost(first) <= cost(second) else second
+        # The figures are estimates: only a clearly cheaper second endpoint displaces the first drawn, so that
+        # equal endpoints share the traffic whatever noise their timings carry.
+        pick = second if cost(second, now) * CLEARLY_CHEAPER < cost(first, now) else first
         ordered.append(pick)
         if limit > 1:
             rest = [endpoint for endpoint in hot if endpoint is not pick]
-            ordered += heapq.nsmallest(limit - 1, rest, key=cost)
+            ordered += heapq.nsmallest(limit - 1, rest, key=lambda endpoint: cost(endpoint, now))
     else:
         ordered += hot
     if len(ordered) < limit and later:

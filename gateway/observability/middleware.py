@@ -67,6 +67,6 @@ class ObservingMiddleware:
                     route = scope.get("route")
                     record.route = route.path if route is not None else "unmatched"
                     record.request_id = scope.get("request_id") or request_id(Request(scope))
-                    self.ledger.finished.append(row_of(record))
+                    self.ledger.add(row_of(record))
             except Exception:
                 log.exception("could not account for %s %s", record.method, record.path)

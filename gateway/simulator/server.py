@@ -28,6 +28,9 @@ Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 _YIELD_EVERY_TOKENS = 16
 # Choice j of n starts this far along the word sequence from choice 0, so the choices differ.
 _CHOICE_STRIDE = 1009
+# vLLM's defaults: VLLM_MAX_N_SEQUENCES and --max-logprobs.
+_MAX_N = 16384
+_MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,8 +222,13 @@ class SimulatorApp:
         dimensions = request.get("dimensions")
         if dimensions is None:
             dimensions = self.settings.embedding_dim
-        elif not _is_int(dimensions) or dimensions < 1:
-            raise RequestRejected(400, "dimensions must be a positive integer", param="dimensions")
+        elif not _is_int(dimensions) or not 1 <= dimensions <= self.settings.embedding_dim:
+            raise RequestRejected(
+                400,
+                f"Model {engine.model!r} only supports dimensions in range [1, {self.settings.embedding_dim}], "
+                f"got {dimensions}.",
+                param="dimensions",
+            )
         encoding = request.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
             raise RequestRejected(400, "encoding_format must be 'float' or 'base64'", param="encoding_format")
@@ -279,6 +287,14 @@ class SimulatorApp:
             n = 1
         elif not _is_int(n) or n < 1:
             raise RequestRejected(400, "n must be at least 1", param="n")
+        elif n > _MAX_N:
+            raise RequestRejected(
+                400,
+                f"n must be at most {_MAX_N}, got {n}. To increase this limit, set the VLLM_MAX_N_SEQUENCES "
+                "environment variable.",
+                param="n",
+            )
+        _check_logprobs(request, "top_logprobs" if protocol is _CHAT else "logprobs")
         stop = _stop_strings(request.get("stop"))
         stream = request.get("stream") is True
         options = request.get("stream_options")
@@ -562,6 +578,20 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 # Parsing ------------------------------------------------------------------------------------------------------
+
+
+def _check_logprobs(request: dict[str, Any], name: str) -> None:
+    """vLLM's checks on the number of log-probabilities asked for (-1 means the whole vocabulary)."""
+    value = request.get(name)
+    if value is None:
+        return
+    if not _is_int(value) or (value < 0 and value != -1):
+        raise RequestRejected(400, f"{name} must be non-negative or -1, got {value}.", param=name)
+    if value == -1 or value > _MAX_LOGPROBS:
+        shown = "the whole vocabulary" if value == -1 else value
+        raise RequestRejected(
+            400, f"Requested sample logprobs of {shown}, which is greater than max allowed: {_MAX_LOGPROBS}", param=name
+        )
 
 
 def _is_int(value: Any) -> bool:

@@ -108,8 +108,12 @@ class Database:
     async def _bounded(self, work: Any) -> Any:
         try:
             return await asyncio.wait_for(work, self.timeout)
-        except (OSError, TimeoutError, sa.exc.SQLAlchemyError, sqlite3.Error) as exc:
-            raise DatabaseUnavailable(f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}") from exc
+        except TimeoutError as exc:
+            # A database that accepts connections and never answers: a TimeoutError has no message of its own.
+            raise DatabaseUnavailable(f"no answer in {self.timeout:g} s") from exc
+        except (OSError, sa.exc.SQLAlchemyError, sqlite3.Error) as exc:
+            first_line = next(iter(str(exc).splitlines()), "")[:300]
+            raise DatabaseUnavailable(f"{exc.__class__.__name__}: {first_line or 'no detail'}") from exc
 
     async def migrate(self) -> None:
         """Bring the schema to the newest revision; safe to run from several replicas at once."""

@@ -27,7 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from compute_functions.model_server import ModelServer, free_port
-from tests.databases import asyncpg_url, private_postgres, scratch_database
+from tests.databases import SHARED_POSTGRES, StuckDatabase, asyncpg_url, private_postgres, scratch_database
 from tests.support import REPO, TOKEN, api_url, direct_config, endpoint, gateway, simulator
 
 MODEL = "facebook/opt-125m"
@@ -466,3 +466,132 @@ def test_postgresql_stopped_during_a_load_run_loses_no_request_and_no_row(backen
         assert len(statuses) > 100 and set(statuses.values()) == {200}
         wait_for_rows(postgres_rows(postgres.url), set(statuses))
         assert httpx.get(f"http://127.0.0.1:{server.port}/resource_server/ready").status_code == 200
+
+
+# --- a database that accepts connections and never answers -----------------------------------------------------
+
+
+def usage_counters(server: ModelServer) -> dict[str, float]:
+    """The usage writer's counters from /metrics (a scrape waits for the writer's report)."""
+    text = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=30).text
+    wanted = ("written", "spooled", "dropped")
+    counters = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for name in wanted:
+                if sample.name == f"gateway_usage_rows_{name}_total":
+                    counters[name] = sample.value
+            if sample.name == "gateway_usage_database_up":
+                counters["database_up"] = sample.value
+    return counters
+
+
+def wait_for_counters(server: ModelServer, done: Callable[[dict[str, float]], bool]) -> dict[str, float]:
+    deadline = time.monotonic() + 30
+    while not done(counters := usage_counters(server)):
+        assert time.monotonic() < deadline, counters
+        time.sleep(0.2)
+    return counters
+
+
+def test_a_hanging_database_spools_every_row_and_replays_them_when_it_answers(
+    backend: ModelServer, tmp_path: Path
+) -> None:
+    with scratch_database() as url:
+        stuck = StuckDatabase(5432)
+        try:
+            # The gateway starts while the database hangs: it waits out the timeout, then serves with the spool.
+            config = accounting_config(backend, url=asyncpg_url(stuck.url(url)), timeout=1)
+            with gateway(config, tmp_path) as server:
+                assert httpx.get(f"http://127.0.0.1:{server.port}/resource_server/ready").status_code == 503
+                first = {rid("hung") for _ in range(40)}
+                assert {chat(server, request_id).status_code for request_id in first} == {200}
+                counters = wait_for_counters(server, lambda seen: seen["spooled"] >= 40)
+                assert counters == {"written": 0, "spooled": 40, "dropped": 0, "database_up": 0}
+
+                stuck.flow()
+                wait_for_rows(postgres_rows(url), first)
+                counters = wait_for_counters(server, lambda seen: seen["written"] >= 40)
+                assert counters == {"written": 40, "spooled": 40, "dropped": 0, "database_up": 1}
+
+                # It hangs again with connections open: their rows go to the spool as well, and come back.
+                stuck.hang()
+                second = {rid("hung-again") for _ in range(40)}
+                assert {chat(server, request_id).status_code for request_id in second} == {200}
+                counters = wait_for_counters(server, lambda seen: seen["spooled"] >= 80)
+                assert counters["database_up"] == 0 and counters["dropped"] == 0
+                stuck.flow()
+                wait_for_rows(postgres_rows(url), first | second)
+                counters = wait_for_counters(server, lambda seen: seen["written"] >= 80)
+                assert counters == {"written": 80, "spooled": 80, "dropped": 0, "database_up": 1}
+                assert not (tmp_path / "state" / "usage-spool.jsonl").exists()
+        finally:
+            stuck.close()
+
+
+def test_a_read_only_database_spools_every_row_and_replays_them_when_writable(
+    backend: ModelServer, tmp_path: Path
+) -> None:
+    with scratch_database() as url:
+        name = url.rsplit("/", 1)[1]
+
+        async def admin(statement: str) -> None:
+            connection = await asyncpg.connect(SHARED_POSTGRES)
+            try:
+                await connection.execute(statement)
+            finally:
+                await connection.close()
+
+        with gateway(accounting_config(backend, url=asyncpg_url(url), timeout=2), tmp_path) as server:
+            warm = rid("warm")
+            assert chat(server, warm).status_code == 200
+            wait_for_rows(postgres_rows(url), {warm})
+            # Read-only from now on, for the gateway's open connections too: they are ended and made anew.
+            asyncio.run(admin(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'))
+            asyncio.run(admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+            refused = {rid("read-only") for _ in range(30)}
+            assert {chat(server, request_id).status_code for request_id in refused} == {200}
+            counters = wait_for_counters(server, lambda seen: seen["spooled"] >= 30)
+            assert counters == {"written": 1, "spooled": 30, "dropped": 0, "database_up": 0}
+            asyncio.run(admin(f'ALTER DATABASE "{name}" SET default_transaction_read_only = off'))
+            asyncio.run(admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+            wait_for_rows(postgres_rows(url), refused | {warm})
+            counters = wait_for_counters(server, lambda seen: seen["written"] >= 31)
+            assert counters == {"written": 31, "spooled": 30, "dropped": 0, "database_up": 1}
+
+
+def test_kill_9_of_the_gateway_keeps_every_row_the_writer_was_handed(backend: ModelServer, tmp_path: Path) -> None:
+    with gateway(accounting_config(backend), tmp_path) as server:
+        assert server.process is not None
+        ids = [rid("before-kill") for _ in range(800)]
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(lambda request_id: chat(server, request_id).status_code, ids)) == {200}
+        writer = writer_pid(server)
+        # Rows go to the writer within 10 ms of their answer: a kill 200 ms after the last answer loses none.
+        time.sleep(0.2)
+        os.kill(server.process.pid, 9)
+        server.process.wait()
+        # The writer sees the pipe close, stores what it holds and exits.
+        deadline = time.monotonic() + 30
+        while subprocess.run(["kill", "-0", str(writer)], capture_output=True).returncode == 0:
+            assert time.monotonic() < deadline, "the usage writer did not exit after the gateway died"
+            time.sleep(0.1)
+        wait_for_rows(sqlite_rows(tmp_path / "state" / "gateway.db"), set(ids), seconds=1)
+
+
+def test_a_slow_database_gets_every_row_once(backend: ModelServer, tmp_path: Path) -> None:
+    with scratch_database() as url:
+        slow = StuckDatabase(5432)
+        slow.flow()
+        slow.delay = 0.05  # each piece to or from PostgreSQL 50 ms late, every call well inside the 3 s timeout
+        try:
+            with gateway(accounting_config(backend, url=asyncpg_url(slow.url(url))), tmp_path) as server:
+                ids = {rid("slow") for _ in range(30)}
+                assert {chat(server, request_id).status_code for request_id in ids} == {200}
+                wait_for_rows(postgres_rows(url), ids, seconds=60)
+                counters = wait_for_counters(server, lambda seen: seen["written"] >= 30)
+                # On a busy machine a call may still pass the timeout: its rows are spooled, then written once.
+                assert counters["written"] == 30 and counters["dropped"] == 0 and counters["database_up"] == 1
+                assert not (tmp_path / "state" / "usage-spool.jsonl").exists()
+        finally:
+            slow.close()

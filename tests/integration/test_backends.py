@@ -23,6 +23,8 @@ SCRIPTED = [
     "status-503",
     "not-json",
     "plain-stream",
+    "crlf-stream",
+    "cr-stream",
     "fine",
 ]
 
@@ -136,3 +138,17 @@ def test_unexpected_failure_is_500_with_request_id_and_no_traceback(tmp_path: Pa
     error = response.json()["error"]
     assert "req-42" in error["message"] and "secret internal detail" not in response.text
     assert error["type"] == "server_error"
+
+
+@pytest.mark.parametrize("model", ["crlf-stream", "cr-stream"])
+def test_a_stream_with_crlf_or_cr_line_endings_reaches_the_client(front: ModelServer, model: str) -> None:
+    client = openai.OpenAI(base_url=api_url(front), api_key=TOKEN, max_retries=0)
+    chunks = list(client.chat.completions.create(model=model, messages=MESSAGES, stream=True))  # type: ignore[arg-type]
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == "Hello world"
+    # The client did not ask for usage: the backend's usage-only chunk was counted and taken out.
+    assert all(chunk.choices for chunk in chunks)
+    with_usage = client.chat.completions.create(
+        model=model, messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )  # type: ignore[arg-type]
+    usage = [chunk.usage for chunk in with_usage if chunk.usage]
+    assert usage and usage[-1].completion_tokens == 2

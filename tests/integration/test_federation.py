@@ -195,3 +195,20 @@ def _kill_and_bring_back(doomed: ModelServer, config: dict[str, Any], tmp_path: 
             worker.join()
         assert results and set(results) == {200}, {code: results.count(code) for code in set(results)}
         assert served(doomed) > before
+
+
+def test_one_long_request_does_not_starve_its_endpoint(tmp_path: Path) -> None:
+    # Two equal endpoints; one answers a request for 2,000 tokens, then 400 short requests come in sequence.
+    with simulator("--tpot", "0.001") as first, simulator("--tpot", "0.001") as second:
+        config = direct_config(
+            endpoint(first.base_url, [MODEL], cluster="first"), endpoint(second.base_url, [MODEL], cluster="second")
+        )
+        with gateway(config, tmp_path) as server:
+            front = Front(server, tmp_path)
+            long = front.chat("/resource_server/first/vllm/v1", max_tokens=2000)
+            assert long.status_code == 200 and long.json()["usage"]["completion_tokens"] == 2000
+            before = served(first)
+            for _ in range(400):
+                assert front.chat(max_tokens=16).status_code == 200
+            share = served(first) - before
+            assert 100 < share < 300, share

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
+import subprocess
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -177,3 +180,253 @@ async def test_connections_are_limited_and_given_back() -> None:
         http.close()
     assert all(answer.status == 200 for answer in answers)
     assert most <= 2 and len(connections) <= 2
+
+
+# --- strict where a lenient parser lets a broken or hostile answer through ---------------------------------------
+
+
+async def _answer_with(raw: bytes) -> tuple[int, bytes]:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(raw)
+        await writer.drain()
+        await reader.read()
+
+    server, url, _ = await _serve(handler)
+    async with server:
+        http = Http(url, {}, read_timeout=5.0)
+        reply = await http.request("POST", "completions", b"{}")
+        try:
+            return reply.status, await reply.read()
+        finally:
+            reply.close()
+            http.close()
+
+
+CHUNKED = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        CHUNKED + b"3\r\nabcXY0\r\n\r\n",  # a chunk not followed by CRLF
+        CHUNKED + b"0x3\r\nabc\r\n0\r\n\r\n",  # not a hexadecimal chunk size
+        CHUNKED + b"-3\r\nabc\r\n0\r\n\r\n",
+        CHUNKED + b"fffffffffffffffffffff\r\n",  # a chunk size past 64 bits
+        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 5\r\n\r\nabcde",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nbad header\r\ncontent-length: 3\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nx: a\rb\r\ncontent-length: 3\r\n\r\nabc",  # a bare CR inside a header
+        b"HTTP/1.1 200 OK\ncontent-length: 3\n\nabc",  # LF alone ends no line in an answer
+        b"HTTP/1.1 2000 OK\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"".join(b"x-%d: v\r\n" % n for n in range(101)) + b"content-length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx-long: " + b"a" * 70_000 + b"\r\ncontent-length: 0\r\n\r\n",
+    ],
+)
+async def test_a_malformed_answer_is_a_broken_connection(raw: bytes) -> None:
+    with pytest.raises(ConnectionBroken):
+        await _answer_with(raw)
+
+
+async def test_interim_answers_are_passed_over_for_the_final_one() -> None:
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n"
+    assert await _answer_with(interim + _json_answer(b"{}")) == (200, b"{}")
+
+
+async def test_chunk_extensions_and_trailers_are_read_past() -> None:
+    raw = CHUNKED + b"3;name=value\r\nabc\r\n2\r\nde\r\n0\r\nx-trailer: t\r\n\r\n"
+    assert await _answer_with(raw) == (200, b"abcde")
+
+
+async def test_an_http_1_0_answer_is_not_kept_alive() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await _read_request(reader)
+            writer.write(b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\n{}")
+
+    server, url, connections = await _serve(handler)
+    async with server:
+        http = Http(url, {}, 5.0)
+        for _ in range(3):
+            assert (await http.post("completions", b"{}")).body == b"{}"
+        http.close()
+    assert len(connections) == 3
+
+
+def test_a_line_break_in_a_header_or_path_is_refused_before_sending() -> None:
+    with pytest.raises(ValueError, match="line break"):
+        Http("http://127.0.0.1:1/v1", {"authorization": "Bearer key\r\nx-admin: yes"})
+    http = Http("http://127.0.0.1:1/v1", {})
+    with pytest.raises(ValueError):
+        asyncio.run(http.request("POST", "completions\r\nx: y", b"{}"))
+
+
+async def test_a_post_is_not_sent_twice_when_its_kept_alive_connection_closes() -> None:
+    seen = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal seen
+        while True:
+            await _read_request(reader)
+            seen += 1
+            if seen == 2:
+                # Took the second request, then went away without answering: it may have done the work.
+                writer.transport.abort()
+                return
+            writer.write(_json_answer(b"{}"))
+
+    server, url, connections = await _serve(handler)
+    async with server:
+        http = Http(url, {}, 5.0)
+        assert (await http.post("completions", b"{}")).status == 200
+        with pytest.raises(ConnectionBroken):
+            await http.post("completions", b"{}")
+        http.close()
+    assert seen == 2 and len(connections) == 1
+
+
+# --- through a site's proxy (HTTPS_PROXY, HTTP_PROXY, NO_PROXY) ------------------------------------------------
+
+
+async def _proxy() -> tuple[asyncio.Server, int, list[bytes]]:
+    """A forward proxy, as sites run them: CONNECT tunnels for HTTPS, absolute URLs for plain HTTP."""
+    seen: list[bytes] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        line = head.split(b"\r\n", 1)[0]
+        seen.append(line)
+        method, target, _ = line.split(b" ")
+        if method == b"CONNECT":
+            host, port = target.rsplit(b":", 1)
+            upstream_reader, upstream_writer = await asyncio.open_connection(host.decode(), int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            parts = target.split(b"/", 3)  # http:, '', host:port, path
+            host, port = parts[2].rsplit(b":", 1)
+            upstream_reader, upstream_writer = await asyncio.open_connection(host.decode(), int(port))
+            upstream_writer.write(head)
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], seen
+
+
+def _proxy_environment(monkeypatch: pytest.MonkeyPatch, port: int, no_proxy: str = "") -> None:
+    for name in ("http_proxy", "https_proxy", "no_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://user:secret@127.0.0.1:{port}")
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+
+
+async def _echo_server(context: ssl.SSLContext | None = None) -> tuple[asyncio.Server, int, list[bytes]]:
+    lines: list[bytes] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                request = await _read_request(reader)
+                lines.append(request.split(b"\r\n", 1)[0])
+                writer.write(_json_answer(b'{"ok": true}'))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0, ssl=context)
+    return server, server.sockets[0].getsockname()[1], lines
+
+
+async def test_plain_http_goes_through_the_proxy_and_no_proxy_bypasses_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy, proxy_port, seen = await _proxy()
+    server, port, lines = await _echo_server()
+    async with proxy, server:
+        _proxy_environment(monkeypatch, proxy_port)
+        http = Http(f"http://127.0.0.1:{port}/v1", {}, 5.0)
+        assert (await http.post("completions", b"{}")).body == b'{"ok": true}'
+        http.close()
+        assert seen == [f"POST http://127.0.0.1:{port}/v1/completions HTTP/1.1".encode()]
+        _proxy_environment(monkeypatch, proxy_port, no_proxy="127.0.0.1")
+        http = Http(f"http://127.0.0.1:{port}/v1", {}, 5.0)
+        assert (await http.post("completions", b"{}")).status == 200
+        http.close()
+    assert len(seen) == 1 and lines[-1] == b"POST /v1/completions HTTP/1.1"
+
+
+async def test_https_goes_through_a_connect_tunnel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    proxy, proxy_port, seen = await _proxy()
+    server, port, lines = await _echo_server(context)
+    async with proxy, server:
+        _proxy_environment(monkeypatch, proxy_port)
+        # The server's certificate is trusted as a site's own CA would be.
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        http = Http(f"https://localhost:{port}/v1", {}, 5.0)
+        answers = [await http.post("chat/completions", b"{}") for _ in range(3)]
+        http.close()
+    assert [answer.body for answer in answers] == [b'{"ok": true}'] * 3
+    # One tunnel, kept alive for the three requests; the proxy saw nothing but the CONNECT.
+    assert seen == [f"CONNECT localhost:{port} HTTP/1.1".encode()]
+    assert lines == [b"POST /v1/chat/completions HTTP/1.1"] * 3
+
+
+async def test_a_connection_is_kept_as_long_as_the_server_says_it_keeps_it() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await _read_request(reader)
+            writer.write(_json_answer(b"{}", b"keep-alive: timeout=60, max=100\r\n"))
+
+    server, url, connections = await _serve(handler)
+    async with server:
+        http = Http(url, {}, 5.0)
+        assert (await http.post("completions", b"{}")).status == 200
+        # Idle longer than the 2 s kept without the header: still used, since the server keeps it for 60 s.
+        http._idle[0].idle_since -= 10
+        assert (await http.post("completions", b"{}")).status == 200
+        http.close()
+    assert len(connections) == 1
+
+
+async def test_a_connection_idle_for_long_is_not_used_again() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await _read_request(reader)
+            writer.write(_json_answer(b"{}"))
+
+    server, url, connections = await _serve(handler)
+    async with server:
+        http = Http(url, {}, 5.0)
+        assert (await http.post("completions", b"{}")).status == 200
+        http._idle[0].idle_since -= 10
+        assert (await http.post("completions", b"{}")).status == 200
+        http.close()
+    assert len(connections) == 2
+
+
+async def test_a_body_with_a_transfer_coding_other_than_chunked_ends_with_the_connection() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: identity\r\n\r\n{}")
+
+    server, url, _ = await _serve(handler)
+    async with server:
+        http = Http(url, {}, 5.0)
+        assert (await http.post("embeddings", b"{}")).body == b"{}"
+        http.close()

@@ -59,7 +59,8 @@ def test_stale_observation_becomes_unknown() -> None:
 
 def test_power_of_two_choices_prefers_the_less_loaded() -> None:
     busy, idle = make("busy"), make("idle")
-    busy.latency = idle.latency = 0.1
+    busy.record_success(0.1)
+    idle.record_success(0.1)
     busy.in_flight = 10
     firsts = Counter(ids(plan([busy, idle], random.Random(seed)).endpoints)[0] for seed in range(200))
     assert firsts == {"idle": 200}
@@ -76,23 +77,67 @@ def test_a_slower_endpoint_costs_more_for_the_same_load() -> None:
     fast, slow = make("fast"), make("slow")
     fast.record_success(0.1)
     slow.record_success(0.2)
+    now = fast.latency_at = slow.latency_at
     fast.in_flight = slow.in_flight = 2
-    assert cost(slow) == 2 * cost(fast)
-    fast.in_flight = 6  # now seven requests at 0.1 s against three at 0.2 s
-    assert ids(plan([fast, slow], random.Random(0)).endpoints)[0] == "slow"
+    assert cost(slow, now) == 2 * cost(fast, now)
+    fast.in_flight = 8  # now nine requests at 0.1 s against three at 0.2 s
+    assert all(ids(plan([fast, slow], random.Random(seed)).endpoints)[0] == "slow" for seed in range(50))
+
+
+def test_endpoints_whose_costs_differ_by_noise_share_the_traffic() -> None:
+    a, b = make("a"), make("b")
+    a.record_success(0.100)
+    b.record_success(0.115)
+    rng = random.Random(5)
+    firsts = Counter(ids(plan([a, b], rng).endpoints)[0] for _ in range(2000))
+    assert 900 < firsts["a"] < 1100, firsts
 
 
 def test_untried_endpoint_is_tried_first() -> None:
     tried, new = make("tried"), make("new")
     tried.record_success(0.05)
-    assert cost(new) == 0 and ids(plan([tried, new], random.Random(0)).endpoints)[0] == "new"
+    assert cost(new, time.monotonic()) == 0 and ids(plan([tried, new], random.Random(0)).endpoints)[0] == "new"
 
 
-def test_request_time_is_a_moving_average() -> None:
+def test_request_time_is_a_moving_average_per_token() -> None:
     endpoint = make("a")
     endpoint.record_success(1.0)
     endpoint.record_success(2.0)
     assert endpoint.latency == pytest.approx(1.2)
+    endpoint.record_success(20.0, tokens=1999)
+    assert endpoint.latency == pytest.approx(1.2 + 0.2 * (0.01 - 1.2))
+
+
+def test_a_request_that_asked_for_many_tokens_does_not_make_its_endpoint_look_slow() -> None:
+    # Two equal endpoints at 10 ms a token: one answered 2,000 tokens in 20 s, the other 16 tokens in 0.17 s.
+    long_one, short_ones = make("long"), make("short")
+    long_one.record_success(20.0, tokens=1999)
+    for _ in range(50):
+        short_ones.record_success(0.17, tokens=16)
+    rng = random.Random(3)
+    firsts: Counter[str] = Counter()
+    for _ in range(260):
+        # Ten requests at once, all answered (16 tokens in 0.17 s wherever they went) before the next ten.
+        chosen = []
+        for _ in range(10):
+            endpoint = plan([long_one, short_ones], rng).endpoints[0]
+            endpoint.in_flight += 1
+            chosen.append(endpoint)
+        for endpoint in chosen:
+            endpoint.in_flight -= 1
+            endpoint.record_success(0.17, tokens=16)
+            firsts[endpoint.cluster] += 1
+    assert firsts["long"] > 1000 and firsts["short"] > 1000, firsts
+
+
+def test_an_endpoint_passed_over_as_slow_gets_a_request_again_after_a_while() -> None:
+    slow, fast = make("slow"), make("fast")
+    slow.record_success(1.0, tokens=9)  # ten times slower a token
+    fast.record_success(0.1, tokens=9)
+    assert all(ids(plan([slow, fast], random.Random(seed)).endpoints)[0] == "fast" for seed in range(100))
+    # Ten seconds (five half-lives) without a request: its figure has faded below the busy endpoint's.
+    slow.latency_at -= 10.0
+    assert ids(plan([slow, fast], random.Random(0)).endpoints)[0] == "slow"
 
 
 def test_load_counts_others_reported_by_the_backend_but_not_our_own_twice() -> None:

@@ -344,8 +344,9 @@ def test_embeddings_float_and_base64(simulator: RunningSimulator) -> None:
     packed = base64.b64decode(raw["data"][0]["embedding"])
     assert list(struct.unpack("<16f", packed)) == floats.data[1].embedding
 
-    wide = client.embeddings.create(model=MODEL, input=[[5, 6, 7]], dimensions=64, encoding_format="float")
-    assert len(wide.data[0].embedding) == 64 and wide.usage.prompt_tokens == 3
+    # As a Matryoshka model in vLLM: fewer dimensions than the model's own, never more.
+    narrow = client.embeddings.create(model=MODEL, input=[[5, 6, 7]], dimensions=8, encoding_format="float")
+    assert len(narrow.data[0].embedding) == 8 and narrow.usage.prompt_tokens == 3
 
 
 def test_models_list(simulator: RunningSimulator) -> None:
@@ -417,6 +418,32 @@ def test_bad_requests_are_400(simulator: RunningSimulator, path: str, body: byte
     assert answer.status_code == 400
     error = answer.json()["error"]
     assert error["type"] == "BadRequestError" and error["code"] == 400 and error["message"]
+
+
+@pytest.mark.parametrize(
+    ("call", "extra", "message"),
+    [
+        ("chat", {"n": 2**63 - 1}, f"n must be at most 16384, got {2**63 - 1}"),
+        ("chat", {"logprobs": True, "top_logprobs": 21}, "greater than max allowed: 20"),
+        ("chat", {"logprobs": True, "top_logprobs": -2}, "top_logprobs must be non-negative or -1"),
+        ("completions", {"n": 16385}, "n must be at most 16384"),
+        ("completions", {"logprobs": 2**40}, "greater than max allowed: 20"),
+        ("embeddings", {"dimensions": 2**62}, "only supports dimensions in range [1, 16]"),
+    ],
+)
+def test_absurd_numbers_are_refused_as_vllm_refuses_them(
+    simulator: RunningSimulator, call: str, extra: dict[str, Any], message: str
+) -> None:
+    client = simulator.client()
+    with pytest.raises(openai.BadRequestError) as refused:
+        if call == "chat":
+            client.chat.completions.create(model=MODEL, messages=QUESTION, **extra)
+        elif call == "completions":
+            client.completions.create(model=MODEL, prompt="hello", **extra)
+        else:
+            client.embeddings.create(model=MODEL, input="hello", **extra)
+    error = refused.value.response.json()["error"]
+    assert message in error["message"] and error["param"] == next(iter(extra.keys() - {"logprobs"}), "logprobs")
 
 
 def test_context_length_error_through_the_client(simulator: RunningSimulator) -> None:
