@@ -16,19 +16,31 @@ A whole answer comes back as ``{"ok": True, "response": {...}}``. A streamed one
 server writes it, in the body of one HTTP request to ``stream["url"]`` (the gateway's relay), and the result is
 ``{"ok": True, "streamed": n_events}``. A failure is ``{"ok": False, "error": {"kind", "status", "body", "message"}}``
 with ``kind`` one of ``model_start_failed``, ``upstream``, ``timeout``, ``relay`` or ``cancelled``.
+
+With ``"worker_requests": n`` (and ``stream`` set, whole answers too), the worker process serves the request in one
+of its ``n`` threads, and the task returns ``{"ok": True, "relayed": True}`` as soon as a thread has taken it: a
+worker waits on the model server, so one process holds many requests instead of one. The request's outcome (the
+result above) then comes through the relay, as the last event of the body: ``event: outcome``, its JSON as data.
+The relay request is open from the start, so a worker that dies breaks it at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 
 from compute_functions import node
 from compute_functions.model_server import ModelServerFailed
+
+log = logging.getLogger("compute_functions.inference")
 
 OPERATIONS = ("chat/completions", "completions", "embeddings")
 _MAX_ERROR_BODY = 64 * 1024
@@ -37,6 +49,10 @@ _CONNECT_TIMEOUT = 10.0
 _ATTEMPTS = 3
 
 _clients: dict[str, httpx.Client] = {}
+# The threads of a worker process that serve requests with ``worker_requests``, and the slots that bound them.
+_threads: ThreadPoolExecutor | None = None
+_slots: threading.BoundedSemaphore | None = None
+_threads_made = threading.Lock()
 
 
 def _client(kind: str) -> httpx.Client:
@@ -46,8 +62,11 @@ def _client(kind: str) -> httpx.Client:
         # The model server is on this node: never send its traffic through a site's HTTP proxy. The relay may
         # have to go through one to reach the gateway, so it honours the proxy settings of the environment.
         # Each request sets its own timeouts.
-        client = httpx.Client(trust_env=kind == "relay", timeout=_CONNECT_TIMEOUT)
-        _clients[kind] = client
+        # Threads share the client: no cap on connections beyond the requests a worker holds.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        client = httpx.Client(trust_env=kind == "relay", timeout=_CONNECT_TIMEOUT, limits=limits)
+        _clients.setdefault(kind, client)
+        client = _clients[kind]
     return client
 
 
@@ -65,20 +84,76 @@ def inference(request: dict[str, Any]) -> dict[str, Any]:
     op = request["op"]
     if op not in OPERATIONS:
         raise ValueError(f"unknown operation {op!r}")
+    held = request.get("worker_requests")
+    if held:
+        if not request.get("stream"):
+            raise ValueError("worker_requests needs stream: the outcome comes back through the relay")
+        threads, slots = _worker_threads(int(held))
+        # Blocks while the process holds its ``held`` requests: the worker stays busy and Parsl queues the rest.
+        slots.acquire()
+        try:
+            threads.submit(_serve_relayed, request, slots)
+        except BaseException:
+            slots.release()
+            raise
+        return {"ok": True, "relayed": True}
+    answer = _answer(request)
+    if not _streams(request):
+        return _finished(answer)
+    try:
+        first = next(answer)
+    except StopIteration as end:
+        # It failed before the model server streamed anything: the result says so, no relay request needed.
+        outcome: dict[str, Any] = end.value
+        return outcome
+    return _relay(first, answer, request, request["stream"])
+
+
+def _streams(request: dict[str, Any]) -> bool:
+    """Whether the model server's answer is an event stream; in a thread, ``stream`` carries whole answers too."""
+    if request.get("worker_requests"):
+        return bool(request["payload"].get("stream"))
+    return bool(request.get("stream"))
+
+
+def _worker_threads(held: int) -> tuple[ThreadPoolExecutor, threading.BoundedSemaphore]:
+    global _threads, _slots
+    with _threads_made:
+        if _threads is None or _slots is None:
+            _threads = ThreadPoolExecutor(max_workers=held, thread_name_prefix="inference")
+            _slots = threading.BoundedSemaphore(held)
+        return _threads, _slots
+
+
+def _finished(answer: Generator[bytes, None, dict[str, Any]]) -> dict[str, Any]:
+    """The outcome of a whole answer, which streams nothing."""
+    for _ in answer:
+        pass
+    try:
+        next(answer)
+    except StopIteration as end:
+        outcome: dict[str, Any] = end.value
+        return outcome
+    raise AssertionError("unreachable")
+
+
+def _answer(request: dict[str, Any]) -> Generator[bytes, None, dict[str, Any]]:
+    """The events of a streamed answer as the model server writes them (none for a whole one); returns the outcome."""
+    op = request["op"]
     payload: dict[str, Any] = request["payload"]
     spec = node.LaunchSpec.from_settings(request["model_server"], str(payload.get("model", "")))
     timeout = httpx.Timeout(float(request.get("timeout") or 600.0), connect=_CONNECT_TIMEOUT)
-    stream = request.get("stream")
     for attempt in range(_ATTEMPTS):
         try:
             base_url = node.ensure_server(spec)
         except ModelServerFailed as exc:
             return failure("model_start_failed", f"the model server did not start: {exc}", body=str(exc))
         try:
-            if stream:
-                return _streamed(f"{base_url}/{op}", payload, timeout, stream)
+            if _streams(request):
+                return (yield from _streamed(f"{base_url}/{op}", payload, timeout))
             return _whole(f"{base_url}/{op}", payload, timeout)
         except httpx.ConnectError:
+            # Only ever before the first event: nothing was sent on yet, so the request may go again.
             node.forget(spec)
             time.sleep(0.5 * attempt)
         finally:
@@ -106,18 +181,11 @@ def _whole(url: str, payload: dict[str, Any], timeout: httpx.Timeout) -> dict[st
     return {"ok": True, "response": answer}
 
 
-class _UpstreamBroke(Exception):
-    """Raised inside the relay's body when the model server's stream fails, to abort the relay request."""
-
-    def __init__(self, result: dict[str, Any]) -> None:
-        super().__init__(result["error"]["message"])
-        self.result = result
-
-
-def _streamed(url: str, payload: dict[str, Any], timeout: httpx.Timeout, stream: dict[str, Any]) -> dict[str, Any]:
+def _streamed(url: str, payload: dict[str, Any], timeout: httpx.Timeout) -> Generator[bytes, None, dict[str, Any]]:
     # Made before the model server starts generating: a worker's first client takes a while to set up (proxy
     # settings, TLS context), and meanwhile the first tokens would wait.
     _client("relay")
+    events = 0
     try:
         with _client("upstream").stream("POST", url, json=payload, timeout=timeout) as upstream:
             if upstream.status_code >= 400:
@@ -127,47 +195,97 @@ def _streamed(url: str, payload: dict[str, Any], timeout: httpx.Timeout, stream:
             if not content_type.startswith("text/event-stream"):
                 upstream.read()
                 return invalid_answer(f"the model server answered {content_type!r}, not an event stream")
-            return _relay(upstream, timeout, stream)
-    except httpx.TimeoutException:
-        return failure("timeout", "the model server did not answer in time")
-    except httpx.ConnectError:
-        raise
-    except httpx.TransportError as exc:
-        return failure("upstream", f"the model server broke off: {exc.__class__.__name__}")
-
-
-def _relay(upstream: httpx.Response, timeout: httpx.Timeout, stream: dict[str, Any]) -> dict[str, Any]:
-    """Copy the server's events to the gateway as they arrive: no batching, no delay."""
-    events = 0
-
-    def body() -> Iterator[bytes]:
-        nonlocal events
-        try:
+            # The server's events go on as they arrive: no batching, no delay.
             for data in upstream.iter_bytes():
                 events += data.count(b"\n\n")
                 yield data
-        except httpx.TimeoutException:
-            raise _UpstreamBroke(failure("timeout", "the model server stopped streaming")) from None
-        except httpx.TransportError as exc:
-            raise _UpstreamBroke(failure("upstream", f"the stream broke off: {exc.__class__.__name__}")) from None
-
-    headers = {"authorization": f"Bearer {stream['token']}", "content-type": "text/event-stream"}
-    try:
-        answer = _client("relay").post(
-            stream["url"], content=body(), headers=headers, timeout=httpx.Timeout(timeout.read, connect=10.0)
+    except httpx.TimeoutException:
+        return failure(
+            "timeout", "the model server stopped streaming" if events else "the model server did not answer in time"
         )
+    except httpx.ConnectError:
+        if events:
+            return failure("upstream", "the stream broke off: ConnectError")
+        raise
+    except httpx.TransportError as exc:
+        broke = "the stream broke off" if events else "the model server broke off"
+        return failure("upstream", f"{broke}: {exc.__class__.__name__}")
+    return {"ok": True, "streamed": events}
+
+
+class _UpstreamBroke(Exception):
+    """Raised inside the relay's body when the model server's stream fails, to abort the relay request."""
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        super().__init__(result["error"]["message"])
+        self.result = result
+
+
+def _relay(
+    first: bytes, answer: Generator[bytes, None, dict[str, Any]], request: dict[str, Any], stream: dict[str, Any]
+) -> dict[str, Any]:
+    """Copy the server's events to the gateway as they arrive; a stream that fails midway aborts the relay request."""
+    outcome: dict[str, Any] = {}
+
+    def body() -> Iterator[bytes]:
+        nonlocal outcome
+        yield first
+        outcome = yield from answer
+        if not outcome["ok"]:
+            raise _UpstreamBroke(outcome)
+
+    try:
+        # Closed here, not whenever the collector gets to it: closing it closes the model server's request.
+        with contextlib.closing(body()) as events, contextlib.closing(answer):
+            answered = _post_relay(stream, events, float(request.get("timeout") or 600.0))
     except _UpstreamBroke as exc:
         return exc.result
-    except httpx.ConnectError as exc:
-        return failure("relay", f"cannot reach the gateway's relay at {stream['url']}: {exc}")
     except httpx.TransportError as exc:
         # Upstream failures surface here too when the transport wraps the body's exception.
         if isinstance(exc.__context__, _UpstreamBroke):
             return exc.__context__.result
+        raise
+    return answered or outcome
+
+
+def _serve_relayed(request: dict[str, Any], slots: threading.BoundedSemaphore) -> None:
+    """In a worker's thread: the answer's events, then its outcome, in one relay request opened before either."""
+
+    def body() -> Iterator[bytes]:
+        outcome = yield from _answer(request)
+        yield b"event: outcome\ndata: " + json.dumps(outcome).encode() + b"\n\n"
+
+    try:
+        # Nobody waits for what the relay answers: a gateway that gave up has its own error already. The body is
+        # closed here, not whenever the collector gets to it: closing it closes the model server's request.
+        with contextlib.closing(body()) as events:
+            _post_relay(request["stream"], events, float(request.get("timeout") or 600.0))
+    except Exception:
+        # A fault here, not in the request: the gateway sees the relay request break, the worker's log says why.
+        log.exception("a relayed request failed")
+    finally:
+        slots.release()
+
+
+def _post_relay(stream: dict[str, Any], body: Iterator[bytes], read_timeout: float) -> dict[str, Any] | None:
+    """POST ``body`` to the relay: None once it took all of it, or the failure that stopped it.
+
+    ``httpx.TransportError`` other than a failed connection propagates, with the body's own exception as context.
+    """
+    headers = {"authorization": f"Bearer {stream['token']}", "content-type": "text/event-stream"}
+    try:
+        answer = _client("relay").post(
+            stream["url"], content=body, headers=headers, timeout=httpx.Timeout(read_timeout, connect=10.0)
+        )
+    except httpx.ConnectError as exc:
+        return failure("relay", f"cannot reach the gateway's relay at {stream['url']}: {exc}")
+    except httpx.TransportError as exc:
+        if isinstance(exc.__context__, _UpstreamBroke):
+            raise
         # The gateway breaks the connection when nobody waits for the stream any more.
         return failure("cancelled", f"the gateway closed the stream: {exc.__class__.__name__}")
     if answer.status_code in (200, 204):
-        return {"ok": True, "streamed": events}
+        return None
     if answer.status_code in (410, 499):
         return failure("cancelled", "the client went away", answer.status_code, answer.text)
     return failure("relay", "the gateway's relay refused the stream", answer.status_code, answer.text)

@@ -16,7 +16,7 @@ import logging
 import shlex
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,9 +38,15 @@ from gateway.dispatch.base import (
     BackendUnavailable,
     Dispatcher,
 )
-from gateway.dispatch.compute import answer_of, compute_request, load_function, served_availability
+from gateway.dispatch.compute import (
+    answer_of,
+    compute_request,
+    load_function,
+    served_availability,
+    streamed_count,
+)
 from gateway.dispatch.futures import result_of
-from gateway.dispatch.relayed import relayed_events
+from gateway.dispatch.relayed import relayed_outcome
 from gateway.federation.availability import Availability
 from gateway.federation.registry import Endpoint
 from gateway.streaming.relay import Relay
@@ -93,7 +99,10 @@ def build_executor(label: str, settings: ParslSettings) -> HighThroughputExecuto
     return HighThroughputExecutor(
         label=label,
         provider=provider,
-        max_workers_per_node=settings.max_workers_per_node,
+        max_workers_per_node=settings.worker_processes,
+        # Parsl also caps the workers at cores / cores_per_worker (one per core by default). The workers wait on the
+        # model server, so this share makes the cap ``worker_processes`` on any node of one core or more.
+        cores_per_worker=1.0 / settings.worker_processes,
         heartbeat_period=settings.heartbeat_period,
         heartbeat_threshold=settings.heartbeat_threshold,
         **extra,
@@ -233,29 +242,52 @@ class ParslDispatcher(Dispatcher):
         return self._model_server[endpoint.id]
 
     async def call(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> dict[str, Any]:
-        request = compute_request(
-            op, payload, model_server=self._model_server[endpoint.id], timeout=self._request_timeout
-        )
-        result = await self._run(endpoint, self._inference, request, self._task_timeout[endpoint.id])
-        return answer_of(endpoint, _logged(endpoint, result))
+        if self._relay_url is None:
+            # Without the relay, the task carries the answer and holds its worker until then.
+            request = compute_request(
+                op, payload, model_server=self._model_server[endpoint.id], timeout=self._request_timeout
+            )
+            result = await self._run(endpoint, self._inference, request, self._task_timeout[endpoint.id])
+            return answer_of(endpoint, _logged(endpoint, result))
+        async for item in self._relayed(endpoint, op, payload, stream=False):
+            if isinstance(item, dict):
+                return answer_of(endpoint, _logged(endpoint, item))
+        raise BackendProtocolError(endpoint, "the worker's answer ended without its outcome")
 
     async def stream(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> AsyncIterator[bytes]:
         if self._relay_url is None:
             raise BackendUnavailable(endpoint, "relay.url is not set, so workers cannot stream answers back")
-        timeout = self._task_timeout[endpoint.id]
-
-        async def run(stream: dict[str, str]) -> Any:
-            request = compute_request(
-                op, payload, model_server=self._model_server[endpoint.id], timeout=self._request_timeout, stream=stream
-            )
-            return _logged(endpoint, await self._run(endpoint, self._inference, request, timeout))
-
-        events = relayed_events(endpoint, self._relay, self._relay_url, run, wait=timeout, idle=self._request_timeout)
+        items = self._relayed(endpoint, op, payload, stream=True)
         try:
-            async for event in events:
-                yield event
+            async for item in items:
+                if isinstance(item, bytes):
+                    yield item
+                else:
+                    streamed_count(endpoint, _logged(endpoint, item))
         finally:
-            await events.aclose()
+            await items.aclose()
+
+    def _relayed(
+        self, endpoint: Endpoint, op: str, payload: dict[str, Any], *, stream: bool
+    ) -> AsyncGenerator[bytes | dict[str, Any], None]:
+        """The events and outcome of a request that a worker serves in one of its threads (see ``relayed_outcome``)."""
+        assert self._relay_url is not None
+        timeout = self._task_timeout[endpoint.id]
+        threads = self._settings[endpoint.id].requests_per_worker
+
+        async def run(relay: dict[str, str]) -> Any:
+            request = compute_request(
+                op,
+                payload if bool(payload.get("stream")) == stream else {**payload, "stream": stream},
+                model_server=self._model_server[endpoint.id],
+                timeout=self._request_timeout,
+                stream=relay,
+                worker_requests=threads,
+            )
+            # The task ends once a thread has the request, so the task's limit is the wait for a free thread.
+            return await self._run(endpoint, self._inference, request, timeout)
+
+        return relayed_outcome(endpoint, self._relay, self._relay_url, run, wait=timeout, idle=self._request_timeout)
 
     async def status(self, endpoint: Endpoint) -> Availability:
         """From the executor's blocks and workers, the scheduler's jobs, and a worker's view of its model servers."""
