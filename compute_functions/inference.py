@@ -17,11 +17,11 @@ server writes it, in the body of one HTTP request to ``stream["url"]`` (the gate
 ``{"ok": True, "streamed": n_events}``. A failure is ``{"ok": False, "error": {"kind", "status", "body", "message"}}``
 with ``kind`` one of ``model_start_failed``, ``upstream``, ``timeout``, ``relay`` or ``cancelled``.
 
-With ``"worker_requests": n`` (and ``stream`` set, whole answers too), the worker process serves the request in one
-of its ``n`` threads, and the task returns ``{"ok": True, "relayed": True}`` as soon as a thread has taken it: a
-worker waits on the model server, so one process holds many requests instead of one. The request's outcome (the
-result above) then comes through the relay, as the last event of the body: ``event: outcome``, its JSON as data.
-The relay request is open from the start, so a worker that dies breaks it at once.
+With ``"node_requests": n`` (and ``stream`` set, whole answers too), the worker hands the request to the node's
+request server (``request_server``), which serves up to ``n`` at once in threads, and the task returns
+``{"ok": True, "relayed": True}`` as soon as a thread has taken it. The request's outcome (the result above) then
+comes through the relay, as the last event of the body: ``event: outcome``, its JSON as data. The relay request
+is open from the start, so a request server that dies breaks it at once.
 """
 
 from __future__ import annotations
@@ -29,15 +29,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Generator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from compute_functions import node
+from compute_functions import node, request_server
 from compute_functions.model_server import ModelServerFailed
 
 log = logging.getLogger("compute_functions.inference")
@@ -49,10 +48,11 @@ _CONNECT_TIMEOUT = 10.0
 _ATTEMPTS = 3
 
 _clients: dict[str, httpx.Client] = {}
-# The threads of a worker process that serve requests with ``worker_requests``, and the slots that bound them.
-_threads: ThreadPoolExecutor | None = None
-_slots: threading.BoundedSemaphore | None = None
-_threads_made = threading.Lock()
+# How a worker starts the node's request server (see ``request_server.hand_over``).
+_SERVE_NODE = (
+    "import sys; sys.path.insert(0, sys.argv[1]); from compute_functions.inference import serve_node; "
+    "serve_node(*sys.argv[2:])"
+)
 
 
 def _client(kind: str) -> httpx.Client:
@@ -84,18 +84,12 @@ def inference(request: dict[str, Any]) -> dict[str, Any]:
     op = request["op"]
     if op not in OPERATIONS:
         raise ValueError(f"unknown operation {op!r}")
-    held = request.get("worker_requests")
+    held = request.get("node_requests")
     if held:
         if not request.get("stream"):
-            raise ValueError("worker_requests needs stream: the outcome comes back through the relay")
-        threads, slots = _worker_threads(int(held))
-        # Blocks while the process holds its ``held`` requests: the worker stays busy and Parsl queues the rest.
-        slots.acquire()
-        try:
-            threads.submit(_serve_relayed, request, slots)
-        except BaseException:
-            slots.release()
-            raise
+            raise ValueError("node_requests needs stream: the outcome comes back through the relay")
+        directory = node.LaunchSpec.from_settings(request["model_server"], "").state_dir
+        request_server.hand_over(Path(directory), request, int(held), _SERVE_NODE)
         return {"ok": True, "relayed": True}
     answer = _answer(request)
     if not _streams(request):
@@ -111,30 +105,24 @@ def inference(request: dict[str, Any]) -> dict[str, Any]:
 
 def _streams(request: dict[str, Any]) -> bool:
     """Whether the model server's answer is an event stream; in a thread, ``stream`` carries whole answers too."""
-    if request.get("worker_requests"):
+    if request.get("node_requests"):
         return bool(request["payload"].get("stream"))
     return bool(request.get("stream"))
 
 
-def _worker_threads(held: int) -> tuple[ThreadPoolExecutor, threading.BoundedSemaphore]:
-    global _threads, _slots
-    with _threads_made:
-        if _threads is None or _slots is None:
-            _threads = ThreadPoolExecutor(max_workers=held, thread_name_prefix="inference")
-            _slots = threading.BoundedSemaphore(held)
-        return _threads, _slots
+def serve_node(directory: str, held: str, first_client: str) -> None:
+    """The node's request server (started by ``hand_over``): each request in a thread, its outcome to the relay."""
+    request_server.serve(Path(directory), int(held), int(first_client), _serve_relayed)
 
 
 def _finished(answer: Generator[bytes, None, dict[str, Any]]) -> dict[str, Any]:
     """The outcome of a whole answer, which streams nothing."""
-    for _ in answer:
-        pass
     try:
-        next(answer)
+        while True:
+            next(answer)
     except StopIteration as end:
         outcome: dict[str, Any] = end.value
         return outcome
-    raise AssertionError("unreachable")
 
 
 def _answer(request: dict[str, Any]) -> Generator[bytes, None, dict[str, Any]]:
@@ -227,7 +215,7 @@ def _relay(
     """Copy the server's events to the gateway as they arrive; a stream that fails midway aborts the relay request."""
     outcome: dict[str, Any] = {}
 
-    def body() -> Iterator[bytes]:
+    def body() -> Generator[bytes, None, None]:
         nonlocal outcome
         yield first
         outcome = yield from answer
@@ -248,10 +236,10 @@ def _relay(
     return answered or outcome
 
 
-def _serve_relayed(request: dict[str, Any], slots: threading.BoundedSemaphore) -> None:
-    """In a worker's thread: the answer's events, then its outcome, in one relay request opened before either."""
+def _serve_relayed(request: dict[str, Any]) -> None:
+    """In a request server's thread: the events, then the outcome, in one relay request opened before either."""
 
-    def body() -> Iterator[bytes]:
+    def body() -> Generator[bytes, None, None]:
         outcome = yield from _answer(request)
         yield b"event: outcome\ndata: " + json.dumps(outcome).encode() + b"\n\n"
 
@@ -261,10 +249,8 @@ def _serve_relayed(request: dict[str, Any], slots: threading.BoundedSemaphore) -
         with contextlib.closing(body()) as events:
             _post_relay(request["stream"], events, float(request.get("timeout") or 600.0))
     except Exception:
-        # A fault here, not in the request: the gateway sees the relay request break, the worker's log says why.
+        # A fault here, not in the request: the gateway sees the relay request break, the server's log says why.
         log.exception("a relayed request failed")
-    finally:
-        slots.release()
 
 
 def _post_relay(stream: dict[str, Any], body: Iterator[bytes], read_timeout: float) -> dict[str, Any] | None:

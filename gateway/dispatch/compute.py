@@ -50,16 +50,16 @@ def compute_request(
     model_server: dict[str, Any],
     timeout: float,
     stream: dict[str, str] | None = None,
-    worker_requests: int | None = None,
+    node_requests: int | None = None,
 ) -> dict[str, Any]:
     """The argument of ``inference``: the operation, the body, how to start the model server, and where to stream.
 
-    With ``worker_requests``, a worker process serves up to that many requests at once in its threads, and the
-    outcome comes through the relay at ``stream`` (see ``relayed_outcome``).
+    With ``node_requests``, the worker hands the request to its node's request server, which serves up to that many
+    at once, and the outcome comes through the relay at ``stream`` (see ``relayed_outcome``).
     """
     request = {"op": op, "payload": payload, "model_server": model_server, "timeout": timeout, "stream": stream}
-    if worker_requests is not None:
-        request["worker_requests"] = worker_requests
+    if node_requests is not None:
+        request["node_requests"] = node_requests
     return request
 
 
@@ -103,7 +103,7 @@ def answer_of(endpoint: Endpoint, result: Any) -> dict[str, Any]:
 
 
 def taken(endpoint: Endpoint, result: Any) -> None:
-    """That a worker's thread took the request, or the typed error its ``inference`` result reports."""
+    """That the node's request server took the request, or the typed error the ``inference`` result reports."""
     if _checked(endpoint, result).get("relayed") is not True:
         raise BackendProtocolError(endpoint, "compute function result does not say that a worker took the request")
 

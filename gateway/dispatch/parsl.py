@@ -270,10 +270,10 @@ class ParslDispatcher(Dispatcher):
     def _relayed(
         self, endpoint: Endpoint, op: str, payload: dict[str, Any], *, stream: bool
     ) -> AsyncGenerator[bytes | dict[str, Any], None]:
-        """The events and outcome of a request that a worker serves in one of its threads (see ``relayed_outcome``)."""
+        """The events and outcome of a request served by the node's request server (see ``relayed_outcome``)."""
         assert self._relay_url is not None
         timeout = self._task_timeout[endpoint.id]
-        threads = self._settings[endpoint.id].requests_per_worker
+        held = self._settings[endpoint.id].requests_per_node
 
         async def run(relay: dict[str, str]) -> Any:
             request = compute_request(
@@ -282,9 +282,9 @@ class ParslDispatcher(Dispatcher):
                 model_server=self._model_server[endpoint.id],
                 timeout=self._request_timeout,
                 stream=relay,
-                worker_requests=threads,
+                node_requests=held,
             )
-            # The task ends once a thread has the request, so the task's limit is the wait for a free thread.
+            # The task ends once the node's request server has the request: its limit is the wait for a free slot.
             return await self._run(endpoint, self._inference, request, timeout)
 
         return relayed_outcome(endpoint, self._relay, self._relay_url, run, wait=timeout, idle=self._request_timeout)

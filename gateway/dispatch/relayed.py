@@ -1,7 +1,7 @@
 """Answers of the compute functions that come back through the relay: the task runs on a worker, its events come here.
 
 ``relayed_events`` waits for the events of a task that holds its worker until the answer ends (``globus``);
-``relayed_outcome`` for those of a request that a worker serves in one of its threads, whole answers too (``parsl``).
+``relayed_outcome`` for those of a request served by the node's request server, whole answers too (``parsl``).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ async def relayed_events(
             task.cancel()
 
 
-# The last event of a request served in a worker's thread: its outcome, which the task's result does not carry.
+# The last event of a request served by a request server: its outcome, which the task's result does not carry.
 _OUTCOME = b"event: outcome\ndata: "
 
 
@@ -105,11 +105,11 @@ async def relayed_outcome(
     wait: float,
     idle: float,
 ) -> AsyncGenerator[bytes | dict[str, Any], None]:
-    """The SSE events of one ``inference`` task served in a worker's thread, then its outcome (a dict), last.
+    """The SSE events of one ``inference`` request served by a node's request server, then its outcome (a dict).
 
     ``run(stream)`` submits the task with ``stream`` as the request's ``stream`` and returns its result, which only
-    says that a worker's thread took the request (or why none did). The thread's one relay request carries the
-    events and ends with the outcome; a relay request that ends without it (a worker that died) is a
+    says that the request server took the request (or why it did not). The server's one relay request carries the
+    events and ends with the outcome; a relay request that ends without it (a server that died) is a
     ``BackendProtocolError``. ``wait`` and ``idle`` bound the silences as in ``relayed_events``.
     """
     inbox = await relay.open(ttl=wait)
@@ -148,7 +148,7 @@ async def relayed_outcome(
                 if item is Ending.COMPLETE:
                     raise BackendProtocolError(endpoint, "the worker's stream ended without its outcome")
                 raise BackendProtocolError(endpoint, "the worker's stream broke off")
-            # The task's result: a failure before any thread took the request is raised; otherwise wait on.
+            # The task's result: a failure before the request server took the request is raised; else wait on.
             taken(endpoint, _outcome(endpoint, item))
     finally:
         inbox.close()
