@@ -278,6 +278,38 @@ class Http:
             self._slots.release()
             raise
 
+    async def upload(self, op: str, pieces: AsyncIterator[bytes], headers: dict[str, str]) -> Reply:
+        """POST ``pieces`` to ``{base_url}/{op}`` as a chunked body, each sent as it comes, and wait for the answer.
+
+        Always on a new connection: a body that is being produced cannot be sent again should a kept-alive one turn
+        out closed. A server that answers before the body ends (it refuses it) stops the sending.
+        """
+        path = op if op.startswith("/") else f"{self.prefix}/{op}"
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode()
+        head = b"POST %s HTTP/1.1\r\n%s%stransfer-encoding: chunked\r\n\r\n" % (path.encode(), self._headers, extra)
+        await self._slots.acquire()
+        try:
+            connection = await self._connect()
+            try:
+                assert connection.transport is not None
+                connection.transport.write(head)
+                async for piece in pieces:
+                    if connection.closed or connection.buffer:
+                        break
+                    if piece:
+                        connection.transport.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                else:
+                    connection.transport.write(b"0\r\n\r\n")
+            except BaseException:
+                connection.close()
+                raise
+            reply = await self._answer(connection)
+            reply.headers["connection"] = "close"
+            return reply
+        except BaseException:
+            self._slots.release()
+            raise
+
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
@@ -292,9 +324,12 @@ class Http:
         return connection
 
     async def _exchange(self, connection: _Connection, data: bytes) -> Reply:
+        assert connection.transport is not None
+        connection.transport.write(data)
+        return await self._answer(connection)
+
+    async def _answer(self, connection: _Connection) -> Reply:
         try:
-            assert connection.transport is not None
-            connection.transport.write(data)
             status_line = await connection.line(self.read_timeout)
             parts = status_line.split(b" ", 2)
             if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():

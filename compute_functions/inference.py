@@ -26,17 +26,21 @@ is open from the start, so a request server that dies breaks it at once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import time
-from collections.abc import Generator, Iterator
+import urllib.request
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from compute_functions import node, request_server
+from compute_functions.http1 import ConnectionBroken, Http, ServerUnreachable
 from compute_functions.model_server import ModelServerFailed
 
 log = logging.getLogger("compute_functions.inference")
@@ -236,21 +240,123 @@ def _relay(
     return answered or outcome
 
 
-def _serve_relayed(request: dict[str, Any]) -> None:
-    """In a request server's thread: the events, then the outcome, in one relay request opened before either."""
+async def _serve_relayed(request: dict[str, Any]) -> None:
+    """In the request server: the events, then the outcome, in one relay request opened before either."""
+    stream = request["stream"]
+    timeout = float(request.get("timeout") or 600.0)
+    outcome: dict[str, Any] = {}
 
-    def body() -> Generator[bytes, None, None]:
-        outcome = yield from _answer(request)
+    async def body() -> AsyncIterator[bytes]:
+        # The empty first piece sends the request's head at once: the relay sees a dead server from the start.
+        yield b""
+        async for piece in _answer_async(request, timeout, outcome):
+            yield piece
         yield b"event: outcome\ndata: " + json.dumps(outcome).encode() + b"\n\n"
 
+    headers = {"authorization": f"Bearer {stream['token']}", "content-type": "text/event-stream"}
     try:
-        # Nobody waits for what the relay answers: a gateway that gave up has its own error already. The body is
-        # closed here, not whenever the collector gets to it: closing it closes the model server's request.
-        with contextlib.closing(body()) as events:
-            _post_relay(request["stream"], events, float(request.get("timeout") or 600.0))
+        if _proxied(stream["url"]):
+            # Through the site's proxy (the relay is outside), which the client of this module does not speak.
+            async with httpx.AsyncClient(trust_env=True, timeout=httpx.Timeout(timeout, connect=10.0)) as client:
+                await client.post(stream["url"], content=body(), headers=headers)
+            return
+        parts = urlsplit(stream["url"])
+        relay = _http(f"{parts.scheme}://{parts.netloc}", timeout)
+        reply = await relay.upload(parts.path, body(), headers)
+        reply.close()
+    except (OSError, TimeoutError, httpx.TransportError):
+        # Nobody waits for what the relay answers: a gateway that gave up has its own error already.
+        pass
     except Exception:
         # A fault here, not in the request: the gateway sees the relay request break, the server's log says why.
         log.exception("a relayed request failed")
+
+
+# The request server's clients, by base URL and patience: kept-alive connections to the model server.
+_https: dict[tuple[str, float], Http] = {}
+
+
+def _http(base_url: str, patience: float) -> Http:
+    http = _https.get((base_url, patience))
+    if http is None:
+        http = Http(base_url, {}, connect_timeout=_CONNECT_TIMEOUT, read_timeout=patience)
+        _https[(base_url, patience)] = http
+    return http
+
+
+def _proxied(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or "")
+
+
+async def _answer_async(request: dict[str, Any], patience: float, outcome: dict[str, Any]) -> AsyncIterator[bytes]:
+    """As ``_answer``, in the request server's event loop: the events of a streamed answer; ``outcome`` is filled."""
+    op = request["op"]
+    payload: dict[str, Any] = request["payload"]
+    spec = node.LaunchSpec.from_settings(request["model_server"], str(payload.get("model", "")))
+    data = json.dumps(payload).encode()
+    streams = _streams(request)
+    for attempt in range(_ATTEMPTS):
+        base_url = node.known_server(spec)
+        if base_url is None:
+            try:
+                # Starting a model server waits on locks and its health check: away from the loop.
+                base_url = await asyncio.to_thread(node.ensure_server, spec)
+            except ModelServerFailed as exc:
+                outcome.update(failure("model_start_failed", f"the model server did not start: {exc}", body=str(exc)))
+                return
+        upstream = _http(base_url, patience)
+        try:
+            reply = await upstream.request("POST", op, data)
+        except ServerUnreachable:
+            node.forget(spec)
+            await asyncio.sleep(0.5 * attempt)
+            continue
+        except TimeoutError:
+            outcome.update(failure("timeout", "the model server did not answer in time"))
+            return
+        except ConnectionBroken as exc:
+            outcome.update(failure("upstream", f"the model server broke off: {exc}"))
+            return
+        events = 0
+        try:
+            if reply.status >= 400:
+                text = (await reply.read()).decode(errors="replace")
+                outcome.update(failure("upstream", "the model server answered an error", reply.status, text))
+            elif streams and reply.content_type != "text/event-stream":
+                await reply.read()
+                outcome.update(invalid_answer(f"the model server answered {reply.content_type!r}, not an event stream"))
+            elif streams:
+                async for piece in reply.pieces():
+                    events += piece.count(b"\n\n")
+                    yield piece
+                outcome.update({"ok": True, "streamed": events})
+            else:
+                outcome.update(_parsed(await reply.read()))
+        except TimeoutError:
+            outcome.update(
+                failure(
+                    "timeout",
+                    "the model server stopped streaming" if events else "the model server did not answer in time",
+                )
+            )
+        except ConnectionBroken as exc:
+            outcome.update(failure("upstream", f"the stream broke off: {exc}"))
+        finally:
+            reply.close()
+            node.mark_used(spec)
+        return
+    outcome.update(failure("upstream", "the model server refused the connection"))
+
+
+def _parsed(body: bytes) -> dict[str, Any]:
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return invalid_answer("the model server's answer is not JSON")
+    if not isinstance(answer, dict):
+        return invalid_answer("the model server's answer is not a JSON object")
+    return {"ok": True, "response": answer}
 
 
 def _post_relay(stream: dict[str, Any], body: Iterator[bytes], read_timeout: float) -> dict[str, Any] | None:

@@ -138,6 +138,14 @@ def ensure_server(spec: LaunchSpec) -> str:
     return base_url
 
 
+def known_server(spec: LaunchSpec) -> str | None:
+    """The base URL of ``spec``'s server if this process found it ready before (then marked used), else None."""
+    base_url = _ready.get(_Files(Path(spec.state_dir), spec.key).state)
+    if base_url is not None:
+        mark_used(spec)
+    return base_url
+
+
 def forget(spec: LaunchSpec) -> None:
     """Stop trusting the remembered address of ``spec``'s server (it refused a connection)."""
     _ready.pop(_Files(Path(spec.state_dir), spec.key).state, None)

@@ -1,9 +1,10 @@
-"""The node's request server: one process that serves, each in a thread, the requests the node's workers hand it.
+"""The node's request server: one process that serves, all at once, the requests the node's workers hand it.
 
 A Parsl or Globus Compute worker runs one task at a time, and a request spends nearly all its time waiting on the
 model server: a worker process (~100 MB, a second of CPU to start) per request in flight would cost a node more
 than the model server itself. So a worker hands the request over a Unix socket to this process and is free again
-as soon as one of its threads has taken it; the thread sends the outcome back to the gateway itself.
+as soon as this process has taken it (an asyncio task per request); the task sends the outcome back to the gateway
+itself.
 
 The workers are not the servers on purpose: a worker waits for its next task holding a lock of its pool's task
 queue, and one killed there stops the whole pool. This process can die alone; its requests' relay connections
@@ -17,16 +18,15 @@ request is alive and nothing is in flight.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
-import socketserver
 import struct
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ class HandOverFailed(RuntimeError):
 def hand_over(directory: Path, request: dict[str, Any], held: int, entry: str) -> None:
     """Give ``request`` to the request server in ``directory``, started first (``entry``) when none listens there.
 
-    Returns once one of the server's threads has taken it. ``entry`` is Python code run as ``python -c entry
+    Returns once the server has taken it. ``entry`` is Python code run as ``python -c entry
     PACKAGE_ROOT directory held worker_pid`` that calls ``serve``.
     """
     path = directory / "requests.sock"
@@ -109,55 +109,52 @@ def _probe(path: Path) -> None:
         connection.connect(str(path))
 
 
-def serve(directory: Path, held: int, first_client: int, handle: Callable[[dict[str, Any]], None]) -> None:
-    """The request server's body: ``handle(request)`` in a thread per request, until no worker needs it."""
-    slots = threading.BoundedSemaphore(held)
-    clients = {first_client}
-    in_flight = 0
-    counting = threading.Lock()
+def serve(directory: Path, held: int, first_client: int, handle: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    """The request server's body: ``await handle(request)`` as a task per request, until no worker needs it."""
+    asyncio.run(_serve(directory, held, first_client, handle))
 
-    class Connection(socketserver.StreamRequestHandler):
-        def handle(self) -> None:
-            nonlocal in_flight
-            pid = struct.unpack("3i", self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
-            line = self.rfile.readline()
+
+async def _serve(
+    directory: Path, held: int, first_client: int, handle: Callable[[dict[str, Any]], Awaitable[None]]
+) -> None:
+    slots = asyncio.Semaphore(held)
+    clients = {first_client}
+    running: set[asyncio.Task[None]] = set()
+
+    async def serve_one(request: dict[str, Any]) -> None:
+        try:
+            await handle(request)
+        finally:
+            slots.release()
+
+    async def take(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
             if not line:
                 return  # a probe
+            sock = writer.get_extra_info("socket")
+            clients.add(struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0])
             request = json.loads(line)
-            with counting:
-                clients.add(pid)
-                in_flight += 1
-            try:
-                slots.acquire()
-                try:
-                    self.wfile.write(_TAKEN)
-                    self.wfile.flush()
-                    handle(request)
-                finally:
-                    slots.release()
-            finally:
-                with counting:
-                    in_flight -= 1
-
-    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-        daemon_threads = True
-        block_on_close = False
-        # Every worker of the node may hand over at once.
-        request_queue_size = 1024
+            await slots.acquire()
+            task = asyncio.create_task(serve_one(request))
+            running.add(task)
+            task.add_done_callback(running.discard)
+            writer.write(_TAKEN)
+        finally:
+            writer.close()
 
     path = directory / "requests.sock"
-    server = Server(str(path), Connection)
+    # Every worker of the node may hand over at once.
+    server = await asyncio.start_unix_server(take, str(path), backlog=1024)
     own = path.stat().st_ino
-    threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
     try:
         while True:
-            time.sleep(_WATCH)
-            with counting:
-                clients.intersection_update(pid for pid in list(clients) if alive(pid))
-                if not clients and not in_flight:
-                    break
+            await asyncio.sleep(_WATCH)
+            clients.intersection_update([pid for pid in clients if alive(pid)])
+            if not clients and not running:
+                break
     finally:
-        server.shutdown()
+        server.close()
         # A successor may already listen at the path (this one was stuck): leave its socket alone.
         try:
             if path.stat().st_ino == own:
