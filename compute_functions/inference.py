@@ -21,7 +21,8 @@ With ``"node_requests": n`` (and ``stream`` set, whole answers too), the worker 
 request server (``request_server``), which serves up to ``n`` at once in threads, and the task returns
 ``{"ok": True, "relayed": True}`` as soon as a thread has taken it. The request's outcome (the result above) then
 comes through the relay, as the last event of the body: ``event: outcome``, its JSON as data. The relay request
-is open from the start, so a request server that dies breaks it at once.
+is open from the start, so a request server that dies breaks it at once. ``{"group": [request, ...]}`` hands over
+several such requests in one task.
 """
 
 from __future__ import annotations
@@ -85,15 +86,20 @@ def invalid_answer(message: str) -> dict[str, Any]:
 
 def inference(request: dict[str, Any]) -> dict[str, Any]:
     """Answer one OpenAI request with the model server of this node, starting it when needed; see the module doc."""
-    op = request["op"]
-    if op not in OPERATIONS:
-        raise ValueError(f"unknown operation {op!r}")
-    held = request.get("node_requests")
-    if held:
-        if not request.get("stream"):
-            raise ValueError("node_requests needs stream: the outcome comes back through the relay")
-        directory = node.LaunchSpec.from_settings(request["model_server"], "").state_dir
-        request_server.hand_over(Path(directory), request, int(held), _SERVE_NODE)
+    group: list[dict[str, Any]] = request.get("group", [request])
+    for one in group:
+        if one["op"] not in OPERATIONS:
+            raise ValueError(f"unknown operation {one['op']!r}")
+    if request.get("node_requests") or "group" in request:
+        # To the node's request servers (one per state directory), all at once.
+        by_server: dict[str, list[dict[str, Any]]] = {}
+        for one in group:
+            if not one.get("stream") or not one.get("node_requests"):
+                raise ValueError("a request for the request server needs node_requests and stream (the relay)")
+            directory = node.LaunchSpec.from_settings(one["model_server"], "").state_dir
+            by_server.setdefault(directory, []).append(one)
+        for directory, requests in by_server.items():
+            request_server.hand_over(Path(directory), requests, int(requests[0]["node_requests"]), _SERVE_NODE)
         return {"ok": True, "relayed": True}
     answer = _answer(request)
     if not _streams(request):

@@ -35,20 +35,22 @@ from compute_functions.node import PACKAGE_ROOT, alive, locked, tail
 _START_TIMEOUT = 30.0
 _WATCH = 1.0
 _TAKEN = b"taken\n"
+# A group of requests, with their bodies (a long prompt, several in a group), on one line.
+_LINE_LIMIT = 1 << 30
 
 
 class HandOverFailed(RuntimeError):
     """No request server took the request; the message says why (with the end of its log when it did not start)."""
 
 
-def hand_over(directory: Path, request: dict[str, Any], held: int, entry: str) -> None:
-    """Give ``request`` to the request server in ``directory``, started first (``entry``) when none listens there.
+def hand_over(directory: Path, requests: list[dict[str, Any]], held: int, entry: str) -> None:
+    """Give ``requests`` to the request server in ``directory``, started first (``entry``) when none listens there.
 
-    Returns once the server has taken it. ``entry`` is Python code run as ``python -c entry
+    Returns once the server has taken them all. ``entry`` is Python code run as ``python -c entry
     PACKAGE_ROOT directory held worker_pid`` that calls ``serve``.
     """
     path = directory / "requests.sock"
-    data = json.dumps(request).encode() + b"\n"
+    data = json.dumps(requests).encode() + b"\n"
     try:
         return _send(path, data)
     except (OSError, HandOverFailed):
@@ -134,18 +136,18 @@ async def _serve(
                 return  # a probe
             sock = writer.get_extra_info("socket")
             clients.add(struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0])
-            request = json.loads(line)
-            await slots.acquire()
-            task = asyncio.create_task(serve_one(request))
-            running.add(task)
-            task.add_done_callback(running.discard)
+            for request in json.loads(line):
+                await slots.acquire()
+                task = asyncio.create_task(serve_one(request))
+                running.add(task)
+                task.add_done_callback(running.discard)
             writer.write(_TAKEN)
         finally:
             writer.close()
 
     path = directory / "requests.sock"
-    # Every worker of the node may hand over at once.
-    server = await asyncio.start_unix_server(take, str(path), backlog=1024)
+    # Every worker of the node may hand over at once, each a group of requests on one line.
+    server = await asyncio.start_unix_server(take, str(path), backlog=1024, limit=_LINE_LIMIT)
     own = path.stat().st_ino
     try:
         while True:
