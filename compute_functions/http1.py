@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 # Past this many unread bytes the connection stops reading until the consumer catches up.
 _HIGH_WATER = 1 << 20
+# An upload reuses a kept-alive connection only this soon after its last answer (see ``Http.upload``).
+_FRESH = 2.0
 
 
 class ServerUnreachable(Exception):
@@ -49,6 +52,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.paused = False
         self.waiter: asyncio.Future[None] | None = None
+        self.idle_since = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio's
@@ -281,15 +285,26 @@ class Http:
     async def upload(self, op: str, pieces: AsyncIterator[bytes], headers: dict[str, str]) -> Reply:
         """POST ``pieces`` to ``{base_url}/{op}`` as a chunked body, each sent as it comes, and wait for the answer.
 
-        Always on a new connection: a body that is being produced cannot be sent again should a kept-alive one turn
-        out closed. A server that answers before the body ends (it refuses it) stops the sending.
+        A body that is being produced cannot be sent again should a kept-alive connection turn out closed, so only
+        one used in the last ``_FRESH`` seconds is reused (servers keep idle connections open for longer; uvicorn
+        5 s), else a new one is made. A server that answers before the body ends (it refuses it) stops the sending.
         """
         path = op if op.startswith("/") else f"{self.prefix}/{op}"
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode()
         head = b"POST %s HTTP/1.1\r\n%s%stransfer-encoding: chunked\r\n\r\n" % (path.encode(), self._headers, extra)
         await self._slots.acquire()
         try:
-            connection = await self._connect()
+            connection = None
+            fresh = time.monotonic() - _FRESH
+            while self._idle and connection is None:
+                candidate = self._idle.pop()
+                if not candidate.closed and candidate.idle_since > fresh:
+                    connection = candidate
+                else:
+                    candidate.close()
+            if connection is None:
+                connection = await self._connect()
+            ended = False
             try:
                 assert connection.transport is not None
                 connection.transport.write(head)
@@ -300,11 +315,13 @@ class Http:
                         connection.transport.write(b"%x\r\n%s\r\n" % (len(piece), piece))
                 else:
                     connection.transport.write(b"0\r\n\r\n")
+                    ended = True
             except BaseException:
                 connection.close()
                 raise
             reply = await self._answer(connection)
-            reply.headers["connection"] = "close"
+            if not ended:
+                reply.headers["connection"] = "close"
             return reply
         except BaseException:
             self._slots.release()
@@ -347,6 +364,7 @@ class Http:
         self._slots.release()
         if reusable and not connection.closed and not connection.buffer:
             connection.received = 0
+            connection.idle_since = time.monotonic()
             self._idle.append(connection)
         else:
             connection.close()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -261,12 +262,12 @@ async def _serve_relayed(request: dict[str, Any]) -> None:
 
     headers = {"authorization": f"Bearer {stream['token']}", "content-type": "text/event-stream"}
     try:
-        if _proxied(stream["url"]):
+        parts = urlsplit(stream["url"])
+        if _proxied(parts.scheme, parts.hostname or ""):
             # Through the site's proxy (the relay is outside), which the client of this module does not speak.
             async with httpx.AsyncClient(trust_env=True, timeout=httpx.Timeout(timeout, connect=10.0)) as client:
                 await client.post(stream["url"], content=body(), headers=headers)
             return
-        parts = urlsplit(stream["url"])
         relay = _http(f"{parts.scheme}://{parts.netloc}", timeout)
         reply = await relay.upload(parts.path, body(), headers)
         reply.close()
@@ -290,9 +291,10 @@ def _http(base_url: str, patience: float) -> Http:
     return http
 
 
-def _proxied(url: str) -> bool:
-    parts = urlsplit(url)
-    return parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or "")
+@functools.cache
+def _proxied(scheme: str, host: str) -> bool:
+    # Read once per address: the proxy settings come from the environment, which reading costs per request.
+    return scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host)
 
 
 async def _answer_async(request: dict[str, Any], patience: float, outcome: dict[str, Any]) -> AsyncIterator[bytes]:
