@@ -10,10 +10,11 @@ The workers are not the servers on purpose: a worker waits for its next task hol
 queue, and one killed there stops the whole pool. This process can die alone; its requests' relay connections
 break with it, so the gateway answers them with an error at once, and the next request starts a new one.
 
-Its files sit in the node's state directory (see ``node``): ``requests.sock``, ``requests.lock`` (held while one is
-started) and ``requests.log``. It serves at most ``held`` requests at once; a hand-over waits while all are taken,
-so the worker stays busy and the rest wait in the pool's queue. It stops once no worker process that handed it a
-request is alive and nothing is in flight.
+Its files sit in the node's state directory (see ``node``), named by how many requests it holds, ``held``:
+``requests-HELD.sock``, ``requests-HELD.lock`` (held while one is started) and ``requests-HELD.log``; endpoints
+that hold different numbers on one node get a server each. It serves at most ``held`` requests at once; a
+hand-over waits while all are taken, so the worker stays busy and the rest wait in the pool's queue. It stops once
+no worker process that handed it a request is alive and nothing is in flight.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def hand_over(directory: Path, requests: list[dict[str, Any]], held: int, entry:
     Returns once the server has taken them all. ``entry`` is Python code run as ``python -c entry
     PACKAGE_ROOT directory held worker_pid`` that calls ``serve``.
     """
-    path = directory / "requests.sock"
+    path = directory / f"requests-{held}.sock"
     data = json.dumps(requests).encode() + b"\n"
     try:
         return _send(path, data)
@@ -78,9 +79,9 @@ def _send(path: Path, data: bytes) -> None:
 
 def _start(directory: Path, held: int, entry: str) -> None:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path, log = directory / "requests.sock", directory / "requests.log"
+    path, log = directory / f"requests-{held}.sock", directory / f"requests-{held}.log"
     deadline = time.monotonic() + _START_TIMEOUT
-    with locked(directory / "requests.lock", deadline):
+    with locked(directory / f"requests-{held}.lock", deadline):
         try:
             _probe(path)
             return  # another worker started it meanwhile
@@ -145,7 +146,7 @@ async def _serve(
         finally:
             writer.close()
 
-    path = directory / "requests.sock"
+    path = directory / f"requests-{held}.sock"
     # Every worker of the node may hand over at once, each a group of requests on one line.
     server = await asyncio.start_unix_server(take, str(path), backlog=1024, limit=_LINE_LIMIT)
     own = path.stat().st_ino
