@@ -272,23 +272,38 @@ def memory_of(pid: int) -> tuple[str, int, int]:
     return command, sizes["Rss"], sizes["Pss"]
 
 
-def worker_memory(gateway_pid: int) -> dict[str, Any]:
-    """The Parsl processes under the gateway: interchange, the node's manager and its helpers, the workers."""
-    groups: dict[str, list[tuple[int, int]]] = {"gateway": [], "interchange": [], "manager": [], "workers": []}
-    for pid in descendants(gateway_pid):
+def node_memory(gateway_pid: int, work: Path) -> dict[str, list[tuple[int, int]]]:
+    """RSS and PSS (kB) of the gateway's processes: the gateway, the interchange, and the node's processes.
+
+    On the node: Parsl's manager (``process_worker_pool.py``), the processes it spawns (its workers and one helper,
+    a multiprocessing manager), and the request server.
+    """
+    groups: dict[str, list[tuple[int, int]]] = {
+        "gateway": [],
+        "interchange": [],
+        "manager": [],
+        "workers": [],
+        "request server": [],
+    }
+    marker = str(work)
+    for pid in [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]:
         try:
             command, rss, pss = memory_of(pid)
         except (OSError, KeyError):
             continue
         if pid == gateway_pid:
             groups["gateway"].append((rss, pss))
-        elif "interchange" in command:
+        elif "interchange" in command and pid in descendants(gateway_pid):
             groups["interchange"].append((rss, pss))
-        elif "process_worker_pool" in command:
+        elif marker in command and "serve_node" in command:
+            groups["request server"].append((rss, pss))
+        elif marker in command and "process_worker_pool" in command and not command.startswith(("/bin/", "bash")):
             groups["manager"].append((rss, pss))
-        elif "multiprocessing" in command and "spawn_main" in command:
-            # Spawned by the manager: the workers, and one helper (its multiprocessing Manager) counted with it.
-            groups["workers"].append((rss, pss))
+            for child in descendants(pid)[1:]:
+                try:
+                    groups["workers"].append(memory_of(child)[1:])
+                except (OSError, KeyError):
+                    continue
     return groups
 
 
@@ -316,23 +331,22 @@ def memory(args: argparse.Namespace) -> int:
         wrk(url, chat(16, True), connections=in_flight, seconds=4, headers=auth)
 
         def report(label: str) -> None:
-            groups = worker_memory(gateway.process.pid)
-            workers = groups["workers"]
-            node = workers + groups["manager"]
+            groups = node_memory(gateway.process.pid, work)
             mib = 1024
             print(f"  {label}:")
+            for name, sizes in groups.items():
+                print(
+                    f"    {name:15} {len(sizes):3d} processes  RSS {sum(r for r, _ in sizes) / mib:7.1f} MiB  "
+                    f"PSS {sum(p for _, p in sizes) / mib:7.1f} MiB"
+                )
+            node = groups["manager"] + groups["workers"] + groups["request server"]
             print(
-                f"    per worker: RSS {sum(r for r, _ in workers) / len(workers) / mib:.1f} MiB, "
-                f"PSS {sum(p for _, p in workers) / len(workers) / mib:.1f} MiB ({len(workers)} processes)"
-            )
-            print(
-                f"    the node (manager and workers): RSS {sum(r for r, _ in node) / mib:.0f} MiB, "
+                f"    the node (manager, workers, request server): RSS {sum(r for r, _ in node) / mib:.0f} MiB, "
                 f"PSS {sum(p for _, p in node) / mib:.0f} MiB"
             )
-            for name in ("interchange", "gateway"):
-                print(f"    {name} (beside the gateway): RSS {sum(r for r, _ in groups[name]) / mib:.0f} MiB")
 
-        print(f"requests_per_node {in_flight}")
+        workers = config["endpoints"][0]["parsl"].get("workers_per_node", 2)
+        print(f"requests_per_node {in_flight}, workers_per_node {workers}")
         report("idle, after serving")
         lua = work / "long.lua"
         lua.write_text(
