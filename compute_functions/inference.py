@@ -34,7 +34,7 @@ import json
 import logging
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncGenerator, Generator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -253,24 +253,26 @@ async def _serve_relayed(request: dict[str, Any]) -> None:
     timeout = float(request.get("timeout") or 600.0)
     outcome: dict[str, Any] = {}
 
-    async def body() -> AsyncIterator[bytes]:
-        # The empty first piece sends the request's head at once: the relay sees a dead server from the start.
-        yield b""
-        async for piece in _answer_async(request, timeout, outcome):
-            yield piece
+    async def body() -> AsyncGenerator[bytes, None]:
+        # The relay request's head goes before the first piece, so the relay sees a dead server from the start.
+        async with contextlib.aclosing(_answer_async(request, timeout, outcome)) as events:
+            async for piece in events:
+                yield piece
         yield b"event: outcome\ndata: " + json.dumps(outcome).encode() + b"\n\n"
 
     headers = {"authorization": f"Bearer {stream['token']}", "content-type": "text/event-stream"}
     try:
-        parts = urlsplit(stream["url"])
-        if _proxied(parts.scheme, parts.hostname or ""):
-            # Through the site's proxy (the relay is outside), which the client of this module does not speak.
-            async with httpx.AsyncClient(trust_env=True, timeout=httpx.Timeout(timeout, connect=10.0)) as client:
-                await client.post(stream["url"], content=body(), headers=headers)
-            return
-        relay = _http(f"{parts.scheme}://{parts.netloc}", timeout)
-        reply = await relay.upload(parts.path, body(), headers)
-        reply.close()
+        # Closed here when the relay refuses the rest (the client left): that closes the model server's request.
+        async with contextlib.aclosing(body()) as pieces:
+            parts = urlsplit(stream["url"])
+            if _proxied(parts.scheme, parts.hostname or ""):
+                # Through the site's proxy (the relay is outside), which the client of this module does not speak.
+                async with httpx.AsyncClient(trust_env=True, timeout=httpx.Timeout(timeout, connect=10.0)) as client:
+                    await client.post(stream["url"], content=pieces, headers=headers)
+                return
+            relay = _http(f"{parts.scheme}://{parts.netloc}", timeout)
+            reply = await relay.upload(parts.path, pieces, headers)
+            reply.close()
     except (OSError, TimeoutError, httpx.TransportError):
         # Nobody waits for what the relay answers: a gateway that gave up has its own error already.
         pass
@@ -297,7 +299,9 @@ def _proxied(scheme: str, host: str) -> bool:
     return scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host)
 
 
-async def _answer_async(request: dict[str, Any], patience: float, outcome: dict[str, Any]) -> AsyncIterator[bytes]:
+async def _answer_async(
+    request: dict[str, Any], patience: float, outcome: dict[str, Any]
+) -> AsyncGenerator[bytes, None]:
     """As ``_answer``, in the request server's event loop: the events of a streamed answer; ``outcome`` is filled."""
     op = request["op"]
     payload: dict[str, Any] = request["payload"]
