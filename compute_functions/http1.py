@@ -342,6 +342,7 @@ class Http:
         connect_timeout: float | None = None,
         read_timeout: float | None = None,
         max_connections: int = 1000,
+        proxy: bool = True,
     ) -> None:
         parts = urlsplit(base_url)
         self.host = parts.hostname or "127.0.0.1"
@@ -359,7 +360,8 @@ class Http:
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
         self._ssl = ssl.create_default_context() if self.tls else None
-        self._proxy = _proxy_for("https" if self.tls else "http", self.host)
+        # ``proxy=False`` for a server on this node, which a site's proxy could not reach.
+        self._proxy = _proxy_for("https" if self.tls else "http", self.host) if proxy else None
         # Through a proxy, plain HTTP names the whole URL in the request line; HTTPS goes through a CONNECT tunnel.
         self._origin = f"http://{host_header}" if self._proxy and not self.tls else ""
         if self._origin and self._proxy is not None:
@@ -410,6 +412,54 @@ class Http:
             self._slots.release()
             raise
 
+    async def upload(self, op: str, pieces: AsyncIterator[bytes], headers: dict[str, str]) -> Reply:
+        """POST ``pieces`` to ``{base_url}/{op}`` as a chunked body, each sent as it comes, and wait for the answer.
+
+        A body that is being produced cannot be sent again should a kept-alive connection turn out closed, so a
+        connection is reused only while the server surely keeps it (see ``_MAX_IDLE_SECONDS``), else a new one is
+        made. A server that answers before the body ends (it refuses it) stops the sending.
+        """
+        path = op if op.startswith("/") else f"{self.prefix}/{op}"
+        target = self._origin + _checked(path, "path")
+        extra = "".join(f"{name}: {_checked(value, name)}\r\n" for name, value in headers.items()).encode()
+        head = b"POST %s HTTP/1.1\r\n%s%stransfer-encoding: chunked\r\n\r\n" % (target.encode(), self._headers, extra)
+        await self._slots.acquire()
+        try:
+            connection = None
+            now = time.monotonic()
+            while self._idle and connection is None:
+                candidate = self._idle.pop()
+                if not candidate.closed and now - candidate.idle_since <= candidate.max_idle:
+                    connection = candidate
+                else:
+                    candidate.close()
+            if connection is None:
+                connection = await self._connect()
+            ended = False
+            try:
+                assert connection.transport is not None
+                connection.expect()
+                connection.transport.write(head)
+                async for piece in pieces:
+                    if connection.closed or connection.received:
+                        break
+                    if piece:
+                        connection.transport.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                else:
+                    connection.transport.write(b"0\r\n\r\n")
+                    ended = True
+            except BaseException:
+                connection.close()
+                raise
+            reply = await self._answer(connection)
+            if not ended:
+                # The request was cut short: whatever the server says, the connection cannot carry another.
+                connection.keep_alive = False
+            return reply
+        except BaseException:
+            self._slots.release()
+            raise
+
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         host, port = (self._proxy[0], self._proxy[1]) if self._proxy else (self.host, self.port)
@@ -446,10 +496,13 @@ class Http:
         return connection
 
     async def _exchange(self, connection: _Connection, data: bytes) -> Reply:
+        assert connection.transport is not None
+        connection.expect()
+        connection.transport.write(data)
+        return await self._answer(connection)
+
+    async def _answer(self, connection: _Connection) -> Reply:
         try:
-            assert connection.transport is not None
-            connection.expect()
-            connection.transport.write(data)
             while not connection.head_done:
                 await connection.more(self.read_timeout)
         except BaseException:

@@ -5,7 +5,7 @@ raising: a dict travels back through any transport, an exception class may not u
 
 The request::
 
-    {"op": "chat/completions" | "completions" | "embeddings" | ... (``compute_functions.routes.OPERATIONS``),
+    {"op": one of ``routes.OPERATIONS`` ("chat/completions", "completions", "embeddings", "responses", ...),
      "payload": {...},                 # the OpenAI body, with the model name the server knows
      "model_server": {"command": [...], "host": ..., "port": ..., "health_path": ..., "startup_timeout": ...,
                       "idle_timeout": ..., "env": {...}, "state_dir": ... (optional)},
@@ -16,21 +16,36 @@ A whole answer comes back as ``{"ok": True, "response": {...}}``. A streamed one
 server writes it, in the body of one HTTP request to ``stream["url"]`` (the gateway's relay), and the result is
 ``{"ok": True, "streamed": n_events}``. A failure is ``{"ok": False, "error": {"kind", "status", "body", "message"}}``
 with ``kind`` one of ``model_start_failed``, ``upstream``, ``timeout``, ``relay`` or ``cancelled``.
+
+With ``"node_requests": n`` (and ``stream`` set, whole answers too), the worker hands the request to the node's
+request server (``request_server``), which serves up to ``n`` at once in threads, and the task returns
+``{"ok": True, "relayed": True}`` as soon as a thread has taken it. The request's outcome (the result above) then
+comes through the relay, as the last event of the body: ``event: outcome``, its JSON as data. The relay request
+is open from the start, so a request server that dies breaks it at once. ``{"group": [request, ...]}`` hands over
+several such requests in one task.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Generator, Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
-from compute_functions import node
+from compute_functions import node, request_server
+from compute_functions.http1 import ConnectionBroken, Http, ServerUnreachable
 from compute_functions.model_server import ModelServerFailed
 from compute_functions.routes import OPERATIONS, url_of
 from compute_functions.sse import EventCounter
+
+log = logging.getLogger("compute_functions.inference")
 
 _MAX_ERROR_BODY = 64 * 1024
 _CONNECT_TIMEOUT = 10.0
@@ -38,6 +53,11 @@ _CONNECT_TIMEOUT = 10.0
 _ATTEMPTS = 3
 
 _clients: dict[str, httpx.Client] = {}
+# How a worker starts the node's request server (see ``request_server.hand_over``).
+_SERVE_NODE = (
+    "import sys; sys.path.insert(0, sys.argv[1]); from compute_functions.inference import serve_node; "
+    "serve_node(*sys.argv[2:])"
+)
 
 
 def _client(kind: str) -> httpx.Client:
@@ -47,8 +67,11 @@ def _client(kind: str) -> httpx.Client:
         # The model server is on this node: never send its traffic through a site's HTTP proxy. The relay may
         # have to go through one to reach the gateway, so it honours the proxy settings of the environment.
         # Each request sets its own timeouts.
-        client = httpx.Client(trust_env=kind == "relay", timeout=_CONNECT_TIMEOUT)
-        _clients[kind] = client
+        # Threads share the client: no cap on connections beyond the requests a worker holds.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        client = httpx.Client(trust_env=kind == "relay", timeout=_CONNECT_TIMEOUT, limits=limits)
+        _clients.setdefault(kind, client)
+        client = _clients[kind]
     return client
 
 
@@ -63,23 +86,72 @@ def invalid_answer(message: str) -> dict[str, Any]:
 
 def inference(request: dict[str, Any]) -> dict[str, Any]:
     """Answer one OpenAI request with the model server of this node, starting it when needed; see the module doc."""
+    group: list[dict[str, Any]] = request.get("group", [request])
+    for one in group:
+        if one["op"] not in OPERATIONS:
+            raise ValueError(f"unknown operation {one['op']!r}")
+    if request.get("node_requests") or "group" in request:
+        # To the node's request servers (one per state directory), all at once.
+        by_server: dict[str, list[dict[str, Any]]] = {}
+        for one in group:
+            if not one.get("stream") or not one.get("node_requests"):
+                raise ValueError("a request for the request server needs node_requests and stream (the relay)")
+            directory = node.LaunchSpec.from_settings(one["model_server"], "").state_dir
+            by_server.setdefault(directory, []).append(one)
+        for directory, requests in by_server.items():
+            request_server.hand_over(Path(directory), requests, int(requests[0]["node_requests"]), _SERVE_NODE)
+        return {"ok": True, "relayed": True}
+    answer = _answer(request)
+    if not _streams(request):
+        return _finished(answer)
+    try:
+        first = next(answer)
+    except StopIteration as end:
+        # It failed before the model server streamed anything: the result says so, no relay request needed.
+        outcome: dict[str, Any] = end.value
+        return outcome
+    return _relay(first, answer, request, request["stream"])
+
+
+def _streams(request: dict[str, Any]) -> bool:
+    """Whether the model server's answer is an event stream; in a thread, ``stream`` carries whole answers too."""
+    if request.get("node_requests"):
+        return bool(request["payload"].get("stream"))
+    return bool(request.get("stream"))
+
+
+def serve_node(directory: str, held: str, first_client: str) -> None:
+    """The node's request server (started by ``hand_over``): each request in a thread, its outcome to the relay."""
+    request_server.serve(Path(directory), int(held), int(first_client), _serve_relayed)
+
+
+def _finished(answer: Generator[bytes, None, dict[str, Any]]) -> dict[str, Any]:
+    """The outcome of a whole answer, which streams nothing."""
+    try:
+        while True:
+            next(answer)
+    except StopIteration as end:
+        outcome: dict[str, Any] = end.value
+        return outcome
+
+
+def _answer(request: dict[str, Any]) -> Generator[bytes, None, dict[str, Any]]:
+    """The events of a streamed answer as the model server writes them (none for a whole one); returns the outcome."""
     op = request["op"]
-    if op not in OPERATIONS:
-        raise ValueError(f"unknown operation {op!r}")
     payload: dict[str, Any] = request["payload"]
     spec = node.LaunchSpec.from_settings(request["model_server"], str(payload.get("model", "")))
     timeout = httpx.Timeout(float(request.get("timeout") or 600.0), connect=_CONNECT_TIMEOUT)
-    stream = request.get("stream")
     for attempt in range(_ATTEMPTS):
         try:
             base_url = node.ensure_server(spec)
         except ModelServerFailed as exc:
             return failure("model_start_failed", f"the model server did not start: {exc}", body=str(exc))
         try:
-            if stream:
-                return _streamed(url_of(base_url, op), payload, timeout, stream)
+            if _streams(request):
+                return (yield from _streamed(url_of(base_url, op), payload, timeout))
             return _whole(url_of(base_url, op), payload, timeout)
         except httpx.ConnectError:
+            # Only ever before the first event: nothing was sent on yet, so the request may go again.
             node.forget(spec)
             time.sleep(0.5 * attempt)
         finally:
@@ -107,18 +179,11 @@ def _whole(url: str, payload: dict[str, Any], timeout: httpx.Timeout) -> dict[st
     return {"ok": True, "response": answer}
 
 
-class _UpstreamBroke(Exception):
-    """Raised inside the relay's body when the model server's stream fails, to abort the relay request."""
-
-    def __init__(self, result: dict[str, Any]) -> None:
-        super().__init__(result["error"]["message"])
-        self.result = result
-
-
-def _streamed(url: str, payload: dict[str, Any], timeout: httpx.Timeout, stream: dict[str, Any]) -> dict[str, Any]:
+def _streamed(url: str, payload: dict[str, Any], timeout: httpx.Timeout) -> Generator[bytes, None, dict[str, Any]]:
     # Made before the model server starts generating: a worker's first client takes a while to set up (proxy
     # settings, TLS context), and meanwhile the first tokens would wait.
     _client("relay")
+    events = EventCounter()
     try:
         with _client("upstream").stream("POST", url, json=payload, timeout=timeout) as upstream:
             if upstream.status_code >= 400:
@@ -128,46 +193,192 @@ def _streamed(url: str, payload: dict[str, Any], timeout: httpx.Timeout, stream:
             if not content_type.startswith("text/event-stream"):
                 upstream.read()
                 return invalid_answer(f"the model server answered {content_type!r}, not an event stream")
-            return _relay(upstream, timeout, stream)
-    except httpx.TimeoutException:
-        return failure("timeout", "the model server did not answer in time")
-    except httpx.ConnectError:
-        raise
-    except httpx.TransportError as exc:
-        return failure("upstream", f"the model server broke off: {exc.__class__.__name__}")
-
-
-def _relay(upstream: httpx.Response, timeout: httpx.Timeout, stream: dict[str, Any]) -> dict[str, Any]:
-    """Copy the server's events to the gateway as they arrive: no batching, no delay."""
-    events = EventCounter()
-
-    def body() -> Iterator[bytes]:
-        try:
+            # The server's events go on as they arrive: no batching, no delay.
             for data in upstream.iter_bytes():
                 events.feed(data)
                 yield data
-        except httpx.TimeoutException:
-            raise _UpstreamBroke(failure("timeout", "the model server stopped streaming")) from None
-        except httpx.TransportError as exc:
-            raise _UpstreamBroke(failure("upstream", f"the stream broke off: {exc.__class__.__name__}")) from None
-
-    headers = {"authorization": f"Bearer {stream['token']}", "content-type": "text/event-stream"}
-    try:
-        answer = _client("relay").post(
-            stream["url"], content=body(), headers=headers, timeout=httpx.Timeout(timeout.read, connect=10.0)
+    except httpx.TimeoutException:
+        return failure(
+            "timeout",
+            "the model server stopped streaming" if events.events else "the model server did not answer in time",
         )
+    except httpx.ConnectError:
+        if events.events:
+            return failure("upstream", "the stream broke off: ConnectError")
+        raise
+    except httpx.TransportError as exc:
+        broke = "the stream broke off" if events.events else "the model server broke off"
+        return failure("upstream", f"{broke}: {exc.__class__.__name__}")
+    return {"ok": True, "streamed": events.events}
+
+
+class _UpstreamBroke(Exception):
+    """Raised inside the relay's body when the model server's stream fails, to abort the relay request."""
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        super().__init__(result["error"]["message"])
+        self.result = result
+
+
+def _relay(
+    first: bytes, answer: Generator[bytes, None, dict[str, Any]], request: dict[str, Any], stream: dict[str, Any]
+) -> dict[str, Any]:
+    """Copy the server's events to the gateway as they arrive; a stream that fails midway aborts the relay request."""
+    outcome: dict[str, Any] = {}
+
+    def body() -> Generator[bytes, None, None]:
+        nonlocal outcome
+        yield first
+        outcome = yield from answer
+        if not outcome["ok"]:
+            raise _UpstreamBroke(outcome)
+
+    try:
+        # Closed here, not whenever the collector gets to it: closing it closes the model server's request.
+        with contextlib.closing(body()) as events, contextlib.closing(answer):
+            answered = _post_relay(stream, events, float(request.get("timeout") or 600.0))
     except _UpstreamBroke as exc:
         return exc.result
-    except httpx.ConnectError as exc:
-        return failure("relay", f"cannot reach the gateway's relay at {stream['url']}: {exc}")
     except httpx.TransportError as exc:
         # Upstream failures surface here too when the transport wraps the body's exception.
         if isinstance(exc.__context__, _UpstreamBroke):
             return exc.__context__.result
+        raise
+    return answered or outcome
+
+
+async def _serve_relayed(request: dict[str, Any]) -> None:
+    """In the request server: the events, then the outcome, in one relay request opened before either."""
+    stream = request["stream"]
+    timeout = float(request.get("timeout") or 600.0)
+    outcome: dict[str, Any] = {}
+
+    async def body() -> AsyncGenerator[bytes, None]:
+        # The relay request's head goes before the first piece, so the relay sees a dead server from the start.
+        async with contextlib.aclosing(_answer_async(request, timeout, outcome)) as events:
+            async for piece in events:
+                yield piece
+        yield b"event: outcome\ndata: " + json.dumps(outcome).encode() + b"\n\n"
+
+    headers = {"authorization": f"Bearer {stream['token']}", "content-type": "text/event-stream"}
+    try:
+        # Closed here when the relay refuses the rest (the client left): that closes the model server's request.
+        async with contextlib.aclosing(body()) as pieces:
+            parts = urlsplit(stream["url"])
+            # The relay may be outside the site: through its proxy when the environment names one.
+            relay = _http(f"{parts.scheme}://{parts.netloc}", timeout, proxy=True)
+            reply = await relay.upload(parts.path, pieces, headers)
+            reply.close()
+    except (OSError, TimeoutError, httpx.TransportError):
+        # Nobody waits for what the relay answers: a gateway that gave up has its own error already.
+        pass
+    except Exception:
+        # A fault here, not in the request: the gateway sees the relay request break, the server's log says why.
+        log.exception("a relayed request failed")
+
+
+# The request server's clients, by origin, patience and proxying: kept-alive connections to the model server and
+# to the relay.
+_https: dict[tuple[str, float, bool], Http] = {}
+
+
+def _http(origin: str, patience: float, *, proxy: bool) -> Http:
+    http = _https.get((origin, patience, proxy))
+    if http is None:
+        http = Http(origin, {}, connect_timeout=_CONNECT_TIMEOUT, read_timeout=patience, proxy=proxy)
+        _https[(origin, patience, proxy)] = http
+    return http
+
+
+async def _answer_async(
+    request: dict[str, Any], patience: float, outcome: dict[str, Any]
+) -> AsyncGenerator[bytes, None]:
+    """As ``_answer``, in the request server's event loop: the events of a streamed answer; ``outcome`` is filled."""
+    op = request["op"]
+    payload: dict[str, Any] = request["payload"]
+    spec = node.LaunchSpec.from_settings(request["model_server"], str(payload.get("model", "")))
+    data = json.dumps(payload).encode()
+    streams = _streams(request)
+    for attempt in range(_ATTEMPTS):
+        base_url = node.known_server(spec)
+        if base_url is None:
+            try:
+                # Starting a model server waits on locks and its health check: away from the loop.
+                base_url = await asyncio.to_thread(node.ensure_server, spec)
+            except ModelServerFailed as exc:
+                outcome.update(failure("model_start_failed", f"the model server did not start: {exc}", body=str(exc)))
+                return
+        url = urlsplit(url_of(base_url, op))
+        # The model server is on this node: its traffic never goes through a site's proxy.
+        upstream = _http(f"{url.scheme}://{url.netloc}", patience, proxy=False)
+        try:
+            reply = await upstream.request("POST", url.path, data)
+        except ServerUnreachable:
+            node.forget(spec)
+            await asyncio.sleep(0.5 * attempt)
+            continue
+        except TimeoutError:
+            outcome.update(failure("timeout", "the model server did not answer in time"))
+            return
+        except ConnectionBroken as exc:
+            outcome.update(failure("upstream", f"the model server broke off: {exc}"))
+            return
+        events = EventCounter()
+        try:
+            if reply.status >= 400:
+                text = (await reply.read()).decode(errors="replace")
+                outcome.update(failure("upstream", "the model server answered an error", reply.status, text))
+            elif streams and reply.content_type != "text/event-stream":
+                await reply.read()
+                outcome.update(invalid_answer(f"the model server answered {reply.content_type!r}, not an event stream"))
+            elif streams:
+                async for piece in reply.pieces():
+                    events.feed(piece)
+                    yield piece
+                outcome.update({"ok": True, "streamed": events.events})
+            else:
+                outcome.update(_parsed(await reply.read()))
+        except TimeoutError:
+            late = "stopped streaming" if events.events else "did not answer in time"
+            outcome.update(failure("timeout", f"the model server {late}"))
+        except ConnectionBroken as exc:
+            outcome.update(failure("upstream", f"the stream broke off: {exc}"))
+        finally:
+            reply.close()
+            node.mark_used(spec)
+        return
+    outcome.update(failure("upstream", "the model server refused the connection"))
+
+
+def _parsed(body: bytes) -> dict[str, Any]:
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return invalid_answer("the model server's answer is not JSON")
+    if not isinstance(answer, dict):
+        return invalid_answer("the model server's answer is not a JSON object")
+    return {"ok": True, "response": answer}
+
+
+def _post_relay(stream: dict[str, Any], body: Iterator[bytes], read_timeout: float) -> dict[str, Any] | None:
+    """POST ``body`` to the relay: None once it took all of it, or the failure that stopped it.
+
+    ``httpx.TransportError`` other than a failed connection propagates, with the body's own exception as context.
+    """
+    headers = {"authorization": f"Bearer {stream['token']}", "content-type": "text/event-stream"}
+    try:
+        answer = _client("relay").post(
+            stream["url"], content=body, headers=headers, timeout=httpx.Timeout(read_timeout, connect=10.0)
+        )
+    except httpx.ConnectError as exc:
+        return failure("relay", f"cannot reach the gateway's relay at {stream['url']}: {exc}")
+    except httpx.TransportError as exc:
+        if isinstance(exc.__context__, _UpstreamBroke):
+            raise
         # The gateway breaks the connection when nobody waits for the stream any more.
         return failure("cancelled", f"the gateway closed the stream: {exc.__class__.__name__}")
     if answer.status_code in (200, 204):
-        return {"ok": True, "streamed": events.events}
+        return None
     if answer.status_code in (410, 499):
         return failure("cancelled", "the client went away", answer.status_code, answer.text)
     return failure("relay", "the gateway's relay refused the stream", answer.status_code, answer.text)

@@ -39,7 +39,7 @@ from compute_functions.metrics import model_load
 from compute_functions.model_server import ModelServer, ModelServerFailed, free_port
 
 # The directory that holds the ``compute_functions`` package, so the watchdog imports the same code.
-_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 _WATCHDOG = (
     "import sys; sys.path.insert(0, sys.argv[1]); from compute_functions.node import watch; watch(*sys.argv[2:])"
 )
@@ -138,6 +138,14 @@ def ensure_server(spec: LaunchSpec) -> str:
     return base_url
 
 
+def known_server(spec: LaunchSpec) -> str | None:
+    """The base URL of ``spec``'s server if this process found it ready before (then marked used), else None."""
+    base_url = _ready.get(_Files(Path(spec.state_dir), spec.key).state)
+    if base_url is not None:
+        mark_used(spec)
+    return base_url
+
+
 def forget(spec: LaunchSpec) -> None:
     """Stop trusting the remembered address of ``spec``'s server (it refused a connection)."""
     _ready.pop(_Files(Path(spec.state_dir), spec.key).state, None)
@@ -157,7 +165,7 @@ def servers(state_dir: str | Path | None = None) -> list[dict[str, Any]]:
     found = []
     for path in sorted(directory.glob("*.json")):
         state = _read(path)
-        if state and state.get("status") == "ready" and _alive(state.get("watchdog")):
+        if state and state.get("status") == "ready" and alive(state.get("watchdog")):
             found.append(state)
     return found
 
@@ -166,9 +174,9 @@ def _acquire(spec: LaunchSpec, files: _Files) -> str:
     files.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     _watchdogs[:] = [child for child in _watchdogs if child.poll() is None]
     deadline = time.monotonic() + spec.startup_timeout + _LOCK_MARGIN
-    with _locked(files.lock, deadline):
+    with locked(files.lock, deadline):
         state = _read(files.state)
-        if state is None or state.get("status") == "failed" or not _alive(state.get("watchdog")):
+        if state is None or state.get("status") == "failed" or not alive(state.get("watchdog")):
             if spec.port and _healthy(f"http://{spec.host}:{spec.port}{spec.health_path}"):
                 # Started by someone else (an operator's long-running vLLM): use it, never stop it.
                 return f"http://{spec.host}:{spec.port}/v1"
@@ -181,11 +189,11 @@ def _acquire(spec: LaunchSpec, files: _Files) -> str:
             return str(state["base_url"])
         if state is not None and state.get("status") == "failed":
             raise ModelServerFailed(str(state.get("error")))
-        if state is None or not _alive(state.get("watchdog")):
-            raise ModelServerFailed(f"the model server's watchdog stopped; its log ends with:\n{_tail(files.log)}")
+        if state is None or not alive(state.get("watchdog")):
+            raise ModelServerFailed(f"the model server's watchdog stopped; its log ends with:\n{tail(files.log)}")
         if time.monotonic() > deadline:
             raise ModelServerFailed(
-                f"model server not healthy after {spec.startup_timeout:.0f} s; its log ends with:\n{_tail(files.log)}"
+                f"model server not healthy after {spec.startup_timeout:.0f} s; its log ends with:\n{tail(files.log)}"
             )
         time.sleep(_POLL)
 
@@ -207,7 +215,7 @@ def _launch(spec: LaunchSpec, files: _Files) -> dict[str, Any]:
     _write(files.state, state)
     files.used.touch()
     watchdog = subprocess.Popen(
-        [sys.executable, "-c", _WATCHDOG, _PACKAGE_ROOT, str(files.directory), spec.key],
+        [sys.executable, "-c", _WATCHDOG, PACKAGE_ROOT, str(files.directory), spec.key],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -261,7 +269,7 @@ def watch(directory: str, key: str) -> None:
             time.sleep(poll)
             if not server.running():
                 error = f"model server exited with status {server.process and server.process.returncode}"
-                _update(files, status="failed", error=f"{error}; its log ends with:\n{_tail(files.log)}")
+                _update(files, status="failed", error=f"{error}; its log ends with:\n{tail(files.log)}")
                 return
             why = _reason_to_stop(files, state["base_url"], idle_timeout)
             if why:
@@ -272,7 +280,7 @@ def watch(directory: str, key: str) -> None:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            with _locked(files.lock, float("inf")):
+            with locked(files.lock, float("inf")):
                 if server.running():
                     with open(files.log, "ab") as log:
                         log.write(f"\n[watchdog] stopping the model server: {reason}\n".encode())
@@ -291,7 +299,7 @@ def watch(directory: str, key: str) -> None:
 def _reason_to_stop(files: _Files, base_url: str, idle_timeout: float) -> str | None:
     users = 0
     for client in files.clients.glob("*"):
-        if client.name.isdigit() and _alive(int(client.name)):
+        if client.name.isdigit() and alive(int(client.name)):
             users += 1
         else:
             client.unlink(missing_ok=True)
@@ -323,7 +331,7 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _alive(pid: object) -> bool:
+def alive(pid: object) -> bool:
     """Whether ``pid`` runs; a zombie (exited, not yet reaped) counts as gone."""
     if not isinstance(pid, int) or pid <= 0:
         return False
@@ -343,7 +351,7 @@ def _alive(pid: object) -> bool:
 
 
 @contextlib.contextmanager
-def _locked(path: Path, deadline: float) -> Iterator[None]:
+def locked(path: Path, deadline: float) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -376,13 +384,13 @@ def _write(path: Path, state: dict[str, Any]) -> None:
 
 
 def _update(files: _Files, **changes: Any) -> None:
-    with _locked(files.lock, float("inf")):
+    with locked(files.lock, float("inf")):
         state = _read(files.state)
         if state is not None and state.get("watchdog") in (None, os.getpid()):
             _write(files.state, {**state, **changes})
 
 
-def _tail(path: Path, lines: int = 30) -> str:
+def tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:

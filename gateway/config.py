@@ -15,6 +15,7 @@ from uuid import UUID
 import yaml
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -180,7 +181,15 @@ class ParslSettings(_Strict):
     provider: Literal["local", "slurm", "pbspro"] = "local"
     provider_options: dict[str, Any] = Field(default_factory=dict)
     launcher: Literal["single_node", "simple", "srun", "mpiexec", "aprun"] | None = None
-    max_workers_per_node: int = Field(default=4, ge=1)
+    # The node's request server holds this many requests at once, each waiting on the model server, which does the
+    # computing: so requests, not cores, are what to size. 256 is vLLM's default max-num-seqs. Parsl's name,
+    # ``max_workers_per_node``, is still read with the meaning it had here: the requests a node serves at once.
+    requests_per_node: int = Field(
+        default=256, ge=1, validation_alias=AliasChoices("requests_per_node", "max_workers_per_node")
+    )
+    # Parsl worker processes per node: they only hand requests to the request server (each costs ~100 MB and a
+    # second or so of CPU to start), and run the status and batch functions.
+    workers_per_node: int = Field(default=2, ge=1)
     init_blocks: int = Field(default=1, ge=0)
     min_blocks: int = Field(default=0, ge=0)
     max_blocks: int = Field(default=1, ge=1)
@@ -213,6 +222,11 @@ class ParslSettings(_Strict):
                     f"(it takes: {', '.join(sorted(accepted - set(_PARSL_PROVIDER_KEYS)))})"
                 )
         return self
+
+    @property
+    def worker_processes(self) -> int:
+        """The worker processes of a node: ``workers_per_node``, never more than there are requests to hold."""
+        return min(self.workers_per_node, self.requests_per_node)
 
 
 class RelaySettings(_Strict):

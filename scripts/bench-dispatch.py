@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 "transport": "parsl",
                 # The port answers already, so the compute function uses that server and never starts one.
                 "worker_model_server": {"command": ["true"], "port": proxy_port, "state_dir": str(work / "servers")},
-                "parsl": {"provider": "local", "max_workers_per_node": 2, "init_blocks": 1, "min_blocks": 1},
+                "parsl": {"provider": "local", "requests_per_node": 8, "init_blocks": 1, "min_blocks": 1},
             },
         ],
     }

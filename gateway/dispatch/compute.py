@@ -50,9 +50,17 @@ def compute_request(
     model_server: dict[str, Any],
     timeout: float,
     stream: dict[str, str] | None = None,
+    node_requests: int | None = None,
 ) -> dict[str, Any]:
-    """The argument of ``inference``: the operation, the body, how to start the model server, and where to stream."""
-    return {"op": op, "payload": payload, "model_server": model_server, "timeout": timeout, "stream": stream}
+    """The argument of ``inference``: the operation, the body, how to start the model server, and where to stream.
+
+    With ``node_requests``, the worker hands the request to its node's request server, which serves up to that many
+    at once, and the outcome comes through the relay at ``stream`` (see ``relayed_outcome``).
+    """
+    request = {"op": op, "payload": payload, "model_server": model_server, "timeout": timeout, "stream": stream}
+    if node_requests is not None:
+        request["node_requests"] = node_requests
+    return request
 
 
 def _failure(endpoint: Endpoint, error: Any) -> BackendFailure:
@@ -92,6 +100,12 @@ def answer_of(endpoint: Endpoint, result: Any) -> dict[str, Any]:
     if not isinstance(response, dict):
         raise BackendProtocolError(endpoint, "compute function result has no response object")
     return response
+
+
+def taken(endpoint: Endpoint, result: Any) -> None:
+    """That the node's request server took the request, or the typed error the ``inference`` result reports."""
+    if _checked(endpoint, result).get("relayed") is not True:
+        raise BackendProtocolError(endpoint, "compute function result does not say that a worker took the request")
 
 
 def streamed_count(endpoint: Endpoint, result: Any) -> int:

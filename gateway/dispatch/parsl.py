@@ -12,11 +12,13 @@ being cancelled (see ``gateway.dispatch.futures``). A streamed answer comes back
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shlex
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,9 +40,15 @@ from gateway.dispatch.base import (
     BackendUnavailable,
     Dispatcher,
 )
-from gateway.dispatch.compute import answer_of, compute_request, load_function, served_availability
+from gateway.dispatch.compute import (
+    answer_of,
+    compute_request,
+    load_function,
+    served_availability,
+    streamed_count,
+)
 from gateway.dispatch.futures import result_of
-from gateway.dispatch.relayed import relayed_events
+from gateway.dispatch.relayed import relayed_outcome
 from gateway.federation.availability import Availability
 from gateway.federation.registry import Endpoint
 from gateway.streaming.relay import Relay
@@ -93,7 +101,10 @@ def build_executor(label: str, settings: ParslSettings) -> HighThroughputExecuto
     return HighThroughputExecutor(
         label=label,
         provider=provider,
-        max_workers_per_node=settings.max_workers_per_node,
+        max_workers_per_node=settings.worker_processes,
+        # Parsl also caps the workers at cores / cores_per_worker (one per core by default). The workers wait on the
+        # model server, so this share makes the cap ``worker_processes`` on any node of one core or more.
+        cores_per_worker=1.0 / settings.worker_processes,
         heartbeat_period=settings.heartbeat_period,
         heartbeat_threshold=settings.heartbeat_threshold,
         **extra,
@@ -138,6 +149,7 @@ class ParslDispatcher(Dispatcher):
             self._task_timeout[endpoint_id] = launch.startup_timeout + request_timeout + _TASK_MARGIN
         self._inference = load_function("inference")
         self._status = load_function("status")
+        self._handovers: dict[str, _Handover] = {}
         self._loading: asyncio.Task[DataFlowKernel] | None = None
         self._log_handler: logging.Handler | None = None
 
@@ -208,17 +220,7 @@ class ParslDispatcher(Dispatcher):
             future = executor.submit(function, {}, request)
         except Exception as exc:
             raise BackendUnavailable(endpoint, f"Parsl refused the task: {exc.__class__.__name__}: {exc}") from None
-        try:
-            async with asyncio.timeout(limit):
-                return await result_of(future)
-        except TimeoutError:
-            raise BackendTimeout(endpoint, f"no result from the worker within {limit:g} s") from None
-        except BadStateException as exc:
-            raise BackendUnavailable(endpoint, f"the Parsl executor failed: {exc}") from None
-        except Exception as exc:
-            # WorkerLost, ManagerLost, or the function raised: the worker did not finish its answer.
-            log.warning("%s: task failed on the worker: %s: %s", endpoint.id, exc.__class__.__name__, exc)
-            raise BackendProtocolError(endpoint, f"the worker failed: {exc.__class__.__name__}: {exc}") from None
+        return await _result(endpoint, result_of(future), limit)
 
     async def run(self, endpoint: Endpoint, function: str, request: dict[str, Any], limit: float | None = None) -> Any:
         """Run the compute function named ``function`` (a key of ``FUNCTIONS``) on a worker of ``endpoint``.
@@ -234,29 +236,57 @@ class ParslDispatcher(Dispatcher):
         return self._model_server[endpoint.id]
 
     async def call(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> dict[str, Any]:
-        request = compute_request(
-            op, payload, model_server=self._model_server[endpoint.id], timeout=self._request_timeout
-        )
-        result = await self._run(endpoint, self._inference, request, self._task_timeout[endpoint.id])
-        return answer_of(endpoint, _logged(endpoint, result))
+        if self._relay_url is None:
+            # Without the relay, the task carries the answer and holds its worker until then.
+            request = compute_request(
+                op, payload, model_server=self._model_server[endpoint.id], timeout=self._request_timeout
+            )
+            result = await self._run(endpoint, self._inference, request, self._task_timeout[endpoint.id])
+            return answer_of(endpoint, _logged(endpoint, result))
+        async for item in self._relayed(endpoint, op, payload, stream=False):
+            if isinstance(item, dict):
+                return answer_of(endpoint, _logged(endpoint, item))
+        raise BackendProtocolError(endpoint, "the worker's answer ended without its outcome")
 
     async def stream(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> AsyncIterator[bytes]:
         if self._relay_url is None:
             raise BackendUnavailable(endpoint, "relay.url is not set, so workers cannot stream answers back")
-        timeout = self._task_timeout[endpoint.id]
-
-        async def run(stream: dict[str, str]) -> Any:
-            request = compute_request(
-                op, payload, model_server=self._model_server[endpoint.id], timeout=self._request_timeout, stream=stream
-            )
-            return _logged(endpoint, await self._run(endpoint, self._inference, request, timeout))
-
-        events = relayed_events(endpoint, self._relay, self._relay_url, run, wait=timeout, idle=self._request_timeout)
+        items = self._relayed(endpoint, op, payload, stream=True)
         try:
-            async for event in events:
-                yield event
+            async for item in items:
+                if isinstance(item, bytes):
+                    yield item
+                else:
+                    streamed_count(endpoint, _logged(endpoint, item))
         finally:
-            await events.aclose()
+            await items.aclose()
+
+    def _relayed(
+        self, endpoint: Endpoint, op: str, payload: dict[str, Any], *, stream: bool
+    ) -> AsyncGenerator[bytes | dict[str, Any], None]:
+        """The events and outcome of a request served by the node's request server (see ``relayed_outcome``)."""
+        assert self._relay_url is not None
+        timeout = self._task_timeout[endpoint.id]
+        held = self._settings[endpoint.id].requests_per_node
+
+        async def run(relay: dict[str, str]) -> Any:
+            request = compute_request(
+                op,
+                payload if bool(payload.get("stream")) == stream else {**payload, "stream": stream},
+                model_server=self._model_server[endpoint.id],
+                timeout=self._request_timeout,
+                stream=relay,
+                node_requests=held,
+            )
+            executor = await self._executor(endpoint)
+            handover = self._handovers.get(executor.label)
+            if handover is None:
+                workers = self._settings[endpoint.id].worker_processes
+                handover = self._handovers[executor.label] = _Handover(executor, self._inference, workers)
+            # The task ends once the node's request server has the request: its limit is the wait for a free slot.
+            return await _result(endpoint, handover.hand_over(request), timeout)
+
+        return relayed_outcome(endpoint, self._relay, self._relay_url, run, wait=timeout, idle=self._request_timeout)
 
     async def status(self, endpoint: Endpoint) -> Availability:
         """From the executor's blocks and workers, the scheduler's jobs, and a worker's view of its model servers."""
@@ -307,6 +337,86 @@ class ParslDispatcher(Dispatcher):
         if report.get("scheduler_error"):
             log.warning("%s: %s", endpoint.id, report["scheduler_error"])
         return tuple(report.get("jobs", []))
+
+
+async def _result(endpoint: Endpoint, waiting: Awaitable[Any], limit: float) -> Any:
+    """What a task returns, or the typed failure of its worker, its executor or the wait of ``limit`` seconds."""
+    try:
+        async with asyncio.timeout(limit):
+            return await waiting
+    except TimeoutError:
+        raise BackendTimeout(endpoint, f"no result from the worker within {limit:g} s") from None
+    except _Refused as exc:
+        raise BackendUnavailable(endpoint, f"Parsl refused the task: {exc}") from None
+    except BadStateException as exc:
+        raise BackendUnavailable(endpoint, f"the Parsl executor failed: {exc}") from None
+    except Exception as exc:
+        # WorkerLost, ManagerLost, or the function raised: the worker did not finish its answer.
+        log.warning("%s: task failed on the worker: %s: %s", endpoint.id, exc.__class__.__name__, exc)
+        raise BackendProtocolError(endpoint, f"the worker failed: {exc.__class__.__name__}: {exc}") from None
+
+
+class _Refused(Exception):
+    """The executor did not take a task."""
+
+
+class _Handover:
+    """The hand-overs of one executor's requests to their nodes' request servers, grouped while the workers are busy.
+
+    A task's journey through Parsl (interchange, the node's manager, a worker, and its result back) costs a few
+    milliseconds of several processes' CPU whatever it carries, and caps an executor at a few hundred tasks a second
+    on a small machine. So at most ``in_flight`` hand-over tasks are under way at once; requests that come meanwhile
+    wait, and go together in the next task as soon as one comes back. When requests are few, each goes at once in
+    a task of its own.
+    """
+
+    def __init__(self, executor: HighThroughputExecutor, function: Any, in_flight: int) -> None:
+        self._executor = executor
+        self._function = function
+        self._in_flight = in_flight
+        self._under_way = 0
+        self._waiting: list[tuple[dict[str, Any], asyncio.Future[Any]]] = []
+
+    def hand_over(self, request: dict[str, Any]) -> asyncio.Future[Any]:
+        """A future of the result of the task that carried ``request`` (``{"ok": True, "relayed": True}``)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting.append((request, future))
+        if self._under_way < self._in_flight:
+            self._send()
+        return future
+
+    def _send(self) -> None:
+        group, self._waiting = self._waiting, []
+        try:
+            task = self._executor.submit(self._function, {}, {"group": [request for request, _ in group]})
+        except Exception as exc:
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(_Refused(f"{exc.__class__.__name__}: {exc}"))
+            return
+        self._under_way += 1
+        loop = asyncio.get_running_loop()
+
+        def settle_soon(done: Future[Any]) -> None:
+            # A closed loop raises RuntimeError here: nobody waits any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._settle, done, group)
+
+        task.add_done_callback(settle_soon)
+
+    def _settle(self, task: Future[Any], group: list[tuple[dict[str, Any], asyncio.Future[Any]]]) -> None:
+        self._under_way -= 1
+        error = RuntimeError("the executor cancelled the task") if task.cancelled() else task.exception()
+        # A waiter that gave up (its timeout, its client gone) was cancelled: its stream is answered 410 anyway.
+        for _, future in group:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(task.result())
+            else:
+                future.set_exception(error)
+        if self._waiting:
+            self._send()
 
 
 def _failed_if_interchange_gone(executor: HighThroughputExecutor) -> bool:

@@ -1,4 +1,8 @@
-"""Streamed answers of the compute functions: the task runs on a worker, its events come back through the relay."""
+"""Answers of the compute functions that come back through the relay: the task runs on a worker, its events come here.
+
+``relayed_events`` waits for the events of a task that holds its worker until the answer ends (``globus``);
+``relayed_outcome`` for those of a request served by the node's request server, whole answers too (``parsl``).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,10 @@ import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
+import orjson
+
 from gateway.dispatch.base import BackendFailure, BackendProtocolError, BackendTimeout
-from gateway.dispatch.compute import streamed_count
+from gateway.dispatch.compute import streamed_count, taken
 from gateway.dispatch.sse import EventSplitter
 from gateway.federation.registry import Endpoint
 from gateway.streaming.relay import Ending, Relay, stream_url
@@ -80,6 +86,70 @@ async def relayed_events(
                 if ended is Ending.BROKEN:
                     raise BackendProtocolError(endpoint, "the worker's stream broke off")
                 limit = GRACE
+    finally:
+        inbox.close()
+        if not task.done():
+            task.cancel()
+
+
+# The last event of a request served by a request server: its outcome, which the task's result does not carry.
+_OUTCOME = b"event: outcome\ndata: "
+
+
+async def relayed_outcome(
+    endpoint: Endpoint,
+    relay: Relay,
+    relay_url: str,
+    run: Callable[[dict[str, str]], Awaitable[Any]],
+    *,
+    wait: float,
+    idle: float,
+) -> AsyncGenerator[bytes | dict[str, Any], None]:
+    """The SSE events of one ``inference`` request served by a node's request server, then its outcome (a dict).
+
+    ``run(stream)`` submits the task with ``stream`` as the request's ``stream`` and returns its result, which only
+    says that the request server took the request (or why it did not). The server's one relay request carries the
+    events and ends with the outcome; a relay request that ends without it (a server that died) is a
+    ``BackendProtocolError``. ``wait`` and ``idle`` bound the silences as in ``relayed_events``.
+    """
+    inbox = await relay.open(ttl=wait)
+    task = asyncio.ensure_future(run({"url": stream_url(relay_url, inbox.stream_id), "token": inbox.token}))
+    task.add_done_callback(inbox.put)
+    events = EventSplitter()
+    limit = wait
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(limit):
+                    item = await inbox.get()
+            except TimeoutError:
+                raise BackendTimeout(endpoint, "no events from the worker in time") from None
+            if isinstance(item, bytes):
+                complete = events.feed(item)
+                limit = idle
+                if not complete:
+                    continue
+                at = complete.find(_OUTCOME)
+                # Events are whole here, so the outcome starts the chunk or follows a blank line.
+                while at > 0 and complete[at - 2 : at] != b"\n\n":
+                    at = complete.find(_OUTCOME, at + 1)
+                if at < 0:
+                    yield complete
+                    continue
+                if at > 0:
+                    yield complete[:at]
+                try:
+                    outcome = orjson.loads(complete[at + len(_OUTCOME) :].split(b"\n", 1)[0])
+                except orjson.JSONDecodeError:
+                    raise BackendProtocolError(endpoint, "the worker's outcome is not JSON") from None
+                yield outcome
+                return
+            if isinstance(item, Ending):
+                if item is Ending.COMPLETE:
+                    raise BackendProtocolError(endpoint, "the worker's stream ended without its outcome")
+                raise BackendProtocolError(endpoint, "the worker's stream broke off")
+            # The task's result: a failure before the request server took the request is raised; else wait on.
+            taken(endpoint, _outcome(endpoint, item))
     finally:
         inbox.close()
         if not task.done():

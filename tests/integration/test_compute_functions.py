@@ -90,7 +90,7 @@ def servers(tmp_path: Path) -> Iterator[Path]:
     yield directory
     states = [json.loads(path.read_text()) for path in directory.glob("*.json")]
     for state in states:
-        if node._alive(state.get("watchdog")):
+        if node.alive(state.get("watchdog")):
             os.kill(state["watchdog"], signal.SIGTERM)
     for state in states:
         assert eventually(lambda state=state: not port_open(state["port"])), f"server left on port {state['port']}"

@@ -77,21 +77,15 @@ def sockets_to(port: int) -> set[str]:
     return inodes
 
 
-def workers_talking_to(tmp_module: Path, port: int) -> list[int]:
-    """The Parsl worker processes of this module's pool that hold a connection to ``port``.
+def request_servers_talking_to(tmp_module: Path, port: int) -> list[int]:
+    """The processes that serve this module's requests (the node's request server) with a connection to ``port``.
 
-    The pool's manager has other children (a multiprocessing manager) that must live; a worker is the child
-    that talks to the model server.
+    The workers only hand requests over; the request server holds them, so it is what dies with them.
     """
-    managers = {
-        pid
-        for pid, _, cmdline in processes()
-        if b"process_worker_pool" in cmdline and str(tmp_module).encode() in cmdline
-    }
     wanted = {f"socket:[{inode}]" for inode in sockets_to(port)}
     found = []
-    for pid, parent, _ in processes():
-        if parent not in managers:
+    for pid, _, cmdline in processes():
+        if b"serve_node" not in cmdline or str(tmp_module).encode() not in cmdline:
             continue
         try:
             links = {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
@@ -274,31 +268,31 @@ def test_unknown_streams_and_strangers_are_refused(front: ModelServer) -> None:
     assert httpx.post(url, content=b"data: x\n\n").status_code == 401
 
 
-def kill_workers(tmp_module: Path, simulator_port: int) -> None:
-    workers = workers_talking_to(tmp_module, simulator_port)
-    assert workers, "no Parsl worker process talks to the model server"
-    for pid in workers:
+def kill_request_server(tmp_module: Path, simulator_port: int) -> None:
+    servers = request_servers_talking_to(tmp_module, simulator_port)
+    assert servers, "no request server talks to the model server"
+    for pid in servers:
         os.kill(pid, signal.SIGKILL)
 
 
-def test_a_worker_killed_mid_stream_ends_the_stream_with_an_error(
+def test_a_request_server_killed_mid_stream_ends_the_stream_with_an_error(
     front: ModelServer, client: openai.OpenAI, tmp_module: Path, simulator_port: int
 ) -> None:
     events = stream_lines(front, {"model": MODEL, "messages": QUESTION, "max_tokens": 5000, "stream": True})
     assert next(line for line in events if line.startswith("data:"))
-    kill_workers(tmp_module, simulator_port)
+    kill_request_server(tmp_module, simulator_port)
     killed = time.monotonic()
     data = [line.removeprefix("data: ") for line in events if line.startswith("data:")]
     assert time.monotonic() - killed < 10
     assert data[-1] == "[DONE]"
     error = json.loads(data[-2])["error"]
     assert error["type"] == "server_error" and "worker" in error["message"]
-    # The pool replaces its workers, which start the model server again.
+    # The next request starts a new request server, which starts the model server again.
     response = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3)  # type: ignore[arg-type]
     assert response.usage is not None and response.usage.completion_tokens == 3
 
 
-def test_a_worker_killed_during_a_whole_answer_is_a_502(
+def test_a_request_server_killed_during_a_whole_answer_is_a_502(
     front: ModelServer, tmp_module: Path, simulator_port: int
 ) -> None:
     outcome: dict[str, Any] = {}
@@ -316,7 +310,7 @@ def test_a_worker_killed_during_a_whole_answer_is_a_502(
     asking = threading.Thread(target=ask)
     asking.start()
     time.sleep(1.0)
-    kill_workers(tmp_module, simulator_port)
+    kill_request_server(tmp_module, simulator_port)
     asking.join(30)
     response = outcome["response"]
     assert response.status_code == 502 and "worker" in response.json()["error"]["message"]

@@ -1,0 +1,166 @@
+"""The node's request server: one process that serves, all at once, the requests the node's workers hand it.
+
+A Parsl or Globus Compute worker runs one task at a time, and a request spends nearly all its time waiting on the
+model server: a worker process (~100 MB, a second of CPU to start) per request in flight would cost a node more
+than the model server itself. So a worker hands the request over a Unix socket to this process and is free again
+as soon as this process has taken it (an asyncio task per request); the task sends the outcome back to the gateway
+itself.
+
+The workers are not the servers on purpose: a worker waits for its next task holding a lock of its pool's task
+queue, and one killed there stops the whole pool. This process can die alone; its requests' relay connections
+break with it, so the gateway answers them with an error at once, and the next request starts a new one.
+
+Its files sit in the node's state directory (see ``node``), named by how many requests it holds, ``held``:
+``requests-HELD.sock``, ``requests-HELD.lock`` (held while one is started) and ``requests-HELD.log``; endpoints
+that hold different numbers on one node get a server each. It serves at most ``held`` requests at once; a
+hand-over waits while all are taken, so the worker stays busy and the rest wait in the pool's queue. It stops once
+no worker process that handed it a request is alive and nothing is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from compute_functions.node import PACKAGE_ROOT, alive, locked, tail
+
+_START_TIMEOUT = 30.0
+_WATCH = 1.0
+_TAKEN = b"taken\n"
+# A group of requests, with their bodies (a long prompt, several in a group), on one line.
+_LINE_LIMIT = 1 << 30
+
+
+class HandOverFailed(RuntimeError):
+    """No request server took the request; the message says why (with the end of its log when it did not start)."""
+
+
+def hand_over(directory: Path, requests: list[dict[str, Any]], held: int, entry: str) -> None:
+    """Give ``requests`` to the request server in ``directory``, started first (``entry``) when none listens there.
+
+    Returns once the server has taken them all. ``entry`` is Python code run as ``python -c entry
+    PACKAGE_ROOT directory held worker_pid`` that calls ``serve``.
+    """
+    path = directory / f"requests-{held}.sock"
+    data = json.dumps(requests).encode() + b"\n"
+    try:
+        return _send(path, data)
+    except (OSError, HandOverFailed):
+        # None listens, or one that was stopping closed the connection without taking the request.
+        _start(directory, held, entry)
+    try:
+        return _send(path, data)
+    except OSError as exc:
+        raise HandOverFailed(f"the node's request server does not take requests: {exc}") from None
+
+
+def _send(path: Path, data: bytes) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.connect(str(path))
+        connection.sendall(data)
+        answer = b""
+        while not answer.endswith(b"\n"):
+            piece = connection.recv(64)
+            if not piece:
+                raise HandOverFailed("the node's request server closed the connection before taking the request")
+            answer += piece
+    if answer != _TAKEN:
+        raise HandOverFailed(f"the node's request server answered {answer[:80]!r}")
+
+
+def _start(directory: Path, held: int, entry: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path, log = directory / f"requests-{held}.sock", directory / f"requests-{held}.log"
+    deadline = time.monotonic() + _START_TIMEOUT
+    with locked(directory / f"requests-{held}.lock", deadline):
+        try:
+            _probe(path)
+            return  # another worker started it meanwhile
+        except OSError:
+            path.unlink(missing_ok=True)
+        with open(log, "wb") as output:
+            server = subprocess.Popen(
+                [sys.executable, "-c", entry, PACKAGE_ROOT, str(directory), str(held), str(os.getpid())],
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        while time.monotonic() < deadline:
+            try:
+                _probe(path)
+                return
+            except OSError:
+                pass
+            if server.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise HandOverFailed(f"the node's request server did not start; its log ends with:\n{tail(log)}")
+
+
+def _probe(path: Path) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.connect(str(path))
+
+
+def serve(directory: Path, held: int, first_client: int, handle: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    """The request server's body: ``await handle(request)`` as a task per request, until no worker needs it."""
+    asyncio.run(_serve(directory, held, first_client, handle))
+
+
+async def _serve(
+    directory: Path, held: int, first_client: int, handle: Callable[[dict[str, Any]], Awaitable[None]]
+) -> None:
+    slots = asyncio.Semaphore(held)
+    clients = {first_client}
+    running: set[asyncio.Task[None]] = set()
+
+    async def serve_one(request: dict[str, Any]) -> None:
+        try:
+            await handle(request)
+        finally:
+            slots.release()
+
+    async def take(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            if not line:
+                return  # a probe
+            sock = writer.get_extra_info("socket")
+            clients.add(struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0])
+            for request in json.loads(line):
+                await slots.acquire()
+                task = asyncio.create_task(serve_one(request))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            writer.write(_TAKEN)
+        finally:
+            writer.close()
+
+    path = directory / f"requests-{held}.sock"
+    # Every worker of the node may hand over at once, each a group of requests on one line.
+    server = await asyncio.start_unix_server(take, str(path), backlog=1024, limit=_LINE_LIMIT)
+    own = path.stat().st_ino
+    try:
+        while True:
+            await asyncio.sleep(_WATCH)
+            clients.intersection_update([pid for pid in clients if alive(pid)])
+            if not clients and not running:
+                break
+    finally:
+        server.close()
+        # A successor may already listen at the path (this one was stuck): leave its socket alone.
+        try:
+            if path.stat().st_ino == own:
+                path.unlink()
+        except FileNotFoundError:
+            pass
