@@ -217,3 +217,85 @@ class EndpointDaemon:
             if path.exists():
                 texts.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
         return "\n".join(texts)
+
+
+REGISTRY = """\
+# The gateway's registry of the local Globus Compute site, as docs/operator-guide.md step 4 writes it.
+endpoints:
+  - cluster: {cluster}
+    framework: vllm
+    models: [{model}]
+    transport: globus
+    globus:
+      endpoint_id: {endpoint_id}
+      # function_ids are written by `inference-gateway register-functions`
+    worker_model_server:
+      command: {command}
+      startup_timeout: 60
+      state_dir: {state_dir}
+"""
+
+
+class ComputeSite:
+    """An endpoint daemon with the gateway's functions registered and allowed, as the operator guide sets it up.
+
+    Steps 2 to 5: configure and start the endpoint to learn its id, write the
+    registry entry, ``inference-gateway register-functions``, paste the
+    ``allowed_functions`` block it prints into ``config.yaml``, restart.
+    """
+
+    def __init__(self, daemon: EndpointDaemon, cluster: str, model: str, command: list[str], state_dir: Path) -> None:
+        self.daemon = daemon
+        self.cluster = cluster
+        self.model = model
+        self.command = command
+        self.state_dir = state_dir
+        self.registry = daemon.folder / "registry.yaml"
+        self.function_ids: dict[str, str] = {}
+        self.printed = ""
+
+    @property
+    def endpoint_id(self) -> str:
+        assert self.daemon.endpoint_id is not None
+        return self.daemon.endpoint_id
+
+    def set_up(self) -> ComputeSite:
+        import json
+
+        import yaml
+
+        self.daemon.configure()
+        self.daemon.start()
+        self.daemon.stop()
+        self.registry.write_text(
+            REGISTRY.format(
+                cluster=self.cluster,
+                model=self.model,
+                endpoint_id=self.endpoint_id,
+                command=json.dumps(self.command),
+                state_dir=self.state_dir,
+            )
+        )
+        done = subprocess.run(
+            [str(BIN / "inference-gateway"), "register-functions", "--config", str(self.registry)],
+            env={**os.environ, **self.daemon.env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, f"register-functions failed:\n{done.stdout}\n{done.stderr}"
+        self.printed = done.stdout
+        block = done.stdout[done.stdout.index("allowed_functions:") :]
+        with open(self.daemon.endpoint_dir / "config.yaml", "a") as config:
+            config.write("\n" + block)
+        entry = yaml.safe_load(self.registry.read_text())["endpoints"][0]
+        self.function_ids = {name: str(value) for name, value in entry["globus"]["function_ids"].items()}
+        self.daemon.start()
+        return self
+
+    def endpoint(self, **extra: object) -> dict[str, object]:
+        """The registry entry, with its written ``function_ids``, for a gateway config."""
+        import yaml
+
+        entry: dict[str, object] = yaml.safe_load(self.registry.read_text())["endpoints"][0]
+        return {**entry, **extra}
