@@ -61,6 +61,7 @@ class EndpointDaemon:
         idle_heartbeats: int = 120,
         allowed_functions: list[str] | None = None,
         email: str = "operator@example.org",
+        values: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.folder = folder
@@ -68,6 +69,13 @@ class EndpointDaemon:
         self.idle_heartbeats = idle_heartbeats
         self.allowed_functions = allowed_functions
         self.email = email
+        self.values = {
+            "CHANGE-ME-local-inference": f"{name} (tests)",
+            "CHANGE-ME-cluster-inference": f"{name} (tests)",
+            "CHANGE-ME@example.org": email,
+            "CHANGE-ME/inference-env": sys.prefix,
+            **(values or {}),
+        }
         self.home = folder / "home"
         self.user_dir = folder / ".globus_compute"
         self.log_path = folder / "daemon.log"
@@ -86,15 +94,8 @@ class EndpointDaemon:
     def endpoint_dir(self) -> Path:
         return self.user_dir / self.name
 
-    def _values(self) -> dict[str, str]:
-        environment = str(Path(sys.prefix))
-        return {
-            "CHANGE-ME-local-inference": f"{self.name} (tests)",
-            "CHANGE-ME@example.org": self.email,
-            "CHANGE-ME/inference-env": environment,
-        }
-
-    def _command(self, *args: str, timeout: float = 60) -> str:
+    def command(self, *args: str, timeout: float = 60) -> str:
+        """``globus-compute-endpoint ARGS`` in the daemon's environment; its output."""
         done = subprocess.run(
             [str(BIN / "globus-compute-endpoint"), *args],
             env=self.env,
@@ -112,15 +113,15 @@ class EndpointDaemon:
         filled = self.folder / "templates"
         filled.mkdir(exist_ok=True)
         site = TEMPLATES / self.site
-        core = fill((site / "config.yaml").read_text(), self._values())
+        core = fill((site / "config.yaml").read_text(), self.values)
         # The daemon's own settings for a test: the local service, and heartbeats often enough to follow.
         core += f"\nlocal_compute_services: true\nheartbeat_period: {HEARTBEAT}\n"
         if self.allowed_functions is not None:
             core += "allowed_functions:\n" + "".join(f"  - {function}\n" for function in self.allowed_functions)
-        template = fill((site / "user_config_template.yaml.j2").read_text(), self._values())
+        template = fill((site / "user_config_template.yaml.j2").read_text(), self.values)
         template = re.sub(r"(?m)^heartbeat_period: \d+", f"heartbeat_period: {HEARTBEAT}", template)
         template = re.sub(r"(?m)^idle_heartbeats_soft: \d+", f"idle_heartbeats_soft: {self.idle_heartbeats}", template)
-        environment = fill((site / "user_environment.yaml").read_text(), self._values())
+        environment = fill((site / "user_environment.yaml").read_text(), self.values)
         # A daemon run as root clears the user endpoint's environment: keep its files in the test's folder.
         environment += f"GLOBUS_COMPUTE_USER_DIR: {self.user_dir}\n"
         for file_name, text in [
@@ -129,7 +130,7 @@ class EndpointDaemon:
             ("user_environment.yaml", environment),
         ]:
             (filled / file_name).write_text(text)
-        self._command(
+        self.command(
             "configure",
             # No identity mapping: user endpoints only for the daemon's own identity, also as root.
             "--multi-user",
@@ -201,7 +202,7 @@ class EndpointDaemon:
         started = self.processes()
         if self.process is not None and self.process.poll() is None:
             with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
-                self._command("stop", self.name, timeout=timeout)
+                self.command("stop", self.name, timeout=timeout)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=timeout)
         started += self.processes()
