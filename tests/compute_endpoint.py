@@ -15,6 +15,7 @@ Two settings differ from the templates, for the tests' time: heartbeats every
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import psutil
+import yaml
 
 from tests.support import REPO
 
@@ -150,9 +152,9 @@ class EndpointDaemon:
     def start(self, timeout: float = 60) -> str:
         """``globus-compute-endpoint start``; the endpoint's id once the daemon has registered."""
         assert self.process is None or self.process.poll() is not None, "already running"
+        # The daemon writes endpoint.json once registered, on every start; the id stays the same across starts.
         json_file = self.endpoint_dir / "endpoint.json"
-        with contextlib.suppress(FileNotFoundError):
-            json_file.unlink()
+        launched = time.time_ns()
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [str(BIN / "globus-compute-endpoint"), "start", self.name],
@@ -164,12 +166,10 @@ class EndpointDaemon:
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
-        while not json_file.exists():
+        while not (json_file.exists() and json_file.stat().st_mtime_ns >= launched):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"the endpoint daemon did not start:\n{self.log_tail()}")
             time.sleep(0.1)
-        import json
-
         self.endpoint_id = str(json.loads(json_file.read_text())["endpoint_id"])
         return self.endpoint_id
 
@@ -261,10 +261,6 @@ class ComputeSite:
         return self.daemon.endpoint_id
 
     def set_up(self) -> ComputeSite:
-        import json
-
-        import yaml
-
         self.daemon.configure()
         self.daemon.start()
         self.daemon.stop()
@@ -291,12 +287,28 @@ class ComputeSite:
             config.write("\n" + block)
         entry = yaml.safe_load(self.registry.read_text())["endpoints"][0]
         self.function_ids = {name: str(value) for name, value in entry["globus"]["function_ids"].items()}
-        self.daemon.start()
+        registered = self.endpoint_id
+        assert self.daemon.start() == registered, "the endpoint came back under another id"
         return self
 
     def endpoint(self, **extra: object) -> dict[str, object]:
         """The registry entry, with its written ``function_ids``, for a gateway config."""
-        import yaml
-
         entry: dict[str, object] = yaml.safe_load(self.registry.read_text())["endpoints"][0]
         return {**entry, **extra}
+
+    def warm_up(self) -> None:
+        """Run the ``status`` function once through the real SDK, so that the user endpoint and its workers run."""
+        from globus_compute_sdk import Client, Executor
+
+        saved = {name: os.environ.get(name) for name in self.daemon.env}
+        os.environ.update(self.daemon.env)
+        try:
+            with Executor(endpoint_id=self.endpoint_id, client=Client()) as executor:
+                request = {"model_server": {"state_dir": str(self.state_dir)}, "scheduler": "none"}
+                executor.submit_to_registered_function(self.function_ids["status"], args=(request,)).result(timeout=120)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value

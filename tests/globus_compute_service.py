@@ -212,6 +212,7 @@ class ComputeService:
     def __init__(
         self, vhost: str, *, amqp_host: str = "127.0.0.1", amqp_port: int = 5672, amqp_user: str = "guest"
     ) -> None:
+        self.vhost = vhost
         self.amqp_url = f"amqp://{amqp_user}:{amqp_user}@{amqp_host}:{amqp_port}/{quote(vhost, safe='')}"
         self.queue_prefix = "results."
         self.functions: dict[str, str] = {}
