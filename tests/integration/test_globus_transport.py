@@ -121,9 +121,29 @@ def front(
         yield server
 
 
+def state_of(front: ModelServer, cluster: str) -> str:
+    listed = httpx.get(f"http://{front.host}:{front.port}/resource_server/list-endpoints", headers=HEADERS, timeout=10)
+    (view,) = [view for view in listed.json()["data"] if view["cluster"] == cluster]
+    return str(view["state"])
+
+
 def cluster_client(front: ModelServer, cluster: str = "local-globus") -> openai.OpenAI:
     base_url = f"http://{front.host}:{front.port}/resource_server/{cluster}/vllm/v1"
     return openai.OpenAI(base_url=base_url, api_key=TOKEN, max_retries=0, timeout=90)
+
+
+def test_a_cold_model_is_being_started_then_answers(front: ModelServer) -> None:
+    # The user endpoint runs, its node has no model server yet: the status function reports the model cold.
+    assert eventually(lambda: state_of(front, "local-globus") == "cold", timeout=30), state_of(front, "local-globus")
+    client = cluster_client(front)
+
+    with pytest.raises(openai.APIStatusError) as cold:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8)  # type: ignore[arg-type]
+
+    assert cold.value.status_code == 503 and "being started" in cold.value.message
+    assert cold.value.response.headers.get("retry-after")
+    once_started(lambda: client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=1))  # type: ignore[arg-type]
+    assert eventually(lambda: state_of(front, "local-globus") == "hot", timeout=30)
 
 
 def test_chat_whole_and_streamed(front: ModelServer) -> None:
@@ -268,6 +288,13 @@ def test_an_endpoint_killed_mid_request_is_a_504_and_the_other_cluster_takes_the
 
     # Once its heartbeats stop, the service reports it offline and the gateway sends requests elsewhere.
     assert eventually(lambda: not compute_service.online(compute_site.endpoint_id), timeout=30)
+    # A request for that cluster by name is refused at once rather than queued for an endpoint that is gone.
+    assert eventually(lambda: state_of(front, "local-globus") == "offline", timeout=30)
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=1)
+    assert refused.value.status_code == 503 and time.monotonic() - started < 5
+
     before = tasks_on(compute_service, second_site)
     for _ in range(3):
         answer = federated.completions.create(model=MODEL, prompt="Water boils at", max_tokens=4, timeout=30)
