@@ -9,7 +9,7 @@ import pytest
 from gateway.simulator import command as simulator_command
 from tests.compute_endpoint import ComputeSite, EndpointDaemon, credentials
 from tests.globus_compute_service import ComputeService, VirtualHost
-from tests.globus_doubles import MODEL, stop_model_servers
+from tests.support import MODEL, stop_model_servers
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,7 @@ from compute_functions.model_server import ModelServer
 from gateway.simulator import command as simulator_command
 from tests.compute_endpoint import ComputeSite, EndpointDaemon, credentials
 from tests.globus_compute_service import ComputeService
-from tests.globus_doubles import MODEL, stop_model_servers
-from tests.support import TOKEN, gateway
+from tests.support import MODEL, TOKEN, gateway, stop_model_servers
 
 IDLE_HEARTBEATS = 2
 

@@ -29,8 +29,7 @@ from compute_functions.model_server import ModelServer
 from gateway.simulator import command as simulator_command
 from tests.compute_endpoint import ComputeSite, EndpointDaemon, credentials
 from tests.globus_compute_service import ComputeService, close_connections
-from tests.globus_doubles import MODEL, stop_model_servers
-from tests.support import TOKEN, api_url, gateway
+from tests.support import MODEL, TOKEN, api_url, gateway, stop_model_servers
 
 T = TypeVar("T")
 QUESTION = [{"role": "user", "content": "What is the boiling point of water at sea level?"}]

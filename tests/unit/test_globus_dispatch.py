@@ -34,12 +34,11 @@ from tests.globus_compute_service import ComputeService as LocalComputeService
 from tests.globus_doubles import (
     FUNCTION_IDS,
     GLOBUS_ENDPOINT,
-    MODEL,
     ComputeService,
     ExecutorFactory,
     simulator_launch,
-    stop_model_servers,
 )
+from tests.support import MODEL, stop_model_servers
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "What is machine learning?"}], "max_tokens": 4}
 
