@@ -28,6 +28,7 @@ does: the endpoint's own check is what the tests exercise.
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import subprocess
@@ -314,8 +315,6 @@ class ComputeService:
 
     def _token(self, form: dict[str, str], auth: str) -> Any:
         # Client credentials, as globus-sdk sends them: HTTP Basic with the client id (any secret is accepted).
-        import base64
-
         if form.get("grant_type") != "client_credentials" or not auth.startswith("Basic "):
             return 400, {"error": "unsupported_grant_type"}
         client_id = base64.b64decode(auth.removeprefix("Basic ")).decode().partition(":")[0]
