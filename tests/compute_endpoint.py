@@ -91,6 +91,9 @@ class EndpointDaemon:
         }
         self.process: subprocess.Popen[bytes] | None = None
         self.endpoint_id: str | None = None
+        # The sessions of the user endpoints seen: their Parsl workers are not the daemon's descendants once
+        # the launching shell has exited, but they stay in the user endpoint's session.
+        self.sessions: set[int] = set()
 
     @property
     def endpoint_dir(self) -> Path:
@@ -174,14 +177,27 @@ class EndpointDaemon:
         return self.endpoint_id
 
     def processes(self) -> list[psutil.Process]:
-        """The daemon and everything it started (user endpoints run in sessions of their own)."""
-        if self.process is None:
-            return []
-        try:
-            daemon = psutil.Process(self.process.pid)
-            return [daemon, *daemon.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
+        """The daemon, everything it started, and what still runs in its user endpoints' sessions."""
+        found: list[psutil.Process] = []
+        if self.process is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                daemon = psutil.Process(self.process.pid)
+                found = [daemon, *daemon.children(recursive=True)]
+        for process in found[1:]:
+            with contextlib.suppress(ProcessLookupError):
+                if os.getsid(process.pid) == process.pid:
+                    self.sessions.add(process.pid)
+        known = {process.pid for process in found}
+        for process in psutil.process_iter():
+            with contextlib.suppress(ProcessLookupError, psutil.Error):
+                if process.pid in known or os.getsid(process.pid) not in self.sessions:
+                    continue
+                # A session id could be reused once its session has ended: only what runs from this folder
+                # (the worker pool), with the worker processes it spawned.
+                if str(self.folder) in " ".join(process.cmdline()):
+                    found.extend(p for p in [process, *process.children(recursive=True)] if p.pid not in known)
+                    known.update(p.pid for p in found)
+        return found
 
     def user_endpoint_processes(self) -> list[psutil.Process]:
         """The user endpoint processes: the daemon's direct children."""
