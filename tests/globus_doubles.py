@@ -8,12 +8,7 @@ function comes back as the SDK's ``TaskExecutionFailed`` with the traceback text
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
 import threading
-import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -27,8 +22,8 @@ from globus_compute_sdk.serialize import ComputeSerializer
 from gateway.config import GlobusComputeSettings
 from gateway.dispatch.compute import FUNCTIONS, load_function
 from gateway.simulator import command as simulator_command
+from tests.support import MODEL
 
-MODEL = "facebook/opt-125m"
 GLOBUS_ENDPOINT = "11111111-2222-4444-8888-000000000001"
 FUNCTION_IDS = {"inference": "aaaaaaaa-0000-4000-8000-000000000001", "status": "aaaaaaaa-0000-4000-8000-000000000002"}
 
@@ -136,27 +131,3 @@ class ExecutorFactory:
 def simulator_launch(state_dir: Path, *extra: str) -> dict[str, Any]:
     """``worker_model_server`` settings that start the simulator, keeping the node's files in ``state_dir``."""
     return {"command": simulator_command(MODEL, options=extra), "startup_timeout": 60, "state_dir": str(state_dir)}
-
-
-def stop_model_servers(state_dir: Path) -> None:
-    """Stop every model server the compute functions started with ``state_dir``, through its watchdog."""
-    watchdogs = []
-    for state_file in state_dir.glob("*.json"):
-        pid = json.loads(state_file.read_text()).get("watchdog")
-        if isinstance(pid, int):
-            watchdogs.append(pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while watchdogs and time.monotonic() < deadline:
-        watchdogs = [pid for pid in watchdogs if not _gone(pid)]
-        time.sleep(0.1)
-    assert not watchdogs, f"model server watchdogs still running: {watchdogs}"
-
-
-def _gone(pid: int) -> bool:
-    """Whether ``pid`` has exited (a zombie counts as exited)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True

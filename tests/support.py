@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +22,7 @@ from gateway.simulator import command as simulator_command
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-0123456789"
+MODEL = "facebook/opt-125m"
 
 
 @contextmanager
@@ -226,3 +231,27 @@ def forget_redis_keys(url: str, prefix: str) -> None:
             client.delete(*keys)
     finally:
         client.close()
+
+
+def stop_model_servers(state_dir: Path) -> None:
+    """Stop every model server the compute functions started with ``state_dir``, through its watchdog."""
+    watchdogs = []
+    for state_file in state_dir.glob("*.json"):
+        pid = json.loads(state_file.read_text()).get("watchdog")
+        if isinstance(pid, int):
+            watchdogs.append(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while watchdogs and time.monotonic() < deadline:
+        watchdogs = [pid for pid in watchdogs if not _gone(pid)]
+        time.sleep(0.1)
+    assert not watchdogs, f"model server watchdogs still running: {watchdogs}"
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -191,8 +191,8 @@ async def test_a_slice_runs_as_the_registered_batch_function_on_a_globus_endpoin
         ComputeService,
         ExecutorFactory,
         simulator_launch,
-        stop_model_servers,
     )
+    from tests.support import stop_model_servers
 
     node = tmp_path / "node"
     launch = simulator_launch(node)

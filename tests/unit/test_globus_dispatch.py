@@ -1,9 +1,19 @@
-"""The ``globus`` transport at the SDK boundary: the real compute functions, run by an executor double."""
+"""The ``globus`` transport: the real compute functions through the real SDK, and faults through an executor double.
+
+The answers and status reports come from the local site for real (the SDK's
+``Executor``, the local Globus Compute service with RabbitMQ, the endpoint daemon
+from the local template and its workers: ``site_dispatcher``). The executor
+double of ``tests.globus_doubles`` stays only where a test needs a fault on
+demand that the real stack does not give at a chosen moment: a worker lost on
+the node, the service refusing a submission, a login that fails, every worker
+busy, a result that arrives after the gateway gave up; and to count executors.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -19,15 +29,16 @@ from gateway.dispatch.compute import served_availability
 from gateway.dispatch.globus import GlobusDispatcher, availability_of
 from gateway.federation.registry import Endpoint
 from gateway.streaming.relay import LocalRelay
+from tests.compute_endpoint import ComputeSite
+from tests.globus_compute_service import ComputeService as LocalComputeService
 from tests.globus_doubles import (
     FUNCTION_IDS,
     GLOBUS_ENDPOINT,
-    MODEL,
     ComputeService,
     ExecutorFactory,
     simulator_launch,
-    stop_model_servers,
 )
+from tests.support import MODEL, stop_model_servers
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "What is machine learning?"}], "max_tokens": 4}
 
@@ -89,19 +100,31 @@ def endpoint(node_dir: Path) -> Endpoint:
     return globus_endpoint(simulator_launch(node_dir))
 
 
+@pytest.fixture
+async def site_dispatcher(compute_env: dict[str, str]) -> AsyncIterator[GlobusDispatcher]:
+    """The dispatcher with its default SDK client and executors, logged in to the local service."""
+    dispatcher = GlobusDispatcher(relay=LocalRelay(secrets.token_bytes(32)), relay_url=None, request_timeout=30.0)
+    await dispatcher.start()
+    yield dispatcher
+    await dispatcher.close()
+
+
+def site_endpoint(site: ComputeSite, worker_model_server: dict[str, Any]) -> Endpoint:
+    return globus_endpoint(worker_model_server, endpoint_id=site.endpoint_id, function_ids=site.function_ids)
+
+
 async def test_chat_completion_runs_the_registered_inference_function(
-    dispatcher: GlobusDispatcher, executors: ExecutorFactory, endpoint: Endpoint
+    site_dispatcher: GlobusDispatcher, compute_site: ComputeSite, compute_service: LocalComputeService, node_dir: Path
 ) -> None:
-    answer = await dispatcher.call(endpoint, "chat/completions", CHAT)
+    endpoint = site_endpoint(compute_site, simulator_launch(node_dir))
+    before = set(compute_service.tasks)
+
+    answer = await site_dispatcher.call(endpoint, "chat/completions", CHAT)
 
     assert answer["object"] == "chat.completion" and answer["model"] == MODEL
     assert answer["choices"][0]["message"]["content"]
-    (executor,) = executors.made
-    assert executor.endpoint_id == GLOBUS_ENDPOINT
-    ((function_id, (request,)),) = executor.submitted
-    assert function_id == FUNCTION_IDS["inference"]
-    assert request["op"] == "chat/completions" and request["payload"] == CHAT and request["stream"] is None
-    assert request["model_server"] == endpoint.worker_model_server
+    (task,) = [task for task_id, task in compute_service.tasks.items() if task_id not in before]
+    assert task.function_id == compute_site.function_ids["inference"]
 
 
 async def test_one_executor_per_globus_endpoint_made_on_first_use(
@@ -121,40 +144,52 @@ async def test_one_executor_per_globus_endpoint_made_on_first_use(
     assert len(executors.made) == 1 and len(executors.made[0].submitted) == 4
 
 
-async def test_embeddings_and_completions_come_back_whole(dispatcher: GlobusDispatcher, endpoint: Endpoint) -> None:
-    completion = await dispatcher.call(endpoint, "completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 3})
+async def test_embeddings_and_completions_come_back_whole(
+    site_dispatcher: GlobusDispatcher, compute_site: ComputeSite, node_dir: Path
+) -> None:
+    endpoint = site_endpoint(compute_site, simulator_launch(node_dir))
+    completion = await site_dispatcher.call(
+        endpoint, "completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 3}
+    )
     assert completion["object"] == "text_completion" and completion["usage"]["completion_tokens"] == 3
 
-    embedding = await dispatcher.call(endpoint, "embeddings", {"model": MODEL, "input": ["one", "two"]})
+    embedding = await site_dispatcher.call(endpoint, "embeddings", {"model": MODEL, "input": ["one", "two"]})
     assert [item["index"] for item in embedding["data"]] == [0, 1]
 
 
-async def test_model_server_error_is_the_backends_error(dispatcher: GlobusDispatcher, endpoint: Endpoint) -> None:
+async def test_model_server_error_is_the_backends_error(
+    site_dispatcher: GlobusDispatcher, compute_site: ComputeSite, node_dir: Path
+) -> None:
+    endpoint = site_endpoint(compute_site, simulator_launch(node_dir))
     with pytest.raises(BackendError) as raised:
-        await dispatcher.call(endpoint, "chat/completions", {**CHAT, "model": "no-such-model"})
+        await site_dispatcher.call(endpoint, "chat/completions", {**CHAT, "model": "no-such-model"})
 
     assert raised.value.status == 404
     assert b"no-such-model" in raised.value.body
 
 
-async def test_model_server_that_cannot_start_is_unavailable(dispatcher: GlobusDispatcher, node_dir: Path) -> None:
-    broken = globus_endpoint(
+async def test_model_server_that_cannot_start_is_unavailable(
+    site_dispatcher: GlobusDispatcher, compute_site: ComputeSite, node_dir: Path
+) -> None:
+    broken = site_endpoint(
+        compute_site,
         {
             "command": ["{python}", "-c", "raise SystemExit('no GPU here')"],
             "startup_timeout": 20,
             "state_dir": str(node_dir),
-        }
+        },
     )
 
     with pytest.raises(BackendUnavailable, match="model_start_failed"):
-        await dispatcher.call(broken, "chat/completions", CHAT)
+        await site_dispatcher.call(broken, "chat/completions", CHAT)
 
 
 async def test_compute_function_raising_on_the_worker_is_a_protocol_error(
-    dispatcher: GlobusDispatcher, endpoint: Endpoint
+    site_dispatcher: GlobusDispatcher, compute_site: ComputeSite, node_dir: Path
 ) -> None:
+    endpoint = site_endpoint(compute_site, simulator_launch(node_dir))
     with pytest.raises(BackendProtocolError, match="unknown operation"):
-        await dispatcher.call(endpoint, "images/generations", {"model": MODEL})
+        await site_dispatcher.call(endpoint, "images/generations", {"model": MODEL})
 
 
 async def test_lost_worker_is_unavailable_so_failover_may_try_elsewhere(
@@ -256,23 +291,26 @@ async def test_status_without_workers_submits_nothing(
 
 
 async def test_status_of_a_node_serving_the_model_is_hot_with_its_load(
-    dispatcher: GlobusDispatcher, executors: ExecutorFactory, endpoint: Endpoint
+    site_dispatcher: GlobusDispatcher, compute_site: ComputeSite, compute_service: LocalComputeService, node_dir: Path
 ) -> None:
-    await dispatcher.call(endpoint, "completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1})
+    endpoint = site_endpoint(compute_site, simulator_launch(node_dir))
+    await site_dispatcher.call(endpoint, "completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1})
+    before = set(compute_service.tasks)
 
-    availability = await dispatcher.status(endpoint)
+    availability = await site_dispatcher.status(endpoint)
 
     assert (availability.state, availability.running, availability.waiting) == ("hot", 0, 0)
     assert availability.cold_models == frozenset()
-    assert [function_id for function_id, _ in executors.made[0].submitted][-1] == FUNCTION_IDS["status"]
+    (task,) = [task for task_id, task in compute_service.tasks.items() if task_id not in before]
+    assert task.function_id == compute_site.function_ids["status"]
 
 
 async def test_status_of_a_node_without_the_model_is_cold(
-    dispatcher: GlobusDispatcher, tmp_path: Path, node_dir: Path
+    site_dispatcher: GlobusDispatcher, compute_site: ComputeSite, tmp_path: Path, node_dir: Path
 ) -> None:
-    elsewhere = globus_endpoint({**simulator_launch(node_dir), "state_dir": str(tmp_path)})
+    elsewhere = site_endpoint(compute_site, {**simulator_launch(node_dir), "state_dir": str(tmp_path)})
 
-    availability = await dispatcher.status(elsewhere)
+    availability = await site_dispatcher.status(elsewhere)
 
     assert availability.state == "cold" and "starts with a request" in availability.detail
 
@@ -350,11 +388,16 @@ async def test_a_late_result_after_the_timeout_goes_nowhere(
 async def test_the_real_sdk_executor_fails_over_and_leaves_no_threads(node_dir: Path) -> None:
     import globus_sdk
     from globus_compute_sdk import Client
+    from globus_compute_sdk.sdk.client import _ComputeWebClient
 
     before = set(threading.enumerate())
-    # The SDK's "local" service address, where nothing listens: the submission itself fails, after the
-    # SDK's own retries, as when the Globus Compute service cannot be reached.
+    # A service address where nothing listens (the local service of the other tests holds the SDK's own):
+    # the submission itself fails, after the SDK's own retries, as when Globus Compute cannot be reached.
     client = Client(local_compute_services=True, do_version_check=False, authorizer=globus_sdk.NullAuthorizer())
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    client._compute_web_client = _ComputeWebClient(base_url=nowhere, authorizer=globus_sdk.NullAuthorizer())
     dispatcher = GlobusDispatcher(
         relay=LocalRelay(secrets.token_bytes(32)), relay_url=None, request_timeout=5.0, client_factory=lambda: client
     )

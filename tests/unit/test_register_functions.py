@@ -1,4 +1,9 @@
-"""``inference-gateway register-functions``: register the compute functions, write their ids into the registry."""
+"""``inference-gateway register-functions``: register the compute functions, write their ids into the registry.
+
+These tests are about editing the registry file, so the client is a double that hands out ids; registration
+with the local Globus Compute service, through the real SDK and the command itself, is in
+tests/integration/test_globus_compute_endpoint.py.
+"""
 
 from __future__ import annotations
 
