@@ -117,17 +117,22 @@ class UsageRecorder:
         return True
 
     async def _replay(self) -> None:
-        rows = await asyncio.to_thread(self.spool.read)
-        log.info("replaying %d spooled usage rows", len(rows))
-        done = 0
+        # Held from the read to the rewrite: rows another replica appends meanwhile wait, and are not overwritten.
+        lock = await asyncio.to_thread(self.spool.hold)
         try:
-            for start in range(0, len(rows), self.batch_size):
-                batch = rows[start : start + self.batch_size]
-                await self.database.insert_usage(batch)
-                done += len(batch)
+            rows = await asyncio.to_thread(self.spool.read)
+            log.info("replaying %d spooled usage rows", len(rows))
+            done = 0
+            try:
+                for start in range(0, len(rows), self.batch_size):
+                    batch = rows[start : start + self.batch_size]
+                    await self.database.insert_usage(batch)
+                    done += len(batch)
+            finally:
+                await asyncio.to_thread(self.spool.replace, rows[done:])
+                self.written += done
         finally:
-            await asyncio.to_thread(self.spool.replace, rows[done:])
-            self.written += done
+            await asyncio.to_thread(self.spool.release, lock)
 
     async def _flush(self) -> None:
         rows, self._pending = self._pending, []

@@ -1,8 +1,15 @@
-"""Usage rows kept on disk while the database is down: a JSON-lines file in the gateway's state directory."""
+"""Usage rows kept on disk while the database is down: a JSON-lines file in the gateway's state directory.
+
+Replicas that share a state folder share the file, so every change to it holds its lock (``flock`` on a file beside
+it): a replay reads, stores and rewrites the file whole while the others' rows wait to be appended after it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +32,35 @@ class Spool:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock_path = path.with_name(path.name + ".lock")
+
+    def hold(self) -> int:
+        """Take the spool's lock, waiting for another process (or thread) that holds it; returns what ``release``
+        takes."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(handle)
+            raise
+        return handle
+
+    def release(self, handle: int) -> None:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        os.close(handle)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        handle = self.hold()
+        try:
+            yield
+        finally:
+            self.release(handle)
 
     def append(self, rows: list[Row]) -> None:
         data = _lines(rows)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "ab") as spool:
+        with self._locked(), open(self.path, "ab") as spool:
             spool.write(data)
             spool.flush()
             # The rows exist nowhere else: make sure they survive a crash of the machine too.
@@ -39,9 +70,14 @@ class Spool:
         return self.path.exists()
 
     def read(self) -> list[Row]:
-        """Every row in the file; a line cut short by a crash while it was written is skipped."""
+        """Every row in the file (none when another replica replayed and removed it); a line cut short by a crash
+        while it was written is skipped. Read with the lock held."""
+        try:
+            content = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
         rows = []
-        for line in self.path.read_bytes().splitlines():
+        for line in content.splitlines():
             try:
                 fields = orjson.loads(line)
             except orjson.JSONDecodeError:
@@ -50,7 +86,7 @@ class Spool:
         return rows
 
     def replace(self, rows: list[Row]) -> None:
-        """Keep only ``rows`` (the ones not yet stored), or remove the file when there are none."""
+        """Keep only ``rows`` (the ones not yet stored), or remove the file when there are none. With the lock held."""
         if not rows:
             self.path.unlink(missing_ok=True)
             return

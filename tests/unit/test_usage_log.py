@@ -188,6 +188,55 @@ async def test_a_replay_stored_twice_is_stored_once(tmp_path: Path) -> None:
     assert stored(tmp_path / "usage.db") == ["req-0", "req-1", "req-2"]
 
 
+class HeldDatabase(FlakyDatabase):
+    """Holds its first insert until the test lets it go: a replay caught in the middle."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.inserting = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def insert_usage(self, rows: Any) -> None:
+        self.inserting.set()
+        await self.go_on.wait()
+        await super().insert_usage(rows)
+
+
+async def test_replicas_sharing_a_spool_store_every_row_once(tmp_path: Path) -> None:
+    # Two replicas' writers, one spool file (their shared state folder), one database.
+    url = f"sqlite+aiosqlite:///{tmp_path / 'usage.db'}"
+    settings: dict[str, Any] = {"queue_size": 100, "batch_size": 5, "flush_interval": 0.02, "retry_interval": 0.05}
+    first_db, second_db = HeldDatabase(url), FlakyDatabase(url)
+    first_db.down = second_db.down = True
+    first = UsageRecorder(first_db, tmp_path / "spool.jsonl", **settings)
+    second = UsageRecorder(second_db, tmp_path / "spool.jsonl", **settings)
+    await first.start()
+    await second.start()
+    for n in range(20):
+        first.add(finished(n))
+        second.add(finished(100 + n))
+    await wait_for(lambda: first.spooled == 20 and second.spooled == 20)
+    # The first replica's database is back: it replays the spool. In the middle of that replay the second,
+    # its database still down, spools more rows.
+    first_db.down = False
+    await asyncio.wait_for(first_db.inserting.wait(), 5)
+    for n in range(20, 30):
+        second.add(finished(100 + n))
+    await asyncio.sleep(0.3)
+    first_db.go_on.set()
+    await wait_for(lambda: second.spooled == 30)
+    second_db.down = False
+    second.add(finished(130))
+    await wait_for(lambda: first.written + second.written >= 51, seconds=20)
+    await first.close()
+    await second.close()
+    await first_db.close()
+    await second_db.close()
+    assert stored(tmp_path / "usage.db") == sorted(
+        [f"req-{n}" for n in range(20)] + [f"req-{100 + n}" for n in range(31)]
+    )
+
+
 async def test_a_full_queue_drops_and_counts(tmp_path: Path) -> None:
     usage, database = recorder(tmp_path, queue_size=3, flush_interval=60, batch_size=100)
     for n in range(5):
