@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +58,31 @@ def gateway(
     server.start(timeout=60)
     try:
         yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def embedded_default(state: Path) -> Iterator[tuple[ModelServer, str]]:
+    """``inference-gateway serve`` on its embedded default as a newcomer starts it (state in ``state``, a dev token
+    of its own making), with that token as ``inference-gateway dev-token`` prints it."""
+    env = {"INFERENCE_GATEWAY_STATE_DIR": str(state), "INFERENCE_GATEWAY_DEV_TOKEN": ""}
+    server = ModelServer(
+        [sys.executable, "-m", "gateway.cli", "serve", "--port", "{port}"],
+        health_path="/resource_server/health",
+        env=env,
+        log_path=state / "serve.log",
+    )
+    server.start(timeout=60)
+    try:
+        token = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "dev-token"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            check=True,
+        ).stdout.strip()
+        yield server, token
     finally:
         server.stop()
 
