@@ -105,6 +105,12 @@ _REASONS = {400: "Bad Request", 414: "URI Too Long", 431: "Request Header Fields
 
 
 def protocol(settings: ServerSettings) -> type[asyncio.Protocol]:
-    """The protocol class uvicorn is given (``http=``), with the bounds of ``settings``."""
-    bounds = {"max_head_bytes": settings.max_header_bytes, "max_headers": settings.max_headers}
-    return type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,), bounds)
+    """The protocol class uvicorn is given (``http=``), bounded by ``settings`` in this process.
+
+    One importable class rather than one made per configuration: under ``serve --workers N`` uvicorn pickles its
+    configuration, class included, to start each serving process, and a class is pickled by its importable name.
+    Each serving process calls this with the configuration it loaded, before it accepts a connection.
+    """
+    BoundedHttpToolsProtocol.max_head_bytes = settings.max_header_bytes
+    BoundedHttpToolsProtocol.max_headers = settings.max_headers
+    return BoundedHttpToolsProtocol

@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from gateway.app import create_app
 from gateway.auth.dev import dev_token
 from gateway.config import GatewayConfig, load_config
+from gateway.front_door import protocol
 from gateway.limits import build_limiter
 from gateway.observability.logs import configure_logging
 
@@ -69,4 +70,6 @@ def create_worker_app() -> Starlette:
     config = load_config(os.environ[_CONFIG] or None)
     config.relay.url = config.relay.url or os.environ[_RELAY_URL]
     configure_logging(config.logging, os.environ[_LOG_LEVEL])
+    # uvicorn loads the application before its process accepts connections: the bounds hold from the first one.
+    protocol(config.server)
     return create_app(config)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -46,6 +47,17 @@ def scratch_database() -> Iterator[str]:
         yield SHARED_POSTGRES.rsplit("/", 1)[0] + "/" + name
     finally:
         asyncio.run(_admin(SHARED_POSTGRES, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@contextmanager
+def database_settings(kind: str) -> Iterator[dict[str, Any]]:
+    """The gateway's ``database`` settings for ``kind``: ``sqlite``, its own file in the state folder (the default),
+    or ``postgresql``, a scratch database on the machine's PostgreSQL."""
+    if kind == "sqlite":
+        yield {}
+        return
+    with scratch_database() as url:
+        yield {"url": asyncpg_url(url)}
 
 
 @dataclass

@@ -6,6 +6,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -61,6 +63,31 @@ def gateway(
     server.start(timeout=60)
     try:
         yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def embedded_default(state: Path) -> Iterator[tuple[ModelServer, str]]:
+    """``inference-gateway serve`` on its embedded default as a newcomer starts it (state in ``state``, a dev token
+    of its own making), with that token as ``inference-gateway dev-token`` prints it."""
+    env = {"INFERENCE_GATEWAY_STATE_DIR": str(state), "INFERENCE_GATEWAY_DEV_TOKEN": ""}
+    server = ModelServer(
+        [sys.executable, "-m", "gateway.cli", "serve", "--port", "{port}"],
+        health_path="/resource_server/health",
+        env=env,
+        log_path=state / "serve.log",
+    )
+    server.start(timeout=60)
+    try:
+        token = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "dev-token"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            check=True,
+        ).stdout.strip()
+        yield server, token
     finally:
         server.stop()
 

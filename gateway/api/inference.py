@@ -16,7 +16,7 @@ from gateway.accounting.record import RequestRecord, record_of
 from gateway.accounting.streams import OWN_USAGE_EVENTS, asks_for_usage, for_client, with_usage
 from gateway.api.anthropic import anthropic_errors
 from gateway.api.passthrough import lacks_route, not_served, offering, route_missing, stream_error_event
-from gateway.api.responses import EventStream, api_handler, authenticate, json_response, read_json, request_id
+from gateway.api.responses import EventStream, Handler, api_handler, authenticate, json_response, read_json, request_id
 from gateway.api.validation import validate
 from gateway.dispatch.base import (
     BackendError,
@@ -264,53 +264,24 @@ async def _infer(request: Request, op: str) -> Response:
     return await _whole(runtime, endpoints, op, body, model, record)
 
 
-@api_handler
-async def chat_completions(request: Request) -> Response:
-    return await _infer(request, "chat/completions")
+def _operation(op: str) -> Handler:
+    """The route handler of ``op``: every inference route differs only in its operation."""
+
+    async def handler(request: Request) -> Response:
+        return await _infer(request, op)
+
+    handler.__name__ = handler.__qualname__ = op.replace("/", "_")
+    return api_handler(handler)
 
 
-@api_handler
-async def completions(request: Request) -> Response:
-    return await _infer(request, "completions")
-
-
-@api_handler
-async def embeddings(request: Request) -> Response:
-    return await _infer(request, "embeddings")
-
-
-@api_handler
-async def responses(request: Request) -> Response:
-    return await _infer(request, "responses")
-
-
-@anthropic_errors
-@api_handler
-async def messages(request: Request) -> Response:
-    return await _infer(request, "messages")
-
-
-@anthropic_errors
-@api_handler
-async def count_tokens(request: Request) -> Response:
-    return await _infer(request, "messages/count_tokens")
-
-
-@api_handler
-async def rerank(request: Request) -> Response:
-    return await _infer(request, "rerank")
-
-
-@api_handler
-async def score(request: Request) -> Response:
-    return await _infer(request, "score")
-
-
-@api_handler
-async def tokenize(request: Request) -> Response:
-    return await _infer(request, "tokenize")
-
-
-@api_handler
-async def detokenize(request: Request) -> Response:
-    return await _infer(request, "detokenize")
+chat_completions = _operation("chat/completions")
+completions = _operation("completions")
+embeddings = _operation("embeddings")
+responses = _operation("responses")
+# Anthropic's Messages API: its errors in Anthropic's shape, its key in x-api-key.
+messages = anthropic_errors(_operation("messages"))
+count_tokens = anthropic_errors(_operation("messages/count_tokens"))
+rerank = _operation("rerank")
+score = _operation("score")
+tokenize = _operation("tokenize")
+detokenize = _operation("detokenize")

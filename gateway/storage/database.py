@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import sqlite3
 import threading
@@ -96,6 +97,8 @@ class Database:
         self._multi_row_sql: dict[int, str] = {}
         self._sqlite: sqlite3.Connection | None = None
         self._sqlite_lock = threading.Lock()
+        self._migration: asyncio.Task[None] | None = None
+        self._migrated = False
         if self.dialect == "sqlite":
             sa.event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
 
@@ -116,20 +119,38 @@ class Database:
             raise DatabaseUnavailable(f"{exc.__class__.__name__}: {first_line or 'no detail'}") from exc
 
     async def migrate(self) -> None:
-        """Bring the schema to the newest revision; safe to run from several replicas at once."""
+        """Bring the schema to the newest revision, once; safe to run from several replicas at once.
+
+        The usage writer, the batch service and the batch runner each need the tables and ask for them at once:
+        they share one migration, and once it has succeeded asking again costs nothing. The migration goes on
+        when a caller's wait (``timeout``) runs out: an upgrade of several revisions takes many round trips, and
+        on a slow database, cut off at each caller's bound, it would never finish (asyncpg's ``command_timeout``
+        still bounds each statement of it).
+        """
+        if self._migrated:
+            return
+        running = self._migration
+        if running is None or (running.done() and (running.cancelled() or running.exception() is not None)):
+            running = self._migration = asyncio.create_task(self._migrate())
+            # A migration that fails after every caller stopped waiting is retried by the next caller.
+            running.add_done_callback(lambda task: task.cancelled() or task.exception())
+        await self._bounded(asyncio.shield(running))
+        self._migrated = True
+
+    async def _migrate(self) -> None:
         path = self.sqlite_path
         if path is None:
-            await self._bounded(self._migrate())
+            await self._upgrade()
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         # Replicas sharing one SQLite file take turns; PostgreSQL has its own lock in env.py.
         lock = await asyncio.to_thread(_locked, path.with_name(path.name + ".migrate-lock"))
         try:
-            await self._bounded(self._migrate())
+            await self._upgrade()
         finally:
             lock.close()
 
-    async def _migrate(self) -> None:
+    async def _upgrade(self) -> None:
         async with self.engine.begin() as connection:
             await connection.run_sync(_upgrade)
 
@@ -230,6 +251,10 @@ class Database:
         return rows
 
     async def close(self) -> None:
+        if self._migration is not None and not self._migration.done():
+            self._migration.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._migration
         await self.engine.dispose()
         with self._sqlite_lock:
             if self._sqlite is not None:

@@ -26,7 +26,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import openai
 import pytest
+
+from compute_functions.model_server import ModelServer
+from tests.support import TOKEN, api_url, direct_config, endpoint, gateway
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -273,3 +277,18 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer
     survivors = _stop_group(process)
     if survivors:
         pytest.fail(f"vLLM process group {process.pid} left processes after SIGKILL: {survivors}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def front(vllm_server: VllmServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
+    """A gateway of the module's own in front of the session's vLLM (``direct``)."""
+    config = direct_config(endpoint(vllm_server.base_url, [vllm_server.model]))
+    with gateway(config, tmp_path_factory.mktemp("vllm-gateway")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(front: ModelServer) -> Iterator[openai.OpenAI]:
+    """The ``openai`` client on ``front``; a long timeout, since vLLM on the CPU may be slow to answer."""
+    with openai.OpenAI(base_url=api_url(front), api_key=TOKEN, max_retries=0, timeout=120) as client:
+        yield client

@@ -4,33 +4,18 @@ users run; and rerank, which vLLM does not serve for a generating model, refused
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import anthropic
 import httpx
 import openai
 import pytest
 
 from compute_functions.model_server import ModelServer
-from tests.support import TOKEN, api_url, direct_config, endpoint, gateway
+from tests.support import TOKEN, api_url
 
 from .conftest import VllmServer
 
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 QUESTION = "Tell me a short story about a small robot."
-
-
-@pytest.fixture(scope="module")
-def front(vllm_server: VllmServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
-    config = direct_config(endpoint(vllm_server.base_url, [vllm_server.model]))
-    with gateway(config, tmp_path_factory.mktemp("vllm-apis")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def client(front: ModelServer) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=api_url(front), api_key=TOKEN, max_retries=0, timeout=120) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

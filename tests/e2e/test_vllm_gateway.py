@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 
 from compute_functions.model_server import ModelServer
-from tests.support import TOKEN, api_url, direct_config, endpoint, gateway
+from tests.support import TOKEN, api_url
 
 from .conftest import VllmServer
 from .test_vllm_direct import EXACT, MESSAGES, PROMPT, check_chat, check_chat_stream, check_completion
-
-
-@pytest.fixture(scope="module")
-def front(vllm_server: VllmServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
-    config = direct_config(endpoint(vllm_server.base_url, [vllm_server.model]))
-    with gateway(config, tmp_path_factory.mktemp("vllm-gateway")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def client(front: ModelServer) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=api_url(front), api_key=TOKEN, max_retries=0, timeout=60) as client:
-        yield client
 
 
 def test_chat_whole(client: openai.OpenAI, vllm_server: VllmServer) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from compute_functions.model_server import ModelServer, free_port
 from gateway.simulator import command as simulator_command
-from tests.databases import asyncpg_url, scratch_database
+from tests.databases import database_settings
 from tests.globus_fake import FakeGlobus
 from tests.support import TOKEN, api_url, endpoint, gateway, simulator
 
@@ -99,11 +99,8 @@ def root(tmp_path_factory: pytest.TempPathFactory, database: dict[str, Any]) -> 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def database(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     """The gateway's database settings: its own SQLite file, or a scratch database on the machine's PostgreSQL."""
-    if request.param == "sqlite":
-        yield {}
-        return
-    with scratch_database() as url:
-        yield {"url": asyncpg_url(url)}
+    with database_settings(request.param) as settings:
+        yield settings
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import openai
 import pytest
 
 from compute_functions.model_server import ModelServer
-from tests.support import REPO
+from tests.support import REPO, embedded_default
 
 GUIDE_CURLS = [
     """curl -X POST http://127.0.0.1:8000/resource_server/v1/chat/completions \\
@@ -62,26 +61,8 @@ GUIDE_CURLS = [
 
 @pytest.fixture(scope="module")
 def default_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModelServer, str]]:
-    state = tmp_path_factory.mktemp("default-state")
-    env = {"INFERENCE_GATEWAY_STATE_DIR": str(state), "INFERENCE_GATEWAY_DEV_TOKEN": ""}
-    server = ModelServer(
-        [sys.executable, "-m", "gateway.cli", "serve", "--port", "{port}"],
-        health_path="/resource_server/health",
-        env=env,
-        log_path=state / "serve.log",
-    )
-    server.start(timeout=60)
-    token = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "dev-token"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        check=True,
-    ).stdout.strip()
-    try:
-        yield server, token
-    finally:
-        server.stop()
+    with embedded_default(tmp_path_factory.mktemp("default-state")) as started:
+        yield started
 
 
 @pytest.mark.parametrize("command", GUIDE_CURLS, ids=["chat", "cluster-chat", "completions", "advanced"])

@@ -85,6 +85,7 @@ def front(home: Path) -> Iterator[ModelServer]:
             endpoint(routeless.base_url, ["routeless"], cluster="bare"),
         )
         config["database"] = FAST_WRITES
+        config["request_bounds"] = {"models": {MODEL: {"max_tokens": 64}}}
         with gateway(config, home) as server:
             yield server
 
@@ -356,6 +357,57 @@ def test_usage_is_counted_from_each_apis_own_counts(front: ModelServer, home: Pa
         "rr": ("rerank", 3, None),
     }
     assert rows[ids["rs"]]["status"] == 200 and rows[ids["rs"]]["stream"]
+
+
+def test_token_limits_are_held_to_the_models_request_bounds(front: ModelServer, home: Path) -> None:
+    ids = {name: f"{name}-{os.urandom(4).hex()}" for name in ("responses", "messages")}
+    over = post(
+        front,
+        "responses",
+        {"model": MODEL, "input": "x", "max_output_tokens": 65},
+        **{"x-request-id": ids["responses"]},
+    )
+    assert over.status_code == 400
+    assert over.json()["error"]["param"] == "max_output_tokens"
+    assert over.json()["error"]["message"] == "'max_output_tokens' must be an integer from 1 to 64."
+    question = {"model": MODEL, "max_tokens": 65, "messages": [{"role": "user", "content": "Hi"}]}
+    refused = httpx.post(
+        f"http://{front.host}:{front.port}/resource_server/local/vllm/v1/messages",
+        headers={**AUTH, "x-request-id": ids["messages"]},
+        json={**question, "stream": True},
+        timeout=30,
+    )
+    assert refused.status_code == 400
+    assert refused.json() == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": "'max_tokens' must be an integer from 1 to 64."},
+    }
+    assert post(front, "responses", {"model": MODEL, "input": "x", "max_output_tokens": 64}).status_code == 200
+    assert post(front, "messages", {**question, "max_tokens": 64}).status_code == 200
+    # Each refusal has its row, under its API, with its status and code.
+    rows = usage_rows(home, set(ids.values()))
+    refusals = {
+        name: (rows[rid]["endpoint"], rows[rid]["status"], rows[rid]["error_code"]) for name, rid in ids.items()
+    }
+    assert refusals == {
+        "responses": ("responses", 400, "invalid_value"),
+        "messages": ("messages", 400, "invalid_value"),
+    }
+
+
+def test_the_status_pages_activity_counts_these_routes(front: ModelServer) -> None:
+    for route, body in (
+        ("tokenize", {"model": MODEL, "prompt": "one two"}),
+        ("score", {"model": MODEL, "text_1": "a", "text_2": "b"}),
+        ("messages/count_tokens", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}),
+    ):
+        assert post(front, route, body).status_code == 200
+    assert post(front, "responses", {"model": MODEL, "input": "x", "max_output_tokens": 0}).status_code == 400
+    activity = httpx.get(f"http://{front.host}:{front.port}/resource_server/activity", headers=AUTH, timeout=30)
+    entry = next(entry for entry in activity.json()["data"] if entry["model"] == MODEL)
+    minutes = entry["minutes"]
+    assert sum(minutes["requests_per_second"]) * 60 >= 4
+    assert any(rate for rate in minutes["error_rate"] if rate is not None)
 
 
 # --- a backend that dies mid-stream -------------------------------------------------------------------------------

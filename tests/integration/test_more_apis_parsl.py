@@ -5,9 +5,6 @@ streams through the gateway's relay) answers Responses, Anthropic Messages, rera
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import anthropic
@@ -16,32 +13,15 @@ import openai
 import pytest
 
 from compute_functions.model_server import ModelServer
+from tests.support import embedded_default
 
 MODEL = "facebook/opt-125m"
 
 
 @pytest.fixture(scope="module")
 def default_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModelServer, str]]:
-    state = tmp_path_factory.mktemp("default-apis")
-    env = {"INFERENCE_GATEWAY_STATE_DIR": str(state), "INFERENCE_GATEWAY_DEV_TOKEN": ""}
-    server = ModelServer(
-        [sys.executable, "-m", "gateway.cli", "serve", "--port", "{port}"],
-        health_path="/resource_server/health",
-        env=env,
-        log_path=state / "serve.log",
-    )
-    server.start(timeout=60)
-    token = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "dev-token"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        check=True,
-    ).stdout.strip()
-    try:
-        yield server, token
-    finally:
-        server.stop()
+    with embedded_default(tmp_path_factory.mktemp("default-apis")) as started:
+        yield started
 
 
 def test_responses_whole_and_streamed(default_gateway: tuple[ModelServer, str]) -> None:

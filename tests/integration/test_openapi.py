@@ -88,6 +88,7 @@ def test_every_route_answers_fuzzed_requests_as_documented(
 
 def test_every_route_answers_unauthenticated_requests_with_the_error_shape(front: ModelServer) -> None:
     document = httpx.get(f"http://127.0.0.1:{front.port}/resource_server/openapi.json").json()
+    shapes = set()
     for path, item in document["paths"].items():
         for method, operation in item.items():
             if method == "parameters" or operation.get("security") == []:
@@ -95,7 +96,12 @@ def test_every_route_answers_unauthenticated_requests_with_the_error_shape(front
             url = f"http://127.0.0.1:{front.port}/resource_server{path}".replace("{", "").replace("}", "")
             answer = httpx.request(method, url, timeout=30)
             assert answer.status_code == 401, (method, path, answer.text)
-            assert set(answer.json()["error"]) == {"message", "type", "code", "param"}
+            # The operation's own error shape: OpenAI's, or Anthropic's on the Messages API.
+            shape = operation["responses"]["default"]["$ref"].rsplit("/", 1)[-1]
+            schema = document["components"]["responses"][shape]["content"]["application/json"]["schema"]
+            jsonschema.Draft202012Validator({**schema, **document}).validate(answer.json())
+            shapes.add(shape)
+    assert shapes == {"Error", "AnthropicError"}
 
 
 def test_real_answers_match_the_documents_schemas(front: ModelServer) -> None:
@@ -119,6 +125,18 @@ def test_real_answers_match_the_documents_schemas(front: ModelServer) -> None:
         check(client.get("/ready"), "Ready")
         check(client.get("/whoami"), "Identity")
         check(client.get("/status"), "Status")
+        check(client.post("/v1/responses", json={"model": MODEL, "input": "Water boils at"}), "Response")
+        anthropic = {"model": MODEL, "messages": question[:1], "max_tokens": 8}
+        check(client.post("/v1/messages", json=anthropic), "Message")
+        check(client.post("/v1/messages/count_tokens", json={"model": MODEL, "messages": question}), "TokenCount")
+        ranked = {"model": MODEL, "query": "water", "documents": ["boils at 100 C", "ice"]}
+        check(client.post("/v1/rerank", json=ranked), "Rerank")
+        check(client.post("/v1/score", json={"model": MODEL, "text_1": "water", "text_2": ["ice", "steam"]}), "Score")
+        tokens = client.post("/v1/tokenize", json={"model": MODEL, "prompt": "Water boils"})
+        check(tokens, "Tokenized")
+        detokenized = {"model": MODEL, "tokens": tokens.json()["tokens"]}
+        check(client.post("/local/vllm/v1/detokenize", json=detokenized), "Detokenized")
+        check(client.get("/activity"), "Activity")
         check(client.get("/local/models"), "ClusterModels")
         check(client.get("/local/jobs"), "ClusterJobs")
         line = {"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": MODEL}}

@@ -17,7 +17,7 @@ import pytest
 
 from compute_functions.model_server import ModelServer
 from gateway.simulator import command as simulator_command
-from tests.databases import asyncpg_url, scratch_database
+from tests.databases import database_settings
 from tests.integration.test_batches import (
     HEADERS,
     MODEL,
@@ -50,11 +50,8 @@ def replica_config(backend: ModelServer, root: Path, database: dict[str, Any], c
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     """Shared by both replicas: the SQLite file in their common state folder, or a scratch PostgreSQL database."""
-    if request.param == "sqlite":
-        yield {}
-        return
-    with scratch_database() as url:
-        yield {"url": asyncpg_url(url)}
+    with database_settings(request.param) as settings:
+        yield settings
 
 
 def two_replicas(stack: ExitStack, config: dict[str, Any], tmp_path: Path) -> tuple[ModelServer, ModelServer]:

@@ -58,7 +58,8 @@ def test_settings_kept_in_one_process_are_refused_with_what_to_set(tmp_path: Pat
 @pytest.fixture
 def two_workers(tmp_path: Path) -> Iterator[ModelServer]:
     with simulator("--tpot", "0.01") as backend:
-        config = direct_config(endpoint(backend.base_url, [MODEL]))
+        # A head bound below the default, so that a process serving with the default would let large heads through.
+        config = direct_config(endpoint(backend.base_url, [MODEL]), max_header_bytes=8192)
         config["limits"] = {
             "redis_url": REDIS,
             "redis_prefix": f"test-workers-{os.urandom(4).hex()}:",
@@ -83,7 +84,7 @@ def serving_processes(parent: int) -> list[int]:
     return [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
-def test_two_serving_processes_hold_one_limit_and_stop_together(two_workers: ModelServer) -> None:
+def test_two_serving_processes_hold_one_limit_and_one_head_bound_and_stop_together(two_workers: ModelServer) -> None:
     assert two_workers.process is not None
     parent = two_workers.process.pid
     deadline = time.monotonic() + 30
@@ -108,6 +109,12 @@ def test_two_serving_processes_hold_one_limit_and_stop_together(two_workers: Mod
             httpx.post(url, json={**question, "max_tokens": 1}, headers=AUTH, timeout=30).status_code == 200
             for _ in range(4)
         )
+    # Each process bounds request heads as configured (the protocol class reaches them by name, not by value).
+    large = {**AUTH, "x-padding": "a" * 12_000}
+    for _ in range(12):
+        answer = httpx.get(f"{api_url(two_workers)}/models", headers=large, timeout=30)
+        assert answer.status_code == 431, answer.text
+        assert answer.json()["error"]["code"] == "headers_too_large"
     os.kill(parent, signal.SIGTERM)
     two_workers.process.wait(timeout=30)
     # What the processes started (usage writers, uvicorn's resource tracker) leaves right after them.
