@@ -20,6 +20,7 @@ no worker process that handed it a request is alive and nothing is in flight.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import socket
@@ -112,17 +113,32 @@ def _probe(path: Path) -> None:
         connection.connect(str(path))
 
 
-def serve(directory: Path, held: int, first_client: int, handle: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
-    """The request server's body: ``await handle(request)`` as a task per request, until no worker needs it."""
-    asyncio.run(_serve(directory, held, first_client, handle))
+Send = Callable[[bytes], Awaitable[None]]
+
+
+def serve(
+    directory: Path,
+    held: int,
+    first_client: int,
+    handle: Callable[[dict[str, Any]], Awaitable[None]],
+    handle_over: Callable[[dict[str, Any], Send], Awaitable[None]],
+) -> None:
+    """The request server's body: ``await handle(request)`` as a task per request handed over by a worker, and
+    ``await handle_over(request, send)`` per request that comes down a node channel, until no worker needs it."""
+    asyncio.run(_serve(directory, held, first_client, handle, handle_over))
 
 
 async def _serve(
-    directory: Path, held: int, first_client: int, handle: Callable[[dict[str, Any]], Awaitable[None]]
+    directory: Path,
+    held: int,
+    first_client: int,
+    handle: Callable[[dict[str, Any]], Awaitable[None]],
+    handle_over: Callable[[dict[str, Any], Send], Awaitable[None]],
 ) -> None:
     slots = asyncio.Semaphore(held)
     clients = {first_client}
     running: set[asyncio.Task[None]] = set()
+    channels = _Channels(slots, running, handle_over)
 
     async def serve_one(request: dict[str, Any]) -> None:
         try:
@@ -138,6 +154,8 @@ async def _serve(
             sock = writer.get_extra_info("socket")
             clients.add(struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0])
             for request in json.loads(line):
+                if "channel" in request:
+                    channels.dial(request.pop("channel"))
                 await slots.acquire()
                 task = asyncio.create_task(serve_one(request))
                 running.add(task)
@@ -158,9 +176,92 @@ async def _serve(
                 break
     finally:
         server.close()
+        await channels.close()
         # A successor may already listen at the path (this one was stuck): leave its socket alone.
         try:
             if path.stat().st_ino == own:
                 path.unlink()
         except FileNotFoundError:
             pass
+
+
+class _Channels:
+    """The node channels this server dialled (see ``gateway.streaming.channels``): one WebSocket per channel id, over
+    which the gateway sends requests and this server sends their events back, with no Parsl task per request.
+
+    A request handed over by a worker carries an invitation (the channel's URL and token) while the gateway has no
+    channel of that id with room; the server dials once per invitation unless it is connected already. A channel
+    that cannot connect (no ``websockets`` on the node, a proxy that refuses WebSocket) costs nothing: requests keep
+    coming through the workers.
+    """
+
+    def __init__(
+        self,
+        slots: asyncio.Semaphore,
+        running: set[asyncio.Task[None]],
+        handle_over: Callable[[dict[str, Any], Send], Awaitable[None]],
+    ) -> None:
+        self._slots = slots
+        self._running = running
+        self._handle_over = handle_over
+        self._dialled: dict[str, asyncio.Task[None]] = {}
+
+    def dial(self, invitation: dict[str, str]) -> None:
+        if invitation["id"] not in self._dialled:
+            task = asyncio.create_task(self._hold(invitation))
+            self._dialled[invitation["id"]] = task
+            task.add_done_callback(lambda _: self._dialled.pop(invitation["id"], None))
+
+    async def close(self) -> None:
+        for task in list(self._dialled.values()):
+            task.cancel()
+        await asyncio.gather(*self._dialled.values(), return_exceptions=True)
+
+    async def _hold(self, invitation: dict[str, str]) -> None:
+        try:
+            from websockets.asyncio.client import connect
+            from websockets.exceptions import WebSocketException
+        except ImportError:
+            return
+        serving: dict[str, asyncio.Task[None]] = {}
+        try:
+            async with connect(
+                invitation["url"],
+                additional_headers={"authorization": f"Bearer {invitation['token']}"},
+                # Tokens compress poorly and cost CPU to compress; answers can be large (embeddings).
+                compression=None,
+                max_size=_LINE_LIMIT,
+                open_timeout=_START_TIMEOUT,
+            ) as channel:
+                async for message in channel:
+                    request = json.loads(message)
+                    if "cancel" in request:
+                        # Nobody waits for the answer: cancelling the task closes the model server's request.
+                        task = serving.pop(request["cancel"], None)
+                        if task is not None:
+                            task.cancel()
+                        continue
+                    stream_id = request["stream"]["id"]
+                    task = asyncio.create_task(self._serve_one(request, channel.send, stream_id.encode() + b"\n"))
+                    serving[stream_id] = task
+                    self._running.add(task)
+                    task.add_done_callback(self._running.discard)
+                    task.add_done_callback(functools.partial(_forget, serving, stream_id))
+        except (OSError, TimeoutError, WebSocketException) as exc:
+            print(f"node channel {invitation['id']}: {exc.__class__.__name__}: {exc}", file=sys.stderr, flush=True)
+        finally:
+            # The gateway is gone or the channel broke: nobody can receive these answers any more.
+            for task in serving.values():
+                task.cancel()
+
+    async def _serve_one(self, request: dict[str, Any], send: Callable[[bytes], Awaitable[None]], key: bytes) -> None:
+        async def send_piece(piece: bytes) -> None:
+            await send(key + piece)
+
+        async with self._slots:
+            await self._handle_over(request, send_piece)
+
+
+def _forget(serving: dict[str, asyncio.Task[None]], stream_id: str, task: asyncio.Task[None]) -> None:
+    if serving.get(stream_id) is task:
+        del serving[stream_id]

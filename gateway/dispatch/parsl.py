@@ -51,7 +51,8 @@ from gateway.dispatch.futures import result_of
 from gateway.dispatch.relayed import relayed_outcome
 from gateway.federation.availability import Availability
 from gateway.federation.registry import Endpoint
-from gateway.streaming.relay import Relay
+from gateway.streaming.channels import NodeChannels
+from gateway.streaming.relay import Inbox, Relay
 
 log = logging.getLogger("gateway.dispatch.parsl")
 
@@ -122,8 +123,10 @@ class ParslDispatcher(Dispatcher):
         relay_url: str | None,
         request_timeout: float,
         state_dir: Path,
+        channels: NodeChannels | None = None,
     ) -> None:
         self._relay = relay
+        self._channels = channels
         self._relay_url = relay_url
         self._request_timeout = request_timeout
         self._run_dir = state_dir / "parsl"
@@ -266,10 +269,11 @@ class ParslDispatcher(Dispatcher):
     ) -> AsyncGenerator[bytes | dict[str, Any], None]:
         """The events and outcome of a request served by the node's request server (see ``relayed_outcome``)."""
         assert self._relay_url is not None
+        relay_url = self._relay_url
         timeout = self._task_timeout[endpoint.id]
         held = self._settings[endpoint.id].requests_per_node
 
-        async def run(relay: dict[str, str]) -> Any:
+        async def run(relay: dict[str, str], inbox: Inbox) -> Any:
             request = compute_request(
                 op,
                 payload if bool(payload.get("stream")) == stream else {**payload, "stream": stream},
@@ -279,6 +283,21 @@ class ParslDispatcher(Dispatcher):
                 node_requests=held,
             )
             executor = await self._executor(endpoint)
+            if self._channels is not None:
+                channel_id = self._channels.key(
+                    (executor.label, str(held), str(self._model_server[endpoint.id]["state_dir"])), held
+                )
+                channel = self._channels.pick(channel_id)
+                if channel is not None:
+                    try:
+                        await channel.submit({**request, "stream": {"id": inbox.stream_id}}, inbox)
+                        return {"ok": True, "relayed": True}
+                    except Exception as exc:
+                        # It closed as the request went: its streams are broken, this one goes through Parsl.
+                        log.info("%s: a node channel closed: %s", endpoint.id, exc)
+                # No node has dialled in yet, or all that did are full: Parsl finds or starts a request server,
+                # and the invitation makes it dial in.
+                request["channel"] = self._channels.invitation(channel_id, relay_url)
             handover = self._handovers.get(executor.label)
             if handover is None:
                 workers = self._settings[endpoint.id].worker_processes
