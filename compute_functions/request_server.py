@@ -233,6 +233,8 @@ class _Channels:
                 max_size=_LINE_LIMIT,
                 open_timeout=_START_TIMEOUT,
             ) as channel:
+                # The log says which way requests come, for whoever wonders why Parsl is quiet.
+                print(f"node channel {invitation['id']}: connected", file=sys.stderr, flush=True)
                 async for message in channel:
                     request = json.loads(message)
                     if "cancel" in request:
