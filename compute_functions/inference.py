@@ -306,13 +306,27 @@ def _http(origin: str, patience: float, *, proxy: bool) -> Http:
     return http
 
 
+# The request server's launch specs by their settings and model: every request names one of a few.
+_specs: dict[tuple[str, str], node.LaunchSpec] = {}
+
+
+def _spec(settings: dict[str, Any], model: str) -> node.LaunchSpec:
+    key = (repr(settings), model)
+    spec = _specs.get(key)
+    if spec is None:
+        if len(_specs) > 1000:
+            _specs.clear()
+        spec = _specs[key] = node.LaunchSpec.from_settings(settings, model)
+    return spec
+
+
 async def _answer_async(
     request: dict[str, Any], patience: float, outcome: dict[str, Any]
 ) -> AsyncGenerator[bytes, None]:
     """As ``_answer``, in the request server's event loop: the events of a streamed answer; ``outcome`` is filled."""
     op = request["op"]
     payload: dict[str, Any] = request["payload"]
-    spec = node.LaunchSpec.from_settings(request["model_server"], str(payload.get("model", "")))
+    spec = _spec(request["model_server"], str(payload.get("model", "")))
     data = json.dumps(payload).encode()
     streams = _streams(request)
     for attempt in range(_ATTEMPTS):

@@ -125,7 +125,14 @@ def serve(
 ) -> None:
     """The request server's body: ``await handle(request)`` as a task per request handed over by a worker, and
     ``await handle_over(request, send)`` per request that comes down a node channel, until no worker needs it."""
-    asyncio.run(_serve(directory, held, first_client, handle, handle_over))
+    serving = _serve(directory, held, first_client, handle, handle_over)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serving)
+    else:
+        # Where it is installed (uvicorn's standard extras bring it), its loop costs half as much per request.
+        uvloop.run(serving)
 
 
 async def _serve(
