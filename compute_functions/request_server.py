@@ -20,6 +20,7 @@ no worker process that handed it a request is alive and nothing is in flight.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import functools
 import json
@@ -233,6 +234,7 @@ class _Channels:
             return
         connection_class = _coalescing()
         serving: dict[str, asyncio.Task[None]] = {}
+        outbox: _Outbox | None = None
         try:
             async with connect(
                 invitation["url"],
@@ -245,6 +247,7 @@ class _Channels:
             ) as channel:
                 # The log says which way requests come, for whoever wonders why Parsl is quiet.
                 print(f"node channel {invitation['id']}: connected", file=sys.stderr, flush=True)
+                outbox = _Outbox(channel.send)
                 async for message in channel:
                     request = json.loads(message)
                     if "cancel" in request:
@@ -254,7 +257,7 @@ class _Channels:
                             task.cancel()
                         continue
                     stream_id = request["stream"]["id"]
-                    task = asyncio.create_task(self._serve_one(request, channel.send, stream_id.encode() + b"\n"))
+                    task = asyncio.create_task(self._serve_one(request, outbox.sender(stream_id)))
                     serving[stream_id] = task
                     self._running.add(task)
                     task.add_done_callback(self._running.discard)
@@ -265,13 +268,53 @@ class _Channels:
             # The gateway is gone or the channel broke: nobody can receive these answers any more.
             for task in serving.values():
                 task.cancel()
+            if outbox is not None:
+                outbox.close()
 
-    async def _serve_one(self, request: dict[str, Any], send: Callable[[bytes], Awaitable[None]], key: bytes) -> None:
-        async def send_piece(piece: bytes) -> None:
-            await send(key + piece)
-
+    async def _serve_one(self, request: dict[str, Any], send: Send) -> None:
         async with self._slots:
-            await self._handle_over(request, send_piece)
+            await self._handle_over(request, send)
+
+
+class _Outbox:
+    """What the requests of one channel send back, gathered per turn of the event loop into one message.
+
+    The model server emits the next token of all its sequences together; one WebSocket message per turn, a JSON
+    array of ``[stream id, text]``, costs both ends one frame for them all instead of one each. The text is the
+    model server's event stream decoded as the SSE standard says (UTF-8, errors replaced), incrementally, so that a
+    character split between two reads stays whole.
+    """
+
+    def __init__(self, send: Callable[[str], Awaitable[None]]) -> None:
+        self._send = send
+        self._pieces: list[tuple[str, str]] = []
+        self._ready = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    def sender(self, stream_id: str) -> Send:
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+        async def send(piece: bytes) -> None:
+            if self._task.done():
+                raise ConnectionError("the node channel closed")
+            text = decoder.decode(piece)
+            if text:
+                self._pieces.append((stream_id, text))
+                self._ready.set()
+
+        return send
+
+    async def _run(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            pieces, self._pieces = self._pieces, []
+            await self._send(json.dumps(pieces))
+
+    def close(self) -> None:
+        if self._task.done() and not self._task.cancelled():
+            self._task.exception()  # the channel's own failure, already reported by its reader
+        self._task.cancel()
 
 
 def _forget(serving: dict[str, asyncio.Task[None]], stream_id: str, task: asyncio.Task[None]) -> None:

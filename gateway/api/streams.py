@@ -62,7 +62,7 @@ async def node_channel(websocket: WebSocket) -> None:
     try:
         while True:
             message = await websocket.receive()
-            data = message.get("bytes")
+            data = message.get("text") or message.get("bytes")
             if data:
                 channel.received(data)
             elif message["type"] == "websocket.disconnect":

@@ -13,8 +13,10 @@ The WebSocket messages (RFC 6455, framed by the ``websockets`` library on both e
 - gateway to node, binary, JSON: a request for the ``inference`` compute function, whose ``stream`` is ``{"id":
   stream id}``; or ``{"cancel": stream id}`` when nobody waits for that answer any more (the node then closes its
   model server's request);
-- node to gateway, binary: the stream id, a line feed, and a piece of that request's SSE events as the model server
-  wrote them; the outcome event (``event: outcome``) comes last, in a message of its own.
+- node to gateway, text, JSON: an array of ``[stream id, piece]``, each piece the next part of that request's SSE
+  events as the model server wrote them (all that the node's event loop gathered in one turn: the model server
+  emits the next token of all its sequences together); the outcome event (``event: outcome``) comes last, in a
+  piece of its own.
 
 A channel that closes breaks every stream it was carrying (``Ending.BROKEN``), so a request server that dies is an
 error for its clients at once, as it is with relay requests.
@@ -47,7 +49,7 @@ class NodeChannel:
     def __init__(self, send: Callable[[bytes], Awaitable[None]], capacity: int) -> None:
         self._send = send
         self.capacity = capacity
-        self.streams: dict[bytes, Inbox] = {}
+        self.streams: dict[str, Inbox] = {}
         self.closed = False
         self._sending: set[asyncio.Task[None]] = set()
 
@@ -57,7 +59,7 @@ class NodeChannel:
 
     async def submit(self, request: dict[str, Any], inbox: Inbox) -> None:
         """Send ``request`` (its ``stream`` names ``inbox``) down the channel; its events will reach ``inbox``."""
-        key = inbox.stream_id.encode()
+        key = inbox.stream_id
         self.streams[key] = inbox
         inbox.when_closed(self._given_up)
         try:
@@ -68,7 +70,7 @@ class NodeChannel:
 
     def _given_up(self, inbox: Inbox) -> None:
         # The waiting side left before the outcome: the node stops the model server's request.
-        if self.streams.pop(inbox.stream_id.encode(), None) is None or self.closed:
+        if self.streams.pop(inbox.stream_id, None) is None or self.closed:
             return
         task = asyncio.get_running_loop().create_task(self._cancel(inbox.stream_id))
         self._sending.add(task)
@@ -79,13 +81,18 @@ class NodeChannel:
         with contextlib.suppress(Exception):
             await self._send(orjson.dumps({"cancel": stream_id}))
 
-    def received(self, message: bytes) -> None:
-        """A message from the node: a piece of one stream's events."""
-        key, _, piece = message.partition(b"\n")
-        # The outcome is the stream's last piece: nothing left to cancel once it is on its way.
-        inbox = self.streams.pop(key, None) if piece.startswith(_OUTCOME) else self.streams.get(key)
-        if inbox is not None and not inbox.closed:
-            inbox.put(piece)
+    def received(self, message: str | bytes) -> None:
+        """A message from the node: pieces of its streams' events."""
+        try:
+            pieces = orjson.loads(message)
+        except orjson.JSONDecodeError:
+            raise ValueError("a node channel's message is not JSON") from None
+        for key, text in pieces:
+            piece = text.encode()
+            # The outcome is the stream's last piece: nothing left to cancel once it is on its way.
+            inbox = self.streams.pop(key, None) if piece.startswith(_OUTCOME) else self.streams.get(key)
+            if inbox is not None and not inbox.closed:
+                inbox.put(piece)
 
     def close(self) -> None:
         """The connection ended: every stream it carried broke off."""

@@ -44,10 +44,9 @@ async def test_pieces_reach_their_inbox_and_the_outcome_frees_the_room() -> None
     await channel.submit({"op": "chat/completions", "stream": {"id": inbox.stream_id}}, inbox)
     assert sent.messages == [{"op": "chat/completions", "stream": {"id": inbox.stream_id}}]
     assert channels.pick(channel_id) is None  # full
-    key = inbox.stream_id.encode()
-    channel.received(key + b"\ndata: 1\n\n")
-    channel.received(b"another-stream\ndata: 2\n\n")
-    channel.received(key + b"\nevent: outcome\ndata: {}\n\n")
+    key = inbox.stream_id
+    channel.received(orjson.dumps([[key, "data: 1\n\n"], ["another-stream", "data: 2\n\n"]]))
+    channel.received(orjson.dumps([[key, "event: outcome\ndata: {}\n\n"]]))
     assert [await inbox.get(), await inbox.get()] == [b"data: 1\n\n", b"event: outcome\ndata: {}\n\n"]
     assert channels.pick(channel_id) is channel
     inbox.close()
