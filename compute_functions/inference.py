@@ -32,7 +32,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Generator, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -122,7 +122,7 @@ def _streams(request: dict[str, Any]) -> bool:
 
 def serve_node(directory: str, held: str, first_client: str) -> None:
     """The node's request server (started by ``hand_over``): each request in a thread, its outcome to the relay."""
-    request_server.serve(Path(directory), int(held), int(first_client), _serve_relayed)
+    request_server.serve(Path(directory), int(held), int(first_client), _serve_relayed, _serve_over)
 
 
 def _finished(answer: Generator[bytes, None, dict[str, Any]]) -> dict[str, Any]:
@@ -247,18 +247,34 @@ def _relay(
     return answered or outcome
 
 
+async def _pieces(request: dict[str, Any], patience: float) -> AsyncGenerator[bytes, None]:
+    """In the request server: the model server's events as they arrive, then the outcome event."""
+    outcome: dict[str, Any] = {}
+    async with contextlib.aclosing(_answer_async(request, patience, outcome)) as events:
+        async for piece in events:
+            yield piece
+    yield b"event: outcome\ndata: " + json.dumps(outcome).encode() + b"\n\n"
+
+
+async def _serve_over(request: dict[str, Any], send: Callable[[bytes], Awaitable[None]]) -> None:
+    """In the request server, for a request that came down a node channel: its pieces go back the same way.
+
+    A channel that breaks, or the gateway's cancel, cancels this task; closing the pieces then closes the model
+    server's request.
+    """
+    async with contextlib.aclosing(_pieces(request, float(request.get("timeout") or 600.0))) as pieces:
+        async for piece in pieces:
+            await send(piece)
+
+
 async def _serve_relayed(request: dict[str, Any]) -> None:
     """In the request server: the events, then the outcome, in one relay request opened before either."""
     stream = request["stream"]
     timeout = float(request.get("timeout") or 600.0)
-    outcome: dict[str, Any] = {}
 
-    async def body() -> AsyncGenerator[bytes, None]:
+    def body() -> AsyncGenerator[bytes, None]:
         # The relay request's head goes before the first piece, so the relay sees a dead server from the start.
-        async with contextlib.aclosing(_answer_async(request, timeout, outcome)) as events:
-            async for piece in events:
-                yield piece
-        yield b"event: outcome\ndata: " + json.dumps(outcome).encode() + b"\n\n"
+        return _pieces(request, timeout)
 
     headers = {"authorization": f"Bearer {stream['token']}", "content-type": "text/event-stream"}
     try:
@@ -290,13 +306,27 @@ def _http(origin: str, patience: float, *, proxy: bool) -> Http:
     return http
 
 
+# The request server's launch specs by their settings and model: every request names one of a few.
+_specs: dict[tuple[str, str], node.LaunchSpec] = {}
+
+
+def _spec(settings: dict[str, Any], model: str) -> node.LaunchSpec:
+    key = (repr(settings), model)
+    spec = _specs.get(key)
+    if spec is None:
+        if len(_specs) > 1000:
+            _specs.clear()
+        spec = _specs[key] = node.LaunchSpec.from_settings(settings, model)
+    return spec
+
+
 async def _answer_async(
     request: dict[str, Any], patience: float, outcome: dict[str, Any]
 ) -> AsyncGenerator[bytes, None]:
     """As ``_answer``, in the request server's event loop: the events of a streamed answer; ``outcome`` is filled."""
     op = request["op"]
     payload: dict[str, Any] = request["payload"]
-    spec = node.LaunchSpec.from_settings(request["model_server"], str(payload.get("model", "")))
+    spec = _spec(request["model_server"], str(payload.get("model", "")))
     data = json.dumps(payload).encode()
     streams = _streams(request)
     for attempt in range(_ATTEMPTS):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -50,6 +51,10 @@ _POLL = 0.05
 # Base URLs of the servers this worker process has already found ready, by state file: the common case skips
 # the lock.
 _ready: dict[Path, str] = {}
+_files: dict[tuple[str, str], _Files] = {}
+# When each server's ``.used`` file was last touched by this process, and how often it is touched at most.
+_marked: dict[Path, float] = {}
+_MARK_EVERY = 0.5
 _watchdogs: list[subprocess.Popen[bytes]] = []
 
 
@@ -87,7 +92,7 @@ class LaunchSpec:
             state_dir=str(settings.get("state_dir") or default_state_dir()),
         )
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         identity = [list(self.command), sys.executable, self.model, self.host, self.port, sorted(self.env.items())]
         digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
@@ -107,7 +112,7 @@ class _Files:
     def lock(self) -> Path:
         return self.path(".lock")
 
-    @property
+    @functools.cached_property
     def state(self) -> Path:
         return self.path(".json")
 
@@ -115,7 +120,7 @@ class _Files:
     def log(self) -> Path:
         return self.path(".log")
 
-    @property
+    @functools.cached_property
     def used(self) -> Path:
         return self.path(".used")
 
@@ -124,12 +129,20 @@ class _Files:
         return self.path(".clients")
 
 
+def _files_of(spec: LaunchSpec) -> _Files:
+    # A request server asks about the same few servers thousands of times a second: their paths are made once.
+    files = _files.get((spec.state_dir, spec.key))
+    if files is None:
+        files = _files[(spec.state_dir, spec.key)] = _Files(Path(spec.state_dir), spec.key)
+    return files
+
+
 def ensure_server(spec: LaunchSpec) -> str:
     """The base URL (``http://host:port/v1``) of ``spec``'s server, launched first if none is running.
 
     Raises ``ModelServerFailed``, with the end of the server's log, when it cannot be started.
     """
-    files = _Files(Path(spec.state_dir), spec.key)
+    files = _files_of(spec)
     base_url = _ready.get(files.state)
     if base_url is None:
         base_url = _acquire(spec, files)
@@ -140,7 +153,7 @@ def ensure_server(spec: LaunchSpec) -> str:
 
 def known_server(spec: LaunchSpec) -> str | None:
     """The base URL of ``spec``'s server if this process found it ready before (then marked used), else None."""
-    base_url = _ready.get(_Files(Path(spec.state_dir), spec.key).state)
+    base_url = _ready.get(_files_of(spec).state)
     if base_url is not None:
         mark_used(spec)
     return base_url
@@ -148,11 +161,16 @@ def known_server(spec: LaunchSpec) -> str | None:
 
 def forget(spec: LaunchSpec) -> None:
     """Stop trusting the remembered address of ``spec``'s server (it refused a connection)."""
-    _ready.pop(_Files(Path(spec.state_dir), spec.key).state, None)
+    _ready.pop(_files_of(spec).state, None)
 
 
 def mark_used(spec: LaunchSpec) -> None:
-    used = _Files(Path(spec.state_dir), spec.key).used
+    used = _files_of(spec).used
+    # The watchdog measures idleness in minutes; marking more often than this costs a system call per request.
+    now = time.monotonic()
+    if now - _marked.get(used, float("-inf")) < _MARK_EVERY:
+        return
+    _marked[used] = now
     try:
         os.utime(used)
     except FileNotFoundError:

@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from gateway.accounting.record import SCOPE_KEY, RequestRecord
 from gateway.api import admin, batches, catalog, downloads, identity, inference, monitoring, openapi, status, streams
@@ -78,6 +78,7 @@ ROUTES = [
     Route("/resource_server/{cluster}/models", catalog.cluster_models, methods=["GET"]),
     Route("/resource_server/{cluster}/jobs", catalog.cluster_jobs, methods=["GET"]),
     Route("/resource_server/internal/streams/{stream_id}", streams.receive_stream, methods=["POST"]),
+    WebSocketRoute("/resource_server/internal/nodes/{channel_id}", streams.node_channel),
 ]
 
 

@@ -69,8 +69,11 @@ def _serve(args: argparse.Namespace) -> int:
         "port": args.port,
         "loop": "uvloop",
         "http": protocol(config.server),
-        # No route speaks WebSocket: an upgrade request is answered as the HTTP request it also is.
-        "ws": "none",
+        # Nodes' request servers dial in over WebSocket (``gateway.streaming.channels``); answers can be large (a
+        # batch of embeddings), and compressing tokens costs more CPU than it saves.
+        "ws": "websockets-sansio",
+        "ws_max_size": 1 << 30,
+        "ws_per_message_deflate": False,
         "access_log": False,
         "log_config": None,
         "timeout_graceful_shutdown": config.server.drain_timeout,

@@ -25,7 +25,8 @@ from gateway.limits import build_limiter
 from gateway.observability.ledger import RequestLedger
 from gateway.observability.metrics import GatewayMetrics
 from gateway.storage.database import Database
-from gateway.streaming.relay import build_relay
+from gateway.streaming.channels import NodeChannels
+from gateway.streaming.relay import LocalRelay, build_relay
 
 log = logging.getLogger("gateway")
 
@@ -81,6 +82,10 @@ class Runtime:
         }
         self.relay = build_relay(config.relay)
         parsl_endpoints = [settings for settings in config.endpoints if settings.transport == "parsl"]
+        # Node channels end in this process's memory: a node that dialled another replica could not be used here.
+        self.channels = (
+            NodeChannels(self.relay.tokens) if parsl_endpoints and isinstance(self.relay, LocalRelay) else None
+        )
         if parsl_endpoints:
             # Importing Parsl takes most of a second: only gateways that use it pay for it.
             from gateway.dispatch.parsl import ParslDispatcher
@@ -91,6 +96,7 @@ class Runtime:
                 relay_url=config.relay.url,
                 request_timeout=config.server.request_timeout,
                 state_dir=self.state_dir,
+                channels=self.channels,
             )
         if any(settings.transport == "globus" for settings in config.endpoints):
             # The SDK is imported on first use, not here: importing it starts a thread.

@@ -1,4 +1,4 @@
-"""The door through which workers push streamed answers back to the gateway (see ``gateway.streaming``)."""
+"""The doors through which workers push streamed answers back to the gateway (see ``gateway.streaming``)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.websockets import WebSocket
 
 from gateway.api.responses import api_handler, request_id
 from gateway.auth.bearer import bearer_token
@@ -40,3 +41,31 @@ async def receive_stream(request: Request) -> Response:
         error = GatewayError(exc.message, status=exc.status, code=exc.code, headers=_CLOSE)
         return error_response(error, request_id(request))
     return Response(status_code=204)
+
+
+async def node_channel(websocket: WebSocket) -> None:
+    """``/resource_server/internal/nodes/{channel_id}``: a node's request server dials in (``gateway.streaming.
+    channels``), with ``Authorization: Bearer <channel token>``."""
+    runtime: Runtime = websocket.app.state.runtime
+    channels = runtime.channels
+    channel_id = websocket.path_params["channel_id"]
+    try:
+        token = bearer_token(websocket.headers.get("authorization"))
+    except AuthenticationFailed:
+        token = ""
+    if channels is None or not channels.admits(channel_id, token):
+        # Refused before the upgrade: the node sees an HTTP 403 and keeps handing requests over through Parsl.
+        await websocket.close(code=1008)
+        return
+    await websocket.accept()
+    channel = channels.attach(channel_id, websocket.send_bytes)
+    try:
+        while True:
+            message = await websocket.receive()
+            data = message.get("text") or message.get("bytes")
+            if data:
+                channel.received(data)
+            elif message["type"] == "websocket.disconnect":
+                break
+    finally:
+        channels.detach(channel_id, channel)

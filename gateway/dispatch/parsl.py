@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import shlex
 import sys
 import time
@@ -51,7 +52,8 @@ from gateway.dispatch.futures import result_of
 from gateway.dispatch.relayed import relayed_outcome
 from gateway.federation.availability import Availability
 from gateway.federation.registry import Endpoint
-from gateway.streaming.relay import Relay
+from gateway.streaming.channels import NodeChannels
+from gateway.streaming.relay import Inbox, Relay
 
 log = logging.getLogger("gateway.dispatch.parsl")
 
@@ -77,6 +79,23 @@ _TASK_MARGIN = 30.0
 _STATUS_LIMIT = 3.0
 
 
+class _Executor(HighThroughputExecutor):
+    """A ``HighThroughputExecutor`` whose outstanding tasks include the requests its nodes' request servers hold.
+
+    Parsl scales blocks by its outstanding tasks: with none for ``max_idletime`` it cancels the blocks, and with
+    more than its workers it asks for more. A hand-over task lasts milliseconds and a request down a node channel is
+    no task at all, so a node busy with hundreds of requests would look idle, and its job (with the model server)
+    would be cancelled under them. ``held`` requests count as the worker slots they fill: a node's workers hold
+    ``requests_per_node`` of them.
+    """
+
+    held = 0
+    requests_per_slot = 1.0
+
+    def outstanding(self) -> int:
+        return len(self.tasks) + math.ceil(self.held / self.requests_per_slot)
+
+
 def build_executor(label: str, settings: ParslSettings) -> HighThroughputExecutor:
     """The ``HighThroughputExecutor`` that ``settings`` describe."""
     options = dict(settings.provider_options)
@@ -98,7 +117,7 @@ def build_executor(label: str, settings: ParslSettings) -> HighThroughputExecuto
     if settings.provider == "local" and (scripts / "process_worker_pool.py").exists():
         pool = shlex.quote(str(scripts / "process_worker_pool.py"))
         extra["launch_cmd"] = DEFAULT_LAUNCH_CMD.replace("process_worker_pool.py", pool, 1)
-    return HighThroughputExecutor(
+    executor = _Executor(
         label=label,
         provider=provider,
         max_workers_per_node=settings.worker_processes,
@@ -109,6 +128,8 @@ def build_executor(label: str, settings: ParslSettings) -> HighThroughputExecuto
         heartbeat_threshold=settings.heartbeat_threshold,
         **extra,
     )
+    executor.requests_per_slot = settings.requests_per_node / settings.worker_processes
+    return executor
 
 
 class ParslDispatcher(Dispatcher):
@@ -122,8 +143,10 @@ class ParslDispatcher(Dispatcher):
         relay_url: str | None,
         request_timeout: float,
         state_dir: Path,
+        channels: NodeChannels | None = None,
     ) -> None:
         self._relay = relay
+        self._channels = channels
         self._relay_url = relay_url
         self._request_timeout = request_timeout
         self._run_dir = state_dir / "parsl"
@@ -266,10 +289,11 @@ class ParslDispatcher(Dispatcher):
     ) -> AsyncGenerator[bytes | dict[str, Any], None]:
         """The events and outcome of a request served by the node's request server (see ``relayed_outcome``)."""
         assert self._relay_url is not None
+        relay_url = self._relay_url
         timeout = self._task_timeout[endpoint.id]
         held = self._settings[endpoint.id].requests_per_node
 
-        async def run(relay: dict[str, str]) -> Any:
+        async def run(relay: dict[str, str], inbox: Inbox) -> Any:
             request = compute_request(
                 op,
                 payload if bool(payload.get("stream")) == stream else {**payload, "stream": stream},
@@ -279,6 +303,21 @@ class ParslDispatcher(Dispatcher):
                 node_requests=held,
             )
             executor = await self._executor(endpoint)
+            if self._channels is not None:
+                channel_id = self._channels.key(
+                    (executor.label, str(held), str(self._model_server[endpoint.id]["state_dir"])), held
+                )
+                channel = self._channels.pick(channel_id)
+                if channel is not None:
+                    try:
+                        await channel.submit({**request, "stream": {"id": inbox.stream_id}}, inbox)
+                        return {"ok": True, "relayed": True}
+                    except Exception as exc:
+                        # It closed as the request went: its streams are broken, this one goes through Parsl.
+                        log.info("%s: a node channel closed: %s", endpoint.id, exc)
+                # No node has dialled in yet, or all that did are full: Parsl finds or starts a request server,
+                # and the invitation makes it dial in.
+                request["channel"] = self._channels.invitation(channel_id, relay_url)
             handover = self._handovers.get(executor.label)
             if handover is None:
                 workers = self._settings[endpoint.id].worker_processes
@@ -286,7 +325,10 @@ class ParslDispatcher(Dispatcher):
             # The task ends once the node's request server has the request: its limit is the wait for a free slot.
             return await _result(endpoint, handover.hand_over(request), timeout)
 
-        return relayed_outcome(endpoint, self._relay, self._relay_url, run, wait=timeout, idle=self._request_timeout)
+        return _held(
+            self._executors[endpoint.id],
+            relayed_outcome(endpoint, self._relay, self._relay_url, run, wait=timeout, idle=self._request_timeout),
+        )
 
     async def status(self, endpoint: Endpoint) -> Availability:
         """From the executor's blocks and workers, the scheduler's jobs, and a worker's view of its model servers."""
@@ -337,6 +379,22 @@ class ParslDispatcher(Dispatcher):
         if report.get("scheduler_error"):
             log.warning("%s: %s", endpoint.id, report["scheduler_error"])
         return tuple(report.get("jobs", []))
+
+
+async def _held(
+    executor: HighThroughputExecutor, items: AsyncGenerator[bytes | dict[str, Any], None]
+) -> AsyncGenerator[bytes | dict[str, Any], None]:
+    """``items``, counted among ``executor``'s outstanding tasks while they last (see ``_Executor``)."""
+    counted = executor if isinstance(executor, _Executor) else None
+    if counted is not None:
+        counted.held += 1
+    try:
+        async with contextlib.aclosing(items):
+            async for item in items:
+                yield item
+    finally:
+        if counted is not None:
+            counted.held -= 1
 
 
 async def _result(endpoint: Endpoint, waiting: Awaitable[Any], limit: float) -> Any:

@@ -16,7 +16,7 @@ from gateway.dispatch.base import BackendFailure, BackendProtocolError, BackendT
 from gateway.dispatch.compute import streamed_count, taken
 from gateway.dispatch.sse import EventSplitter
 from gateway.federation.registry import Endpoint
-from gateway.streaming.relay import Ending, Relay, stream_url
+from gateway.streaming.relay import Ending, Inbox, Relay, stream_url
 
 # How long to wait, once the worker's request has ended, for its task's result (or for the last events, when they
 # come through Redis), before calling the stream broken. A dead worker's task fails only after Parsl's heartbeat.
@@ -100,20 +100,21 @@ async def relayed_outcome(
     endpoint: Endpoint,
     relay: Relay,
     relay_url: str,
-    run: Callable[[dict[str, str]], Awaitable[Any]],
+    run: Callable[[dict[str, str], Inbox], Awaitable[Any]],
     *,
     wait: float,
     idle: float,
 ) -> AsyncGenerator[bytes | dict[str, Any], None]:
     """The SSE events of one ``inference`` request served by a node's request server, then its outcome (a dict).
 
-    ``run(stream)`` submits the task with ``stream`` as the request's ``stream`` and returns its result, which only
-    says that the request server took the request (or why it did not). The server's one relay request carries the
+    ``run(stream, inbox)`` submits the task with ``stream`` as the request's ``stream`` and returns its result, which
+    only says that the request server took the request (or why it did not); or sends the request down a node
+    channel, which feeds ``inbox`` as a relay request would. The server's one relay request carries the
     events and ends with the outcome; a relay request that ends without it (a server that died) is a
     ``BackendProtocolError``. ``wait`` and ``idle`` bound the silences as in ``relayed_events``.
     """
     inbox = await relay.open(ttl=wait)
-    task = asyncio.ensure_future(run({"url": stream_url(relay_url, inbox.stream_id), "token": inbox.token}))
+    task = asyncio.ensure_future(run({"url": stream_url(relay_url, inbox.stream_id), "token": inbox.token}, inbox))
     task.add_done_callback(inbox.put)
     events = EventSplitter()
     limit = wait

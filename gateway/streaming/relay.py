@@ -74,6 +74,7 @@ class Inbox:
         self.expires = expires
         self._queue: asyncio.Queue[Item] = asyncio.Queue()
         self._on_close = on_close
+        self._also: list[Callable[[Inbox], None]] = []
         self.closed = False
 
     def put(self, item: Item) -> None:
@@ -82,11 +83,17 @@ class Inbox:
     async def get(self) -> Item:
         return await self._queue.get()
 
+    def when_closed(self, callback: Callable[[Inbox], None]) -> None:
+        """Call ``callback(inbox)`` too when the stream is given up (a node channel that carries it)."""
+        self._also.append(callback)
+
     def close(self) -> None:
         """Give the stream up; synchronous, so it also works in a cancelled task's cleanup."""
         if not self.closed:
             self.closed = True
             self._on_close(self)
+            for callback in self._also:
+                callback(self)
 
 
 class Relay(ABC):

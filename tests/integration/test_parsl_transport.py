@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import websockets.exceptions
+import websockets.sync.client
 
 from compute_functions.model_server import ModelServer, free_port
 from gateway.simulator import command as simulator_command
@@ -200,6 +202,26 @@ def test_completions_and_embeddings(client: openai.OpenAI) -> None:
     assert len(embeddings.data) == 2 and embeddings.data[0].embedding
 
 
+def test_the_request_server_dials_in_and_takes_the_next_requests_down_its_channel(
+    front: ModelServer, client: openai.OpenAI, tmp_module: Path
+) -> None:
+    client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=1)  # type: ignore[arg-type]
+
+    def connected() -> bool:
+        return any("connected" in log.read_text() for log in (tmp_module / "servers").glob("requests-*.log"))
+
+    assert eventually(connected)
+    assert request_servers_talking_to(tmp_module, front.port)
+    # Whole and streamed answers alike come back down the channel.
+    whole = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=7)  # type: ignore[arg-type]
+    assert whole.usage is not None and whole.usage.completion_tokens == 7
+    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=7, stream=True)  # type: ignore[arg-type]
+    assert (
+        "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        == whole.choices[0].message.content
+    )
+
+
 async def test_concurrent_streams_and_whole_answers(front: ModelServer) -> None:
     async with openai.AsyncOpenAI(base_url=api_url(front), api_key=TOKEN, max_retries=0) as client:
 
@@ -266,6 +288,12 @@ def test_unknown_streams_and_strangers_are_refused(front: ModelServer) -> None:
     url = f"http://127.0.0.1:{front.port}/resource_server/internal/streams/not-a-stream"
     assert httpx.post(url, content=b"data: x\n\n", headers={"authorization": "Bearer 1.forged"}).status_code == 404
     assert httpx.post(url, content=b"data: x\n\n").status_code == 401
+    # Nodes dial in only with a channel token the gateway signed.
+    channel = f"ws://127.0.0.1:{front.port}/resource_server/internal/nodes/not-a-channel"
+    for headers in ({}, {"authorization": "Bearer 1.forged"}):
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            websockets.sync.client.connect(channel, additional_headers=headers).close()
+        assert refused.value.response.status_code == 403
 
 
 def kill_request_server(tmp_module: Path, simulator_port: int) -> None:

@@ -20,3 +20,18 @@ def test_slurm_options_are_checked_against_the_provider() -> None:
     assert settings.provider_options["exclusive"] is False
     with pytest.raises(ValidationError, match="the slurm provider takes no option partiton"):
         ParslSettings(provider="slurm", provider_options={"partiton": "debug"})
+
+
+def test_requests_the_nodes_hold_count_as_parsls_outstanding_tasks() -> None:
+    # Parsl cancels blocks with no outstanding tasks, and adds blocks when tasks exceed the workers' slots; requests
+    # down a node channel are no task at all, yet keep the node (and its model server) busy.
+    from gateway.dispatch.parsl import build_executor
+
+    executor = build_executor("test", ParslSettings(requests_per_node=256, workers_per_node=2))
+    assert executor.outstanding() == 0
+    executor.held = 1  # type: ignore[attr-defined]
+    assert executor.outstanding() == 1
+    executor.held = 256  # type: ignore[attr-defined]
+    assert executor.outstanding() == 2  # a full node: its two workers' slots
+    executor.held = 257  # type: ignore[attr-defined]
+    assert executor.outstanding() == 3  # more than a node holds: Parsl may add a block
