@@ -17,8 +17,10 @@ from gateway.api import admin, batches, catalog, downloads, identity, inference,
 from gateway.api.responses import request_id
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_response
+from gateway.front_door import UpgradesAnsweredAsHttp
 from gateway.observability.middleware import ObservingMiddleware
 from gateway.runtime import Runtime
+from gateway.streaming.channels import CHANNEL_PATH
 
 CLUSTER = "/resource_server/{cluster}/{framework}/v1"
 
@@ -78,7 +80,7 @@ ROUTES = [
     Route("/resource_server/{cluster}/models", catalog.cluster_models, methods=["GET"]),
     Route("/resource_server/{cluster}/jobs", catalog.cluster_jobs, methods=["GET"]),
     Route("/resource_server/internal/streams/{stream_id}", streams.receive_stream, methods=["POST"]),
-    WebSocketRoute("/resource_server/internal/nodes/{channel_id}", streams.node_channel),
+    WebSocketRoute(CHANNEL_PATH + "/{channel_id}", streams.node_channel),
 ]
 
 
@@ -115,7 +117,10 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
         routes=ROUTES,
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error},
-        middleware=[Middleware(ObservingMiddleware, runtime=runtime)] if ObservingMiddleware.needed(runtime) else [],
+        middleware=[
+            Middleware(UpgradesAnsweredAsHttp, websocket_prefixes=(CHANNEL_PATH + "/",)),
+            *([Middleware(ObservingMiddleware, runtime=runtime)] if ObservingMiddleware.needed(runtime) else []),
+        ],
     )
     app.state.runtime = runtime
     return app

@@ -12,6 +12,7 @@ import asyncio
 from typing import Any
 
 import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.config import ServerSettings
@@ -114,3 +115,36 @@ def protocol(settings: ServerSettings) -> type[asyncio.Protocol]:
     BoundedHttpToolsProtocol.max_head_bytes = settings.max_header_bytes
     BoundedHttpToolsProtocol.max_headers = settings.max_headers
     return BoundedHttpToolsProtocol
+
+
+class UpgradesAnsweredAsHttp:
+    """ASGI middleware: a WebSocket upgrade to a route that does not speak WebSocket is answered as the plain HTTP
+    request it also is (the route's own answer, through the server's denial response), not with a bare close.
+
+    Only the routes under ``websocket_prefixes`` (the nodes' channels) speak WebSocket.
+    """
+
+    def __init__(self, app: ASGIApp, websocket_prefixes: tuple[str, ...]) -> None:
+        self.app = app
+        self.websocket_prefixes = websocket_prefixes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket" or scope["path"].startswith(self.websocket_prefixes):
+            await self.app(scope, receive, send)
+            return
+        await receive()  # websocket.connect
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1003})
+            return
+        plain = {**scope, "type": "http", "method": "GET", "scheme": "https" if scope["scheme"] == "wss" else "http"}
+        plain.pop("subprotocols", None)
+
+        async def no_body() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def as_denial(message: Message) -> None:
+            kind = message["type"].removeprefix("http.")
+            if kind in ("response.start", "response.body"):
+                await send({**message, "type": f"websocket.http.{kind}"})
+
+        await self.app(plain, no_body, as_denial)
