@@ -452,13 +452,13 @@ async def test_an_idle_endpoint_is_not_probed_again_until_its_heartbeat_counts_o
     service.status = {"status": "online", "details": details}
     first = await dispatcher.status(endpoint)
     (executor,) = executors.made
-    assert first.state == "cold" and len(executor.submitted) == 1
+    assert len(executor.submitted) == 1
 
     # The next heartbeat counts the probe's own task, or has not come yet: the last report stands.
     for total in (8, 7, 8):
         service.status = {"status": "online", "details": {**details, "total_tasks": total}}
         again = await dispatcher.status(endpoint)
-        assert again.state == "cold" and again.observed_at > first.observed_at
+        assert again.state == first.state and again.observed_at > first.observed_at
     assert len(executor.submitted) == 1
 
     # Other tasks ran (requests, from this gateway or another): the node is asked again.
