@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export INFERENCE_GATEWAY_VLLM_VENV ?= $(HOME)/.cache/inference-gateway/venv-vllm
 export INFERENCE_GATEWAY_VLLM_MODEL_DIR ?= $(HOME)/.cache/inference-gateway/tiny-llama
 
-.PHONY: serve test install lint typecheck unit integration e2e slurm vllm-env slurm-env browser haproxy-env replicas bench clean
+.PHONY: serve test install lint typecheck unit integration e2e slurm vllm-env slurm-env browser haproxy-env replicas bench demo-site clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,11 @@ e2e: install vllm-env
 
 slurm: install slurm-env
 	$(BIN)/pytest tests/slurm
+
+# A whole HPC site on this machine: the local Globus Compute service (RabbitMQ at 127.0.0.1:5672, port 5000), one
+# endpoint on a Slurm cluster of its own, and the gateway with a globus and a parsl cluster; Ctrl-C stops it all.
+demo-site: install slurm-env
+	$(BIN)/python -m tests.demo_site
 
 bench: install
 	$(BIN)/python scripts/bench-front-door.py

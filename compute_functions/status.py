@@ -6,7 +6,8 @@ The request (every key optional)::
      "scheduler": "auto" | "pbspro" | "slurm" | "none",
      "user": "...",                         # whose jobs (default: the worker's user)
      "job_name": "...",                     # only jobs whose name starts with this
-     "job_ids": [...]}                      # only these jobs (e.g. the blocks an executor submitted)
+     "job_ids": [...],                      # only these jobs (e.g. the blocks an executor submitted)
+     "own_job": True}                       # only the batch job this worker runs in (none outside one)
 
 The result::
 
@@ -25,6 +26,7 @@ A job the scheduler no longer knows (finished long enough ago) is left out.
 from __future__ import annotations
 
 import getpass
+import os
 import re
 import shutil
 import socket
@@ -65,6 +67,11 @@ def status(request: dict[str, Any]) -> dict[str, Any]:
     launch = request.get("model_server") or {}
     models = _served_models(launch.get("state_dir"))
     scheduler = request.get("scheduler") or "auto"
+    if request.get("own_job"):
+        # A worker knows its own job from the environment the scheduler gives it: no need to know the block ids.
+        own = _own_job()
+        scheduler = own[0] if own else "none"
+        request = {**request, "job_ids": [own[1]] if own else []}
     if scheduler == "auto":
         scheduler = "slurm" if shutil.which("squeue") else "pbspro" if shutil.which("qstat") else "none"
     jobs: list[dict[str, Any]] = []
@@ -82,6 +89,15 @@ def status(request: dict[str, Any]) -> dict[str, Any]:
         "jobs": jobs,
         "scheduler_error": error,
     }
+
+
+def _own_job() -> tuple[str, str] | None:
+    """The scheduler and id of the batch job this process runs in."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return "slurm", os.environ["SLURM_JOB_ID"]
+    if os.environ.get("PBS_JOBID"):
+        return "pbspro", os.environ["PBS_JOBID"]
+    return None
 
 
 def _served_models(state_dir: str | None) -> list[dict[str, Any]]:

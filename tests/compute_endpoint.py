@@ -64,6 +64,7 @@ class EndpointDaemon:
         allowed_functions: list[str] | None = None,
         email: str = "operator@example.org",
         values: dict[str, str] | None = None,
+        environment: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.folder = folder
@@ -78,6 +79,8 @@ class EndpointDaemon:
             "CHANGE-ME/inference-env": sys.prefix,
             **(values or {}),
         }
+        # Added to user_environment.yaml: what the user endpoint needs beyond the template (a cluster's SLURM_CONF).
+        self.environment = environment or {}
         self.home = folder / "home"
         self.user_dir = folder / ".globus_compute"
         self.log_path = folder / "daemon.log"
@@ -129,6 +132,7 @@ class EndpointDaemon:
         environment = fill((site / "user_environment.yaml").read_text(), self.values)
         # A daemon run as root clears the user endpoint's environment: keep its files in the test's folder.
         environment += f"GLOBUS_COMPUTE_USER_DIR: {self.user_dir}\n"
+        environment += "".join(f"{name}: {value}\n" for name, value in self.environment.items())
         for file_name, text in [
             ("config.yaml", core),
             ("user_config_template.yaml.j2", template),

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, Protocol, TypeVar, cast
 
 from gateway.config import GlobusComputeSettings
@@ -107,7 +108,9 @@ def availability_of(status: Any) -> Availability:
         return Availability("offline", detail=f"Globus Compute endpoint is {state or 'not reporting'}")
     details = status.get("details")
     if not isinstance(details, dict) or not isinstance(details.get("total_workers"), int):
-        return Availability("unknown", detail="Globus Compute endpoint is online")
+        # The daemon runs but no user endpoint does (it stopped when idle, or never had a task): the next task
+        # starts it, and its workers, which takes as long as a cold start.
+        return Availability("cold", detail="no user endpoint runs; a request starts it and its workers")
     workers = int(details["total_workers"])
     idle = details.get("idle_workers")
     pending = details.get("pending_tasks")
@@ -148,6 +151,8 @@ class GlobusDispatcher(Dispatcher):
         self._executors: dict[str, ComputeExecutor] = {}
         self._creating = asyncio.Lock()
         self._blocking = ThreadPoolExecutor(max_workers=2, thread_name_prefix="globus-dispatch")
+        # Per endpoint: the task count of the heartbeat behind the last node report, and that report.
+        self._node_reports: dict[str, tuple[int, Availability]] = {}
 
     @staticmethod
     def _settings(endpoint: Endpoint) -> GlobusComputeSettings:
@@ -275,21 +280,36 @@ class GlobusDispatcher(Dispatcher):
         """What the Globus Compute service reports of ``endpoint`` and, when it has workers, what one of them serves.
 
         The ``status`` function runs only while workers are up: on a batch-scheduled
-        endpoint without workers, a task would make it submit a job.
+        endpoint without workers, a task would make it submit a job. Nor does it run
+        while the heartbeat says that no task ran since the last report but that
+        report's own: every task restarts the user endpoint's idle count, so a probe
+        each ``status_interval`` would keep an idle endpoint, and its nodes, forever.
         """
         settings = self._settings(endpoint)
         endpoint_id = str(settings.endpoint_id)
         report = await self._in_thread(lambda: self._new_client().get_endpoint_status(endpoint_id))
         seen = availability_of(report)
         if seen.state != "hot" or settings.function_ids is None or settings.function_ids.status is None:
+            self._node_reports.pop(endpoint.id, None)
             return seen
+        tasks = report["details"].get("total_tasks")
+        last = self._node_reports.get(endpoint.id)
+        # A user endpoint started again counts from 0 and is probed once: one that never ran a task stops only
+        # after idle_heartbeats_hard (8 hours by default), one that did after idle_heartbeats_soft.
+        if isinstance(tasks, int) and last is not None and last[0] <= tasks <= last[0] + 1:
+            return replace(last[1], observed_at=time.time())
         state_dir = (endpoint.worker_model_server or {}).get("state_dir")
-        request = {"model_server": {"state_dir": state_dir}, "scheduler": "none"}
+        # The worker names the batch job it runs in, for /resource_server/{cluster}/jobs.
+        request = {"model_server": {"state_dir": state_dir}, "scheduler": "none", "own_job": True}
         try:
             node = await self.run(endpoint, "status", request, limit=_STATUS_LIMIT)
         except BackendFailure as exc:
             return Availability("unknown", detail=f"{seen.detail}, busy: {exc.detail}")
-        return served_availability(endpoint, node, seen.detail)
+        served = served_availability(endpoint, node, seen.detail)
+        served = replace(served, jobs=tuple(job for job in node.get("jobs") or () if isinstance(job, dict)))
+        if isinstance(tasks, int):
+            self._node_reports[endpoint.id] = (tasks, served)
+        return served
 
     async def check(self) -> str | None:
         return self._client_error

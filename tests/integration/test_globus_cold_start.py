@@ -3,19 +3,22 @@
 The endpoint daemon (from the local template) stops its user endpoint, with the
 workers, after ``idle_heartbeats_soft`` idle heartbeats; the next task makes the
 service send ``cmd_start_endpoint`` again. The Globus Compute service then reports
-the endpoint online without workers, which the gateway cannot tell apart from
-an endpoint it has not observed: ``unknown``, which docs/federation.md routes
-rather than refuses, so the request waits for the user endpoint and is answered.
+the endpoint online without workers' details: the gateway calls it ``cold``, so a
+request gets the documented 503 "being started" at once and the gateway starts the
+user endpoint in the background; the request after that is answered.
 
-The gateway here asks for status rarely: while the user endpoint has workers,
-every status probe is a task that keeps it from ever being idle.
+The gateway asks for status every second: the status probe runs a task only when
+the service's heartbeat shows tasks other than its own since its last report, so
+it does not keep the idle user endpoint from stopping.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
+import httpx
 import openai
 import pytest
 
@@ -25,7 +28,10 @@ from tests.compute_endpoint import ComputeSite, EndpointDaemon, credentials
 from tests.globus_compute_service import ComputeService
 from tests.support import MODEL, TOKEN, gateway, stop_model_servers
 
-IDLE_HEARTBEATS = 2
+# 7 heartbeats of 5 s: the daemon starts a user endpoint again by itself when it stops within 30 s
+# (mu_child_ep_grace_period_s) of a task's start command, and the one started so stops only when hard-idle.
+IDLE_HEARTBEATS = 7
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +54,7 @@ def front(
     config = {
         "server": {"request_timeout": 60},
         "auth": {"providers": ["dev"]},
-        "federation": {"status_interval": 300, "stale_after": 600},
+        "federation": {"status_interval": 1, "stale_after": 20, "retry_after": 1},
         "endpoints": [idle_site.endpoint()],
     }
     env = {**compute_service.env(), **credentials()}
@@ -56,14 +62,33 @@ def front(
         yield server
 
 
-def wait_for_idle_stop(site: ComputeSite, service: ComputeService, timeout: float = 90) -> None:
+def wait_for_idle_stop(site: ComputeSite, service: ComputeService, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while site.daemon.user_endpoint_processes() or service.status(site.endpoint_id)["details"]:
         assert time.monotonic() < deadline, "the user endpoint did not stop when idle"
         time.sleep(0.5)
 
 
-def test_the_first_request_after_an_idle_stop_is_answered_once_the_user_endpoint_is_back(
+def state_of(front: ModelServer) -> str:
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    listed = httpx.get(f"http://{front.host}:{front.port}/resource_server/list-endpoints", headers=headers, timeout=10)
+    (view,) = listed.json()["data"]
+    return str(view["state"])
+
+
+def answered_once_started(request: Callable[[], T], timeout: float = 120) -> T:
+    """``request``'s answer, asked again each second while the gateway says the model is being started (503)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return request()
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 503 and "being started" in exc.message, exc.message
+            assert time.monotonic() < deadline, exc.message
+            time.sleep(1)
+
+
+def test_a_stopped_user_endpoint_is_cold_and_the_request_after_the_503_is_answered(
     front: ModelServer, idle_site: ComputeSite, compute_service: ComputeService
 ) -> None:
     client = openai.OpenAI(
@@ -73,15 +98,26 @@ def test_the_first_request_after_an_idle_stop_is_answered_once_the_user_endpoint
         timeout=120,
     )
     # The model server is started once; it outlives the user endpoint on the node.
-    client.completions.create(model=MODEL, prompt="hi", max_tokens=1)
+    answered_once_started(lambda: client.completions.create(model=MODEL, prompt="hi", max_tokens=1))
+    # The gateway keeps probing every second, yet the user endpoint stops when idle.
     wait_for_idle_stop(idle_site, compute_service)
+    deadline = time.monotonic() + 30
+    while state_of(front) != "cold":
+        assert time.monotonic() < deadline, f"the stopped user endpoint is {state_of(front)}, not cold"
+        time.sleep(0.5)
     starts = len(compute_service.commands)
 
     started = time.monotonic()
-    answer = client.completions.create(model=MODEL, prompt="Water boils at", max_tokens=4)
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.completions.create(model=MODEL, prompt="Water boils at", max_tokens=4)
+    assert refused.value.status_code == 503 and "being started" in refused.value.message
+    assert refused.value.response.headers.get("retry-after") == "1"
+    answer = answered_once_started(
+        lambda: client.completions.create(model=MODEL, prompt="Water boils at", max_tokens=4)
+    )
     took = time.monotonic() - started
 
     assert answer.usage is not None and answer.usage.completion_tokens == 4
     assert len(compute_service.commands) > starts
     assert idle_site.daemon.user_endpoint_processes(), "the request did not start the user endpoint again"
-    print(f"first answer after the idle stop: {took:.1f} s")
+    print(f"first answer after the idle stop (503, then retried each second): {took:.1f} s")

@@ -94,3 +94,19 @@ def test_without_slurm_conf_the_error_is_reported(slurm_cluster: SlurmCluster, m
     monkeypatch.setenv("PATH", slurm_cluster.env["PATH"])
     report = status.status({"scheduler": "slurm"})
     assert report["jobs"] == [] and report["scheduler_error"].startswith("slurm: squeue --noheader")
+
+
+@pytest.mark.usefixtures("on_cluster")
+def test_a_worker_names_the_job_it_runs_in(
+    queue: dict[str, str], slurm_cluster: SlurmCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Slurm gives every process of a job its id; a Globus Compute worker knows no block ids otherwise.
+    monkeypatch.setenv("SLURM_JOB_ID", queue["running"])
+    report = status.status({"scheduler": "none", "own_job": True})
+    assert report["scheduler"] == "slurm" and report["scheduler_error"] is None
+    (job,) = report["jobs"]
+    assert job["job_id"] == queue["running"] and job["state"] == "running" and job["nodes"] == [slurm_cluster.node]
+    # Outside a batch job there is no job to name, and no scheduler is asked.
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.delenv("PBS_JOBID", raising=False)
+    assert status.status({"scheduler": "none", "own_job": True})["jobs"] == []

@@ -4,8 +4,8 @@ Each site's three files go through ``globus-compute-endpoint configure`` as the
 operator guide says, the daemon's configuration through the endpoint's own
 ``get_config`` (which refuses an ``engine`` block there), and the user endpoint's
 through ``globus-compute-endpoint render-user-config`` and ``load_config_yaml``.
-The local template is also started for real (tests/integration/test_globus_compute_endpoint.py);
-Slurm and PBS Pro need their schedulers.
+The local template is also started for real (tests/integration/test_globus_compute_endpoint.py), and so is
+slurm-cpu, on the test session's Slurm cluster (tests/slurm/test_slurm_globus.py); PBS Pro has no Debian package.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from parsl.providers import LocalProvider, PBSProProvider, SlurmProvider
 from tests.compute_endpoint import TEMPLATES, EndpointDaemon, fill
 from tests.globus_compute_service import ComputeService
 
-SITES = ["local", "pbspro-gpu", "slurm-gpu"]
+SITES = ["local", "pbspro-gpu", "slurm-cpu", "slurm-gpu"]
 # What an operator of each kind of site fills in.
 SITE_VALUES = {
     "local": {},
@@ -33,6 +33,7 @@ SITE_VALUES = {
         "CHANGE-ME-filesystem": "eagle",
         "CHANGE-ME/model-weights": "/eagle/inference/model-weights",
     },
+    "slurm-cpu": {"CHANGE-ME-cpu-partition": "cpu"},
     "slurm-gpu": {
         "CHANGE-ME-gpu-partition": "gpuA100x4",
         "CHANGE-ME-account": "bbjr-delta-gpu",
@@ -111,6 +112,20 @@ def test_slurm_template_asks_for_whole_gpu_nodes(tmp_path: Path) -> None:
         assert provider.partition == "gpuA100x4" and provider.account == "bbjr-delta-gpu"
         assert isinstance(provider.launcher, SrunLauncher)
         assert site.core.amqp_port == 443
+    finally:
+        site.close()
+
+
+def test_slurm_cpu_template_shares_its_node(tmp_path: Path) -> None:
+    # Started for real on the test session's Slurm cluster in tests/slurm/test_slurm_globus.py.
+    site = Site("slurm-cpu", tmp_path)
+    try:
+        provider = site.engine.executor.provider
+        assert isinstance(provider, SlurmProvider)
+        assert provider.gpus_per_node is None and not provider.exclusive and provider.cores_per_node == 1
+        assert provider.partition == "cpu" and provider.account is None
+        assert isinstance(provider.launcher, SrunLauncher)
+        assert provider.init_blocks == provider.min_blocks == 0 and provider.max_blocks == 1
     finally:
         site.close()
 

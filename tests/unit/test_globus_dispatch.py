@@ -264,7 +264,9 @@ async def test_cannot_log_in_is_unavailable_and_reported_by_check(
             3,
         ),
         ({"status": "online", "details": {"total_workers": 0, "idle_workers": 0, "pending_tasks": 0}}, "cold", 0, 0),
-        ({"status": "online"}, "unknown", None, None),
+        # The daemon is up, no user endpoint runs: the next task starts one, as a cold start.
+        ({"status": "online", "details": {}}, "cold", None, None),
+        ({"status": "online"}, "cold", None, None),
         ({"status": "offline", "details": {}}, "offline", None, None),
         (None, "offline", None, None),
     ],
@@ -440,3 +442,26 @@ def test_a_node_serving_one_of_two_models_is_cold_for_the_other() -> None:
     assert availability.cold_models == {"mistral-7b"}
     with pytest.raises(BackendProtocolError):
         served_availability(endpoint, {"ok": False}, "4 workers")
+
+
+async def test_an_idle_endpoint_is_not_probed_again_until_its_heartbeat_counts_other_tasks(
+    dispatcher: GlobusDispatcher, service: ComputeService, executors: ExecutorFactory, endpoint: Endpoint
+) -> None:
+    # Every task restarts the user endpoint's idle count: a status task per probe would keep it up for ever.
+    details = {"total_workers": 4, "idle_workers": 4, "pending_tasks": 0, "total_tasks": 7}
+    service.status = {"status": "online", "details": details}
+    first = await dispatcher.status(endpoint)
+    (executor,) = executors.made
+    assert len(executor.submitted) == 1
+
+    # The next heartbeat counts the probe's own task, or has not come yet: the last report stands.
+    for total in (8, 7, 8):
+        service.status = {"status": "online", "details": {**details, "total_tasks": total}}
+        again = await dispatcher.status(endpoint)
+        assert again.state == first.state and again.observed_at > first.observed_at
+    assert len(executor.submitted) == 1
+
+    # Other tasks ran (requests, from this gateway or another): the node is asked again.
+    service.status = {"status": "online", "details": {**details, "total_tasks": 10}}
+    await dispatcher.status(endpoint)
+    assert len(executor.submitted) == 2
