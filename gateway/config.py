@@ -272,6 +272,9 @@ class GlobusComputeSettings(_Strict):
     # would make interactive requests wait seconds under load.
     api_burst_limit: int = Field(default=8, ge=1, le=8)
     api_burst_window: int = Field(default=2, ge=1, le=32)
+    # With the relay, the workers hand requests to their node's request server, which holds this many at once
+    # (as ``parsl.requests_per_node``; 256 is vLLM's default max-num-seqs).
+    requests_per_node: int = Field(default=256, ge=1)
 
 
 class EndpointSettings(_Strict):
