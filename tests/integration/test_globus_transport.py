@@ -77,6 +77,14 @@ def amqp_ports(daemon: EndpointDaemon) -> set[int]:
     return ports
 
 
+def all_connected(site: ComputeSite) -> None:
+    """Wait until the endpoint has its connections to the broker back (after an earlier test closed them).
+
+    An answer is no sign of them: it comes through the relay, not through the endpoint's result connection.
+    """
+    assert eventually(lambda: len(amqp_ports(site.daemon)) >= 4, timeout=60), amqp_ports(site.daemon)
+
+
 @pytest.fixture(scope="module")
 def second_site(compute_service: ComputeService, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComputeSite]:
     """A second cluster with its own endpoint daemon, serving the same model."""
@@ -253,6 +261,7 @@ def test_requests_succeed_after_the_broker_closes_the_idle_endpoints_connections
 ) -> None:
     client = cluster_client(front)
     once_started(lambda: client.completions.create(model=MODEL, prompt="hi", max_tokens=1))
+    all_connected(compute_site)
 
     closed = close_connections(compute_service.vhost, amqp_ports(compute_site.daemon))
 
@@ -269,6 +278,7 @@ def test_requests_in_flight_when_the_broker_closes_the_connections_end_and_later
 ) -> None:
     client = cluster_client(front)
     once_started(lambda: client.completions.create(model=MODEL, prompt="hi", max_tokens=1))
+    all_connected(compute_site)
 
     def ask(_: int) -> str:
         try:
@@ -340,6 +350,8 @@ def test_a_node_lost_mid_request_is_a_502_and_the_other_cluster_takes_the_next_r
 def test_a_request_server_killed_mid_answer_is_a_502_and_the_next_requests_succeed(
     front: ModelServer, compute_site: ComputeSite
 ) -> None:
+    # A restarted endpoint's user endpoint and workers take longer to start than the cluster's task timeout.
+    compute_site.warm_up()
     client = cluster_client(front)
     once_started(lambda: client.completions.create(model=MODEL, prompt="hi", max_tokens=1))
     with ThreadPoolExecutor(1) as pool:
