@@ -1,6 +1,6 @@
 """Side by side in one run: the ``globus``, ``parsl`` and ``direct`` transports in front of the same simulator.
 
-    .venv/bin/python scripts/bench-globus.py [--requests 200] [--concurrency 32] [--streams 20] [--tasks 200]
+    .venv/bin/python scripts/bench-globus.py [--requests 400] [--concurrency 32,128] [--streams 20] [--tasks 200]
 
 It needs what the Globus Compute tests need (docs/testing.md): RabbitMQ with ``rabbitmqctl``, and port 5000. It
 starts a simulator, the local Globus Compute service (tests/globus_compute_service.py) in a RabbitMQ virtual host
@@ -10,8 +10,8 @@ on the simulator: ``direct/vllm`` (plain HTTP), ``parsl/vllm`` (the gateway's ow
 function) and ``globus/vllm`` (the function is a Globus Compute task on the endpoint's worker). The workers find
 the model server already running on its port. Then:
 
-- whole answers of one token, one at a time and ``--concurrency`` at a time: latency p50/p99, and what each
-  transport adds over the simulator alone; requests/s at that concurrency;
+- whole answers of one token, one at a time and at each ``--concurrency``: latency p50/p99, and what each
+  transport adds over the simulator alone; requests/s at that concurrency, and the requests that failed;
 - streamed answers: time to the first token;
 - the first request after a cold start: the endpoint restarted, so its user endpoint (and workers) must start;
 - the floor: the SDK ``Executor`` and the endpoint alone, without the gateway: one registered ``status`` task at
@@ -42,20 +42,26 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-def whole(url: str, headers: dict[str, str], count: int, concurrency: int) -> tuple[list[float], float]:
-    """Latencies of ``count`` one-token answers, ``concurrency`` at a time, and the requests per second."""
+def whole(url: str, headers: dict[str, str], count: int, concurrency: int) -> tuple[list[float], float, int]:
+    """Latencies of ``count`` one-token answers, ``concurrency`` at a time, the requests per second, the failures."""
     import httpx
 
     body = {"model": MODEL, "messages": QUESTION, "max_tokens": 1}
+    failed = 0
 
     def run(share: int) -> list[float]:
+        nonlocal failed
         latencies = []
         with httpx.Client(headers=headers, timeout=120) as client:
             for _ in range(share):
                 started = time.perf_counter()
-                response = client.post(f"{url}/chat/completions", json=body)
+                try:
+                    response = client.post(f"{url}/chat/completions", json=body)
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
                 latencies.append(time.perf_counter() - started)
-                response.raise_for_status()
+                failed += not ok
         return latencies
 
     shares = [count // concurrency + (1 if n < count % concurrency else 0) for n in range(concurrency)]
@@ -63,7 +69,7 @@ def whole(url: str, headers: dict[str, str], count: int, concurrency: int) -> tu
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(run, shares))
     elapsed = time.perf_counter() - started
-    return [value for result in results for value in result], count / elapsed
+    return [value for result in results for value in result], count / elapsed, failed
 
 
 def first_tokens(url: str, headers: dict[str, str], count: int) -> list[float]:
@@ -96,8 +102,8 @@ def row(name: str, values: list[float], base: list[float] | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=200, help="whole answers per path and concurrency")
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=400, help="whole answers per path and concurrency")
+    parser.add_argument("--concurrency", default="32,128", help="the concurrencies beyond one, comma-separated")
     parser.add_argument("--streams", type=int, default=20, help="streamed answers per path")
     parser.add_argument("--tasks", type=int, default=200, help="tasks for the SDK-and-endpoint floor")
     parser.add_argument("--tpot", type=float, default=0.002, help="the simulator's time per output token")
@@ -189,16 +195,16 @@ def measure(
         first_tokens(url, headers, 2)
 
     print(f"load: {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} cores; the machine is shared")
-    for concurrency in (1, args.concurrency):
+    for concurrency in (1, *(int(n) for n in str(args.concurrency).split(","))):
         print(f"whole answers, one token: {args.requests} per path, {concurrency} at a time")
-        print(f"  {'':10} {'p50 ms':>9} {'p99 ms':>9} {'+p50 ms':>10} {'+p99 ms':>10}   req/s")
-        alone, alone_rate = whole(simulator.base_url, {}, args.requests, concurrency)
+        print(f"  {'':10} {'p50 ms':>9} {'p99 ms':>9} {'+p50 ms':>10} {'+p99 ms':>10}   req/s  failed")
+        alone, alone_rate, _ = whole(simulator.base_url, {}, args.requests, concurrency)
         print(row("simulator", alone, None) + f" {'':21} {alone_rate:7.1f}")
         results = {}
         for name, url in paths.items():
-            latencies, rate = whole(url, headers, args.requests, concurrency)
+            latencies, rate, failed = whole(url, headers, args.requests, concurrency)
             results[name] = (latencies, rate)
-            print(row(name, latencies, alone) + f" {rate:7.1f}")
+            print(row(name, latencies, alone) + f" {rate:7.1f} {failed:7d}")
         d50 = percentile(results["direct"][0], 50)
         for name in ("parsl", "globus"):
             ratio = percentile(results[name][0], 50) / d50
@@ -207,7 +213,9 @@ def measure(
     print(f"streamed answers: time to the first token, {args.streams} per path, one at a time")
     firsts = {name: first_tokens(url, headers, args.streams) for name, url in paths.items()}
     for name, values in firsts.items():
-        print(f"  {name:10} p50 {percentile(values, 50) * 1e3:8.2f} ms   p99 {percentile(values, 99) * 1e3:8.2f} ms")
+        p50, p99 = percentile(values, 50) * 1e3, percentile(values, 99) * 1e3
+        added = p50 - percentile(firsts["direct"], 50) * 1e3
+        print(f"  {name:10} p50 {p50:8.2f} ms   p99 {p99:8.2f} ms   +p50 over direct {added:8.2f} ms")
 
     print("the floor: the SDK Executor and the endpoint, without the gateway (the registered status function)")
     request = {"model_server": {"state_dir": str(site.state_dir)}, "scheduler": "none"}
@@ -242,10 +250,11 @@ def measure(
         assert time.monotonic() < deadline, "the endpoint did not come back online"
         time.sleep(0.2)
     started = time.perf_counter()
-    whole(paths["globus"], headers, 1, 1)
+    _, _, failed = whole(paths["globus"], headers, 1, 1)
     cold = time.perf_counter() - started
     after = statistics.fmean(whole(paths["globus"], headers, 5, 1)[0]) * 1e3
-    print(f"  first request through globus: {cold:.2f} s (the next five: {after:.1f} ms each on average)")
+    print(f"  first request through globus: {cold:.2f} s{' (failed)' if failed else ''}")
+    print(f"  the next five: {after:.1f} ms each on average")
 
 
 def endpoint_state(base: str, headers: dict[str, str], httpx: Any, cluster: str) -> str:

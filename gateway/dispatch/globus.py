@@ -1,8 +1,14 @@
 """The ``globus`` transport: the compute functions run on a Globus Compute endpoint's workers.
 
-Each request becomes one task of the registered ``inference`` function, submitted
-through a ``globus_compute_sdk.Executor``; the dispatcher holds one executor per
-Globus Compute endpoint, made on first use. The executor's methods only queue
+Requests become tasks of the registered ``inference`` function, submitted through a
+``globus_compute_sdk.Executor``; the dispatcher holds one executor per Globus Compute
+endpoint, made on first use. With the relay (``relay.url``), a task only hands its
+requests to the node's request server and returns, and every answer, whole ones
+too, comes back through the relay ending with its outcome (as under ``parsl``): the
+SDK's result listener, which looks for results every half second, is then off the
+request's path. The requests that come in one turn of the event loop go in one task,
+and the executor sends the tasks queued meanwhile in one call to the service.
+Without the relay, a task carries one request and its whole answer. The executor's methods only queue
 work and hand back ``concurrent.futures.Future`` objects, so nothing here blocks
 the event loop; the few blocking SDK calls (making the client, asking an
 endpoint's status) run on the dispatcher's own small thread pool.
@@ -18,16 +24,18 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar, cast
 
+import orjson
+
 from gateway.config import GlobusComputeSettings
 from gateway.dispatch.base import BackendFailure, BackendProtocolError, BackendTimeout, BackendUnavailable, Dispatcher
-from gateway.dispatch.compute import answer_of, compute_request, served_availability
+from gateway.dispatch.compute import answer_of, compute_request, served_availability, streamed_count
 from gateway.dispatch.futures import result_of
-from gateway.dispatch.relayed import relayed_events
+from gateway.dispatch.relayed import relayed_outcome
 from gateway.federation.availability import Availability
 from gateway.federation.registry import Endpoint
 from gateway.streaming.relay import Relay
@@ -38,6 +46,9 @@ log = logging.getLogger("gateway.dispatch.globus")
 _TASK_MARGIN = 60.0
 # A status task waits behind the requests when every worker is busy; the tracker gives a probe 5 s by default.
 _STATUS_LIMIT = 3.0
+# A task carries at most this much of its requests' bodies: the service refuses a submission call over 10 MB, and
+# the executor may send several tasks in one call.
+_GROUP_BYTES = 1 << 20
 
 T = TypeVar("T")
 
@@ -123,6 +134,14 @@ def availability_of(status: Any) -> Availability:
     return Availability("cold", detail="no workers; a request waits for the scheduler", running=0, waiting=0)
 
 
+class _Group:
+    """Requests that go to one endpoint's request servers in one task, with the size of their bodies."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[dict[str, Any], asyncio.Future[Any]]] = []
+        self.size = 0
+
+
 class GlobusDispatcher(Dispatcher):
     """Runs the compute functions on Globus Compute endpoints; see the module docstring.
 
@@ -150,6 +169,9 @@ class GlobusDispatcher(Dispatcher):
         self._client_error: str | None = None
         self._executors: dict[str, ComputeExecutor] = {}
         self._creating = asyncio.Lock()
+        # By Globus Compute endpoint: the requests that go in the next hand-over task.
+        self._groups: dict[str, _Group] = {}
+        self._sending: set[asyncio.Task[None]] = set()
         self._blocking = ThreadPoolExecutor(max_workers=2, thread_name_prefix="globus-dispatch")
         # Per endpoint: the task count of the heartbeat behind the last node report, and that report.
         self._node_reports: dict[str, tuple[int, Availability]] = {}
@@ -257,24 +279,89 @@ class GlobusDispatcher(Dispatcher):
 
     async def call(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> dict[str, Any]:
         self._refuse_if_offline(endpoint)
-        return answer_of(endpoint, await self.run(endpoint, "inference", self._request(endpoint, op, payload)))
+        if self._relay_url is None:
+            # Without the relay, the task carries the answer: it comes with the SDK's result listener.
+            return answer_of(endpoint, await self.run(endpoint, "inference", self._request(endpoint, op, payload)))
+        async for item in self._relayed(endpoint, op, payload, stream=False):
+            if isinstance(item, dict):
+                return answer_of(endpoint, item)
+        raise BackendProtocolError(endpoint, "the worker's answer ended without its outcome")
 
     async def stream(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> AsyncIterator[bytes]:
         self._refuse_if_offline(endpoint)
         if self._relay_url is None:
             raise BackendUnavailable(endpoint, "relay.url is not set, so workers cannot stream answers back")
-
-        async def run(stream: dict[str, str]) -> Any:
-            return await self.run(endpoint, "inference", self._request(endpoint, op, payload, stream))
-
-        events = relayed_events(
-            endpoint, self._relay, self._relay_url, run, wait=self._task_timeout(endpoint), idle=self._request_timeout
-        )
+        items = self._relayed(endpoint, op, payload, stream=True)
         try:
-            async for event in events:
-                yield event
+            async for item in items:
+                if isinstance(item, bytes):
+                    yield item
+                else:
+                    streamed_count(endpoint, item)
         finally:
-            await events.aclose()
+            await items.aclose()
+
+    def _relayed(
+        self, endpoint: Endpoint, op: str, payload: dict[str, Any], *, stream: bool
+    ) -> AsyncGenerator[bytes | dict[str, Any], None]:
+        """The events and outcome of a request handed to the node's request server (see ``relayed_outcome``)."""
+        assert self._relay_url is not None
+        settings = self._settings(endpoint)
+        timeout = self._task_timeout(endpoint)
+
+        async def run(relay: dict[str, str]) -> Any:
+            if endpoint.worker_model_server is None:
+                raise BackendUnavailable(endpoint, "no worker_model_server: the workers would not know what to start")
+            request = compute_request(
+                op,
+                payload if bool(payload.get("stream")) == stream else {**payload, "stream": stream},
+                model_server=endpoint.worker_model_server,
+                timeout=self._request_timeout,
+                stream=relay,
+                node_requests=settings.requests_per_node,
+            )
+            # The task ends once the request server has the request; its result only says so (or why not).
+            try:
+                async with asyncio.timeout(timeout):
+                    return await self._hand_over(endpoint, request)
+            except TimeoutError:
+                raise BackendTimeout(endpoint, f"no result from Globus Compute within {timeout:g} s") from None
+
+        return relayed_outcome(endpoint, self._relay, self._relay_url, run, wait=timeout, idle=self._request_timeout)
+
+    def _hand_over(self, endpoint: Endpoint, request: dict[str, Any]) -> asyncio.Future[Any]:
+        """A future of the result of the task that carries ``request`` with the others of this turn of the loop."""
+        key = str(self._settings(endpoint).endpoint_id)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        size = len(orjson.dumps(request["payload"]))
+        group = self._groups.get(key)
+        if group is None or group.size + size > _GROUP_BYTES:
+            group = self._groups[key] = _Group()
+            # After the callbacks already due: the requests that came with this one join it.
+            self._sending.add(task := asyncio.get_running_loop().create_task(self._send(endpoint, key, group)))
+            task.add_done_callback(self._sending.discard)
+        group.requests.append((request, future))
+        group.size += size
+        return future
+
+    async def _send(self, endpoint: Endpoint, key: str, group: _Group) -> None:
+        await asyncio.sleep(0)
+        if self._groups.get(key) is group:
+            del self._groups[key]
+        requests = [request for request, _ in group.requests]
+        try:
+            result = await self.run(endpoint, "inference", {"group": requests}, limit=self._task_timeout(endpoint))
+        except BaseException as exc:
+            for _, future in group.requests:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        # A waiter that gave up (its timeout, its client gone) was cancelled already.
+        for _, future in group.requests:
+            if not future.done():
+                future.set_result(result)
 
     async def status(self, endpoint: Endpoint) -> Availability:
         """What the Globus Compute service reports of ``endpoint`` and, when it has workers, what one of them serves.
@@ -315,6 +402,8 @@ class GlobusDispatcher(Dispatcher):
         return self._client_error
 
     async def close(self) -> None:
+        for task in list(self._sending):
+            task.cancel()
         executors, self._executors = list(self._executors.values()), {}
         for executor in executors:
             executor.shutdown(wait=False, cancel_futures=True)
