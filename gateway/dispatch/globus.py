@@ -38,7 +38,7 @@ from gateway.dispatch.futures import result_of
 from gateway.dispatch.relayed import relayed_outcome
 from gateway.federation.availability import Availability
 from gateway.federation.registry import Endpoint
-from gateway.streaming.relay import Relay
+from gateway.streaming.relay import Inbox, Relay
 
 log = logging.getLogger("gateway.dispatch.globus")
 
@@ -309,7 +309,8 @@ class GlobusDispatcher(Dispatcher):
         settings = self._settings(endpoint)
         timeout = self._task_timeout(endpoint)
 
-        async def run(relay: dict[str, str]) -> Any:
+        async def run(relay: dict[str, str], inbox: Inbox) -> Any:
+            # The inbox is fed by the server's relay request; node channels are the parsl transport's only.
             if endpoint.worker_model_server is None:
                 raise BackendUnavailable(endpoint, "no worker_model_server: the workers would not know what to start")
             request = compute_request(
