@@ -1,7 +1,7 @@
 """Answers of the compute functions that come back through the relay: the task runs on a worker, its events come here.
 
-``relayed_events`` waits for the events of a task that holds its worker until the answer ends (``globus``);
-``relayed_outcome`` for those of a request served by the node's request server, whole answers too (``parsl``).
+``relayed_outcome`` waits for the events of a request served by a node's request server, whole answers too, and its
+outcome (``parsl`` and ``globus``).
 """
 
 from __future__ import annotations
@@ -13,14 +13,10 @@ from typing import Any
 import orjson
 
 from gateway.dispatch.base import BackendFailure, BackendProtocolError, BackendTimeout
-from gateway.dispatch.compute import streamed_count, taken
+from gateway.dispatch.compute import taken
 from gateway.dispatch.sse import EventSplitter
 from gateway.federation.registry import Endpoint
 from gateway.streaming.relay import Ending, Inbox, Relay, stream_url
-
-# How long to wait, once the worker's request has ended, for its task's result (or for the last events, when they
-# come through Redis), before calling the stream broken. A dead worker's task fails only after Parsl's heartbeat.
-GRACE = 2.0
 
 
 def _outcome(endpoint: Endpoint, task: asyncio.Future[Any]) -> Any:
@@ -32,64 +28,6 @@ def _outcome(endpoint: Endpoint, task: asyncio.Future[Any]) -> Any:
     if isinstance(error, BackendFailure):
         raise error
     raise BackendProtocolError(endpoint, f"the worker failed: {error.__class__.__name__}: {error}")
-
-
-async def relayed_events(
-    endpoint: Endpoint,
-    relay: Relay,
-    relay_url: str,
-    run: Callable[[dict[str, str]], Awaitable[Any]],
-    *,
-    wait: float,
-    idle: float,
-) -> AsyncGenerator[bytes, None]:
-    """The SSE events of one streaming ``inference`` task, as its worker writes them to the relay.
-
-    ``run(stream)`` submits the task with ``stream`` (``{"url", "token"}``) as the request's ``stream`` and returns
-    the task's result; the transport's typed failures propagate. ``wait`` bounds the time to the first chunk (the
-    model server may have to start first), ``idle`` the silence between chunks. The stream ends with the worker's
-    request; a worker that dies mid-stream ends it with a ``BackendProtocolError`` within ``GRACE`` seconds.
-    """
-    inbox = await relay.open(ttl=wait)
-    task = asyncio.ensure_future(run({"url": stream_url(relay_url, inbox.stream_id), "token": inbox.token}))
-    task.add_done_callback(inbox.put)
-    events = EventSplitter()
-    ended: Ending | None = None
-    limit = wait
-    try:
-        while True:
-            try:
-                async with asyncio.timeout(limit):
-                    item = await inbox.get()
-            except TimeoutError:
-                if ended is Ending.COMPLETE:
-                    return
-                if ended is Ending.BROKEN:
-                    raise BackendProtocolError(endpoint, "the worker's stream broke off") from None
-                raise BackendTimeout(endpoint, "no events from the worker in time") from None
-            if isinstance(item, bytes):
-                complete = events.feed(item)
-                if complete:
-                    yield complete
-                limit = idle
-            elif isinstance(item, Ending):
-                if item is Ending.COMPLETE and events.inside_event:
-                    raise BackendProtocolError(endpoint, "the stream ended inside an event")
-                if item is Ending.COMPLETE and (events.saw_done or task.done()):
-                    return
-                ended, limit = item, GRACE
-            else:
-                # The task's result: a failure it reports is raised here, before or after the first event.
-                streamed_count(endpoint, _outcome(endpoint, item))
-                if ended is Ending.COMPLETE:
-                    return
-                if ended is Ending.BROKEN:
-                    raise BackendProtocolError(endpoint, "the worker's stream broke off")
-                limit = GRACE
-    finally:
-        inbox.close()
-        if not task.done():
-            task.cancel()
 
 
 # The last event of a request served by a request server: its outcome, which the task's result does not carry.
@@ -111,7 +49,8 @@ async def relayed_outcome(
     only says that the request server took the request (or why it did not); or sends the request down a node
     channel, which feeds ``inbox`` as a relay request would. The server's one relay request carries the
     events and ends with the outcome; a relay request that ends without it (a server that died) is a
-    ``BackendProtocolError``. ``wait`` and ``idle`` bound the silences as in ``relayed_events``.
+    ``BackendProtocolError``. ``wait`` bounds the time to the first event (the model server may have to start
+    first), ``idle`` the silence between events.
     """
     inbox = await relay.open(ttl=wait)
     task = asyncio.ensure_future(run({"url": stream_url(relay_url, inbox.stream_id), "token": inbox.token}, inbox))
