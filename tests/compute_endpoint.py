@@ -316,16 +316,34 @@ class ComputeSite:
         entry: dict[str, object] = yaml.safe_load(self.registry.read_text())["endpoints"][0]
         return {**entry, **extra}
 
-    def warm_up(self) -> None:
-        """Run the ``status`` function once through the real SDK, so that the user endpoint and its workers run."""
+    def warm_up(self, attempts: int = 2) -> None:
+        """Run the ``status`` function once through the real SDK, so that the user endpoint and its workers run.
+
+        A user endpoint that a just-restarted daemon left without workers answers nothing: after two minutes the
+        daemon is stopped and started again, and the function tried once more.
+        """
         from globus_compute_sdk import Client, Executor
 
         saved = {name: os.environ.get(name) for name in self.daemon.env}
         os.environ.update(self.daemon.env)
         try:
-            with Executor(endpoint_id=self.endpoint_id, client=Client()) as executor:
+            for attempt in range(attempts):
+                executor = Executor(endpoint_id=self.endpoint_id, client=Client())
                 request = {"model_server": {"state_dir": str(self.state_dir)}, "scheduler": "none"}
-                executor.submit_to_registered_function(self.function_ids["status"], args=(request,)).result(timeout=120)
+                try:
+                    executor.submit_to_registered_function(self.function_ids["status"], args=(request,)).result(
+                        timeout=120
+                    )
+                    return
+                except TimeoutError:
+                    if attempt == attempts - 1:
+                        raise
+                    self.daemon.stop()
+                    (self.daemon.endpoint_dir / "daemon.pid").unlink(missing_ok=True)
+                    self.daemon.start()
+                finally:
+                    # Not waiting: a task that never answers would hold the shutdown forever.
+                    executor.shutdown(wait=False, cancel_futures=True)
         finally:
             for name, value in saved.items():
                 if value is None:

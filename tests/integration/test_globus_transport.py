@@ -347,6 +347,7 @@ def test_a_node_lost_mid_request_is_a_502_and_the_other_cluster_takes_the_next_r
     compute_site.daemon.start()
 
 
+@pytest.mark.timeout(600)
 def test_a_request_server_killed_mid_answer_is_a_502_and_the_next_requests_succeed(
     front: ModelServer, compute_site: ComputeSite
 ) -> None:
