@@ -19,8 +19,11 @@ from tests.support import MODEL, stop_model_servers
 
 @pytest.fixture(scope="session")
 def compute_service() -> Iterator[ComputeService]:
-    """The local Globus Compute service over a RabbitMQ virtual host made for this run and removed after it."""
-    with VirtualHost() as vhost, ComputeService(vhost.name) as service:
+    """The local Globus Compute service over a RabbitMQ virtual host made for this run and removed after it.
+
+    Another run's service on the machine is waited for (the port is fixed), for as long as a whole suite takes.
+    """
+    with VirtualHost() as vhost, ComputeService(vhost.name, wait=3600) as service:
         yield service
 
 

@@ -3,7 +3,9 @@
 The HTTP side listens on ``http://localhost:5000``, the address that both the
 SDK's ``local`` environment (``GLOBUS_SDK_ENVIRONMENT=local``) and an endpoint
 with ``local_compute_services: true`` use; the port is fixed by the SDK, so one
-service runs on a machine at a time. It answers:
+service runs on a machine at a time: a second one (another test run, the demo) waits
+for the first to stop, on a lock file beside the machine's other temporary files,
+for at most ``wait`` seconds. It answers:
 
 - the two Globus Auth routes the endpoint daemon and the SDK's client login need
   (``POST /v2/oauth2/token`` for client credentials, ``GET /v2/oauth2/userinfo``),
@@ -29,7 +31,9 @@ does: the endpoint's own check is what the tests exercise.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
+import os
 import secrets
 import subprocess
 import threading
@@ -58,7 +62,32 @@ _HEARTBEAT_SLACK = 2.5
 _AUTH_SCOPES = {"openid", "profile", "email"}
 _AUTH_URN = "urn:globus:auth:scope:auth.globus.org:"
 
+# Held by the service that has the port; every account on the machine can open it.
+LOCK_FILE = "/tmp/inference-gateway-compute-service.lock"
+
 T = TypeVar("T")
+
+
+def _take_port_lock(wait: float) -> int:
+    """A descriptor holding the machine's lock on the service's port, after waiting at most ``wait`` seconds."""
+    umask = os.umask(0)
+    try:
+        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    finally:
+        os.umask(umask)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise PortTaken(
+                    f"another local Globus Compute service holds port {PORT} (lock {LOCK_FILE}); "
+                    "stop it (its test run or demo) and try again"
+                ) from None
+            time.sleep(0.5)
 
 
 class PortTaken(RuntimeError):
@@ -211,7 +240,13 @@ class ComputeService:
     """The Globus Compute web service on ``localhost:5000`` over a RabbitMQ virtual host; see the module docstring."""
 
     def __init__(
-        self, vhost: str, *, amqp_host: str = "127.0.0.1", amqp_port: int = 5672, amqp_user: str = "guest"
+        self,
+        vhost: str,
+        *,
+        amqp_host: str = "127.0.0.1",
+        amqp_port: int = 5672,
+        amqp_user: str = "guest",
+        wait: float = 0.0,
     ) -> None:
         self.vhost = vhost
         self.amqp_url = f"amqp://{amqp_user}:{amqp_user}@{amqp_host}:{amqp_port}/{quote(vhost, safe='')}"
@@ -224,9 +259,11 @@ class ComputeService:
         self._tokens: dict[str, Caller] = {}
         self._lock = threading.Lock()
         self._broker: Broker | None = None
+        self._port_lock = _take_port_lock(wait)
         try:
             self._server = ThreadingHTTPServer(("127.0.0.1", PORT), _handler(self))
         except OSError as exc:
+            os.close(self._port_lock)
             raise PortTaken(
                 f"port {PORT} is taken ({exc.strerror}): the SDK's local environment needs it; another "
                 "Globus Compute service (or other server) runs on this machine"
@@ -245,6 +282,7 @@ class ComputeService:
         self._server.server_close()
         if self._broker is not None:
             self._broker.stop()
+        os.close(self._port_lock)
 
     def __enter__(self) -> ComputeService:
         return self.start()
