@@ -82,9 +82,12 @@ class Runtime:
         }
         self.relay = build_relay(config.relay)
         parsl_endpoints = [settings for settings in config.endpoints if settings.transport == "parsl"]
+        globus_endpoints = any(settings.transport == "globus" for settings in config.endpoints)
         # Node channels end in this process's memory: a node that dialled another replica could not be used here.
         self.channels = (
-            NodeChannels(self.relay.tokens) if parsl_endpoints and isinstance(self.relay, LocalRelay) else None
+            NodeChannels(self.relay.tokens)
+            if (parsl_endpoints or globus_endpoints) and isinstance(self.relay, LocalRelay)
+            else None
         )
         if parsl_endpoints:
             # Importing Parsl takes most of a second: only gateways that use it pay for it.
@@ -98,12 +101,15 @@ class Runtime:
                 state_dir=self.state_dir,
                 channels=self.channels,
             )
-        if any(settings.transport == "globus" for settings in config.endpoints):
+        if globus_endpoints:
             # The SDK is imported on first use, not here: importing it starts a thread.
             from gateway.dispatch.globus import GlobusDispatcher
 
             self.dispatchers["globus"] = GlobusDispatcher(
-                relay=self.relay, relay_url=config.relay.url, request_timeout=config.server.request_timeout
+                relay=self.relay,
+                relay_url=config.relay.url,
+                request_timeout=config.server.request_timeout,
+                channels=self.channels,
             )
         self.authenticator: Authenticator = ProviderChain([])
         self.limiter = build_limiter(config.limits)

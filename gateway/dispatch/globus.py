@@ -38,6 +38,7 @@ from gateway.dispatch.futures import result_of
 from gateway.dispatch.relayed import relayed_outcome
 from gateway.federation.availability import Availability
 from gateway.federation.registry import Endpoint
+from gateway.streaming.channels import NodeChannels
 from gateway.streaming.relay import Inbox, Relay
 
 log = logging.getLogger("gateway.dispatch.globus")
@@ -158,8 +159,12 @@ class GlobusDispatcher(Dispatcher):
         request_timeout: float,
         client_factory: ClientFactory = sdk_client,
         executor_factory: ExecutorFactory = sdk_executor,
+        channels: NodeChannels | None = None,
     ) -> None:
         self._relay = relay
+        self._channels = channels
+        # By endpoint id: how many requests went down its node channels, for the status probe (see ``status``).
+        self._channelled: dict[str, int] = {}
         self._relay_url = relay_url
         self._request_timeout = request_timeout
         self._client_factory = client_factory
@@ -174,7 +179,7 @@ class GlobusDispatcher(Dispatcher):
         self._sending: set[asyncio.Task[None]] = set()
         self._blocking = ThreadPoolExecutor(max_workers=2, thread_name_prefix="globus-dispatch")
         # Per endpoint: the task count of the heartbeat behind the last node report, and that report.
-        self._node_reports: dict[str, tuple[int, Availability]] = {}
+        self._node_reports: dict[str, tuple[int, int, Availability]] = {}
 
     @staticmethod
     def _settings(endpoint: Endpoint) -> GlobusComputeSettings:
@@ -310,7 +315,6 @@ class GlobusDispatcher(Dispatcher):
         timeout = self._task_timeout(endpoint)
 
         async def run(relay: dict[str, str], inbox: Inbox) -> Any:
-            # The inbox is fed by the server's relay request; node channels are the parsl transport's only.
             if endpoint.worker_model_server is None:
                 raise BackendUnavailable(endpoint, "no worker_model_server: the workers would not know what to start")
             request = compute_request(
@@ -321,6 +325,13 @@ class GlobusDispatcher(Dispatcher):
                 stream=relay,
                 node_requests=settings.requests_per_node,
             )
+            if self._channels is not None:
+                assert self._relay_url is not None
+                if await self._channels.offer(self._channel_id(endpoint), request, inbox, self._relay_url):
+                    self._channelled[endpoint.id] = self._channelled.get(endpoint.id, 0) + 1
+                    return {"ok": True, "relayed": True}
+                # No node has dialled in yet, or all that did are full: a task finds or starts a request server,
+                # and the invitation makes it dial in.
             # The task ends once the request server has the request; its result only says so (or why not).
             try:
                 async with asyncio.timeout(timeout):
@@ -329,6 +340,14 @@ class GlobusDispatcher(Dispatcher):
                 raise BackendTimeout(endpoint, f"no result from Globus Compute within {timeout:g} s") from None
 
         return relayed_outcome(endpoint, self._relay, self._relay_url, run, wait=timeout, idle=self._request_timeout)
+
+    def _channel_id(self, endpoint: Endpoint) -> str:
+        """The node channels of ``endpoint``'s request servers: one kind per Globus Compute endpoint and node setup."""
+        assert self._channels is not None
+        settings = self._settings(endpoint)
+        state_dir = str((endpoint.worker_model_server or {}).get("state_dir"))
+        held = settings.requests_per_node
+        return self._channels.key(("globus", str(settings.endpoint_id), str(held), state_dir), held)
 
     def _hand_over(self, endpoint: Endpoint, request: dict[str, Any]) -> asyncio.Future[Any]:
         """A future of the result of the task that carries ``request`` with the others of this turn of the loop."""
@@ -370,22 +389,30 @@ class GlobusDispatcher(Dispatcher):
         The ``status`` function runs only while workers are up: on a batch-scheduled
         endpoint without workers, a task would make it submit a job. Nor does it run
         while the heartbeat says that no task ran since the last report but that
-        report's own: every task restarts the user endpoint's idle count, so a probe
-        each ``status_interval`` would keep an idle endpoint, and its nodes, forever.
+        report's own, unless requests went down the endpoint's node channels since:
+        every task restarts the user endpoint's idle count, so a probe each
+        ``status_interval`` would keep an idle endpoint, and its nodes, forever, while
+        a node busy only with its channel's requests runs no task and would be stopped
+        as idle under them. A connected node channel makes the endpoint hot whatever
+        the service reports: its node takes requests.
         """
         settings = self._settings(endpoint)
         endpoint_id = str(settings.endpoint_id)
         report = await self._in_thread(lambda: self._new_client().get_endpoint_status(endpoint_id))
         seen = availability_of(report)
+        nodes = self._channels.connected(self._channel_id(endpoint)) if self._channels is not None else 0
+        if nodes and seen.state != "hot":
+            seen = Availability("hot", detail=f"{nodes} node channels connected; the service: {seen.detail}")
         if seen.state != "hot" or settings.function_ids is None or settings.function_ids.status is None:
             self._node_reports.pop(endpoint.id, None)
             return seen
-        tasks = report["details"].get("total_tasks")
+        tasks = (report.get("details") or {}).get("total_tasks") if isinstance(report, dict) else None
+        channelled = self._channelled.get(endpoint.id, 0)
         last = self._node_reports.get(endpoint.id)
         # A user endpoint started again counts from 0 and is probed once: one that never ran a task stops only
         # after idle_heartbeats_hard (8 hours by default), one that did after idle_heartbeats_soft.
-        if isinstance(tasks, int) and last is not None and last[0] <= tasks <= last[0] + 1:
-            return replace(last[1], observed_at=time.time())
+        if isinstance(tasks, int) and last is not None and last[0] <= tasks <= last[0] + 1 and last[1] == channelled:
+            return replace(last[2], observed_at=time.time())
         state_dir = (endpoint.worker_model_server or {}).get("state_dir")
         # The worker names the batch job it runs in, for /resource_server/{cluster}/jobs.
         request = {"model_server": {"state_dir": state_dir}, "scheduler": "none", "own_job": True}
@@ -396,7 +423,7 @@ class GlobusDispatcher(Dispatcher):
         served = served_availability(endpoint, node, seen.detail)
         served = replace(served, jobs=tuple(job for job in node.get("jobs") or () if isinstance(job, dict)))
         if isinstance(tasks, int):
-            self._node_reports[endpoint.id] = (tasks, served)
+            self._node_reports[endpoint.id] = (tasks, channelled, served)
         return served
 
     async def check(self) -> str | None:

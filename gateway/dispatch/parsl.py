@@ -307,17 +307,10 @@ class ParslDispatcher(Dispatcher):
                 channel_id = self._channels.key(
                     (executor.label, str(held), str(self._model_server[endpoint.id]["state_dir"])), held
                 )
-                channel = self._channels.pick(channel_id)
-                if channel is not None:
-                    try:
-                        await channel.submit({**request, "stream": {"id": inbox.stream_id}}, inbox)
-                        return {"ok": True, "relayed": True}
-                    except Exception as exc:
-                        # It closed as the request went: its streams are broken, this one goes through Parsl.
-                        log.info("%s: a node channel closed: %s", endpoint.id, exc)
+                if await self._channels.offer(channel_id, request, inbox, relay_url):
+                    return {"ok": True, "relayed": True}
                 # No node has dialled in yet, or all that did are full: Parsl finds or starts a request server,
                 # and the invitation makes it dial in.
-                request["channel"] = self._channels.invitation(channel_id, relay_url)
             handover = self._handovers.get(executor.label)
             if handover is None:
                 workers = self._settings[endpoint.id].worker_processes

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,8 @@ import orjson
 
 from gateway.streaming.relay import Ending, Inbox
 from gateway.streaming.tokens import StreamTokens
+
+log = logging.getLogger("gateway.streaming.channels")
 
 CHANNEL_PATH = "/resource_server/internal/nodes"
 # A channel token is checked when the node connects, not after; the token travels with each request that Parsl
@@ -142,6 +145,31 @@ class NodeChannels:
             if channel.free > 0 and (best is None or channel.free > best.free):
                 best = channel
         return best
+
+    async def offer(self, channel_id: str, request: dict[str, Any], inbox: Inbox, relay_url: str) -> bool:
+        """Send ``request`` down a connected channel of ``channel_id`` with room, for its events to reach ``inbox``.
+
+        False when none is connected or all are full (or the one picked closed as the request went): ``request``
+        then carries the invitation, for the task that hands it over to make its request server dial in.
+        """
+        channel = self.pick(channel_id)
+        if channel is not None:
+            try:
+                await channel.submit({**request, "stream": {"id": inbox.stream_id}}, inbox)
+                return True
+            except Exception as exc:
+                # It closed as the request went: its streams are broken, this one goes by task.
+                log.info("a node channel of %s closed: %s", channel_id, exc)
+        request["channel"] = self.invitation(channel_id, relay_url)
+        return False
+
+    def carrying(self, channel_id: str) -> int:
+        """How many requests the connected channels of ``channel_id`` carry now."""
+        return sum(len(channel.streams) for channel in self._connected.get(channel_id, ()))
+
+    def connected(self, channel_id: str) -> int:
+        """How many request servers of ``channel_id`` are connected."""
+        return len(self._connected.get(channel_id, ()))
 
     def admits(self, channel_id: str, token: str) -> bool:
         return channel_id in self._capacity and self._tokens.verify(f"channel.{channel_id}", token)

@@ -59,10 +59,18 @@ def once_started(request: Callable[[], T], timeout: float = 90) -> T:
             time.sleep(0.5)
 
 
-def tasks_on(service: ComputeService, site: ComputeSite) -> int:
-    """How many tasks the service sent to ``site``'s endpoint."""
+def inference_tasks_on(service: ComputeService, site: ComputeSite) -> int:
+    """How many tasks of the ``inference`` function the service sent to ``site``'s endpoint."""
     users = service.endpoints[site.endpoint_id].user_endpoints
-    return sum(1 for task in list(service.tasks.values()) if task.endpoint_id in users)
+    function_id = site.function_ids["inference"]
+    tasks = list(service.tasks.values())
+    return sum(1 for task in tasks if task.endpoint_id in users and task.function_id == function_id)
+
+
+def channels_connected(site: ComputeSite) -> int:
+    """How many times the node's request servers of ``site`` said that their node channel connected."""
+    logs = site.state_dir.glob("requests-*.log")
+    return sum(log.read_text(errors="replace").count(": connected") for log in logs)
 
 
 def amqp_ports(daemon: EndpointDaemon) -> set[int]:
@@ -195,6 +203,29 @@ def test_completions_whole_and_streamed_and_embeddings(front: ModelServer) -> No
 
     embeddings = client.embeddings.create(model=MODEL, input=["first text", "second text"])
     assert len(embeddings.data) == 2 and embeddings.data[0].embedding
+
+
+def test_once_the_node_channel_is_connected_requests_take_no_task(
+    front: ModelServer, compute_site: ComputeSite, compute_service: ComputeService
+) -> None:
+    client = cluster_client(front)
+    once_started(lambda: client.completions.create(model=MODEL, prompt="hi", max_tokens=1))
+    # The task that handed the first request over carried the invitation: the request server dialled in.
+    assert eventually(lambda: channels_connected(compute_site), timeout=30)
+    before = inference_tasks_on(compute_service, compute_site)
+    with ThreadPoolExecutor(8) as pool:
+        whole = list(pool.map(lambda _: client.completions.create(model=MODEL, prompt="hi", max_tokens=3), range(16)))
+        streamed = list(
+            pool.map(
+                lambda _: list(client.completions.create(model=MODEL, prompt="hi", max_tokens=3, stream=True)),
+                range(16),
+            )
+        )
+    assert all(answer.usage is not None and answer.usage.completion_tokens == 3 for answer in whole)
+    assert all("".join(chunk.choices[0].text for chunk in chunks if chunk.choices) for chunks in streamed)
+    assert inference_tasks_on(compute_service, compute_site) == before
+    # The federation counts the connected node as serving.
+    assert state_of(front, "local-globus") == "hot"
 
 
 def test_responses_messages_and_tokenizer_go_through_globus_compute(front: ModelServer) -> None:
@@ -335,11 +366,11 @@ def test_a_node_lost_mid_request_is_a_502_and_the_other_cluster_takes_the_next_r
         client.completions.create(model=MODEL, prompt="hi", max_tokens=1)
     assert refused.value.status_code == 503 and time.monotonic() - started < 5
 
-    before = tasks_on(compute_service, second_site)
+    # The first cluster is offline and everything of it killed: the second, the model's only other cluster, answers
+    # (by a task, or down its node's channel).
     for _ in range(3):
         answer = federated.completions.create(model=MODEL, prompt="Water boils at", max_tokens=4, timeout=30)
         assert answer.usage is not None and answer.usage.completion_tokens == 4
-    assert tasks_on(compute_service, second_site) >= before + 3
 
     # The killed daemon's PID file is recent, and the daemon refuses to start beside what may be a live one until
     # it is stale; an operator who knows the host died removes it, as the daemon's message says.
@@ -367,7 +398,10 @@ def test_a_request_server_killed_mid_answer_is_a_502_and_the_next_requests_succe
         with pytest.raises(openai.APIStatusError) as lost:
             in_flight.result(timeout=TASK_TIMEOUT + 30)
     assert lost.value.status_code == 502 and "worker" in lost.value.message
-    # The next hand-over starts a new request server.
+    # The next hand-over, by a task since no channel is connected, starts a new request server (its log starts
+    # afresh), which dials in.
     for _ in range(3):
         answer = client.completions.create(model=MODEL, prompt="Water boils at", max_tokens=4)
         assert answer.usage is not None and answer.usage.completion_tokens == 4
+    assert request_servers(compute_site)
+    assert eventually(lambda: channels_connected(compute_site), timeout=30)
