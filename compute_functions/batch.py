@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -51,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compute_functions import node
+from compute_functions import locks, node
 from compute_functions.http1 import Answer, Http, ServerUnreachable
 from compute_functions.model_server import ModelServerFailed
 
@@ -73,7 +72,6 @@ _LINE_NUMBER = re.compile(rb'^\{"line":(\d+),')
 _HEAD_BYTES = 64 * 1024
 _CHECKPOINT_SECONDS = 1.0
 _CANCEL_CHECK_SECONDS = 0.25
-_LOCK_POLL = 0.2
 # A request that failed on the server's side (5xx, 429, timeout) is tried this many times in all.
 _ATTEMPTS = 3
 # Refused connections in a row before the model server counts as gone and the slice stops.
@@ -195,25 +193,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-@contextlib.contextmanager
-def _locked(folder: _Folder, wait: float) -> Iterator[bool]:
-    fd = folder.open_file(LOCK, os.O_RDWR | os.O_CREAT)
-    try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    yield False
-                    return
-                time.sleep(_LOCK_POLL)
-        yield True
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------- progress
@@ -859,7 +838,8 @@ def run_batch(request: dict[str, Any]) -> dict[str, Any]:
     except BatchRefused as refused:
         return {"ok": True, "state": "failed", "errors": [{"code": refused.code, "message": refused.message}]}
     try:
-        with _locked(folder, float(request.get("lock_wait", 30.0))) as owned:
+        lock = folder.open_file(LOCK, os.O_RDWR | os.O_CREAT)
+        with locks.held(lock, time.monotonic() + float(request.get("lock_wait", 30.0))) as owned:
             if not owned:
                 return {"ok": True, "state": "busy", "errors": []}
             try:

@@ -34,7 +34,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from compute_functions.node import PACKAGE_ROOT, alive, locked, tail
+from compute_functions.model_server import tail
+from compute_functions.node import PACKAGE_ROOT, locked
+from compute_functions.processes import alive
 
 _START_TIMEOUT = 30.0
 _WATCH = 1.0
