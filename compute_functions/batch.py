@@ -50,8 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backend_http.client import Answer, Http, ServerUnreachable
 from compute_functions import locks, node
-from compute_functions.http1 import Answer, Http, ServerUnreachable
 from compute_functions.model_server import ModelServerFailed
 
 RESULTS = "results.jsonl"

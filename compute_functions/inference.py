@@ -39,8 +39,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from backend_http.client import ConnectionBroken, Http, ServerUnreachable
 from compute_functions import node, request_server
-from compute_functions.http1 import ConnectionBroken, Http, ServerUnreachable
 from compute_functions.model_server import ModelServerFailed
 from compute_functions.routes import OPERATIONS, url_of
 from compute_functions.sse import EventCounter
