@@ -892,6 +892,3 @@ def main() -> int:
     sys.stdout.flush()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
