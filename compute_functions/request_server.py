@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from compute_functions import event_loop
 from compute_functions.model_server import tail
 from compute_functions.node import PACKAGE_ROOT, locked
 from compute_functions.processes import alive
@@ -127,14 +128,7 @@ HandleOver = Callable[[dict[str, Any], Send], Awaitable[None]]
 def serve(directory: Path, held: int, first_client: int, handle: Handle, handle_over: HandleOver) -> None:
     """The request server's body: ``await handle(request)`` as a task per request handed over by a worker, and
     ``await handle_over(request, send)`` per request that comes down a node channel, until no worker needs it."""
-    serving = _serve(directory, held, first_client, handle, handle_over)
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serving)
-    else:
-        # Where it is installed (uvicorn's standard extras bring it), its loop costs half as much per request.
-        uvloop.run(serving)
+    event_loop.run(_serve(directory, held, first_client, handle, handle_over))
 
 
 async def _serve(directory: Path, held: int, first_client: int, handle: Handle, handle_over: HandleOver) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from backend_http.client import Answer, Http, ServerUnreachable
+from compute_functions import event_loop
 from compute_functions.batch.lines import BadLine, Job, Line, parse_line
 from compute_functions.batch.progress import CANCEL_CHECK_SECONDS, Outputs, Stop
 
@@ -22,17 +23,7 @@ def run_online(request: dict[str, Any], lines: Iterator[Line], outputs: Outputs,
 
     Raises ``ServerUnreachable`` when the server refuses connections for good.
     """
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(_answer_lines(request, lines, outputs, stop, base_url))
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop where the worker has it: the batch's own CPU per request is its throughput."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
+    event_loop.run(_answer_lines(request, lines, outputs, stop, base_url))
 
 
 def one_line_json(body: bytes) -> bytes | None:
