@@ -1,5 +1,5 @@
 """Code that runs where the models run: model-server launch, inference, status.
 
 Shipped to worker nodes that do not have the gateway installed, so it imports
-only the standard library (and httpx, or httptools for parsing HTTP, where an HTTP client is needed).
+only the standard library, httpx and ``backend_http`` (the HTTP/1.1 client it shares with the gateway).
 """

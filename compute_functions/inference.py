@@ -32,15 +32,15 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterator
+from collections.abc import AsyncGenerator, Generator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
+from backend_http.client import ConnectionBroken, Http, ServerUnreachable
 from compute_functions import node, request_server
-from compute_functions.http1 import ConnectionBroken, Http, ServerUnreachable
 from compute_functions.model_server import ModelServerFailed
 from compute_functions.routes import OPERATIONS, url_of
 from compute_functions.sse import EventCounter
@@ -256,7 +256,7 @@ async def _pieces(request: dict[str, Any], patience: float) -> AsyncGenerator[by
     yield b"event: outcome\ndata: " + json.dumps(outcome).encode() + b"\n\n"
 
 
-async def _serve_over(request: dict[str, Any], send: Callable[[bytes], Awaitable[None]]) -> None:
+async def _serve_over(request: dict[str, Any], send: request_server.Send) -> None:
     """In the request server, for a request that came down a node channel: its pieces go back the same way.
 
     A channel that breaks, or the gateway's cancel, cancels this task; closing the pieces then closes the model

@@ -15,9 +15,28 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from compute_functions.processes import group_alive
+
 
 class ModelServerFailed(RuntimeError):
     """The model server did not start or died; the message carries the end of its log."""
+
+
+def health_check(url: str) -> bool:
+    """Whether the server answers ``url`` (its health path) with 200 within two seconds."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return bool(answer.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of the log at ``path``, for error messages."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -85,20 +104,13 @@ class ModelServer:
         )
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.health_url, timeout=2) as answer:
-                return bool(answer.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        return health_check(self.health_url)
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return tail(self.log_path, lines)
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop the whole process group: SIGTERM, then SIGKILL after ``grace`` seconds."""
@@ -121,32 +133,3 @@ class ModelServer:
             break
         self.process.poll()
         self.process = None
-
-
-def group_alive(group: int) -> bool:
-    """Whether any process of ``group`` still runs.
-
-    Zombies do not count: once killed they hold nothing, and the init process of
-    some containers reaps orphans only after a delay.
-    """
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        entries = []
-    if not entries:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == group and fields[0] != b"Z":
-            return True
-    return False

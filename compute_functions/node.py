@@ -18,7 +18,6 @@ no worker process that used it is alive, so that a server never outlives the wor
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -36,8 +35,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from compute_functions.locks import held
 from compute_functions.metrics import model_load
-from compute_functions.model_server import ModelServer, ModelServerFailed, free_port
+from compute_functions.model_server import ModelServer, ModelServerFailed, free_port, health_check, tail
+from compute_functions.processes import alive
 
 # The directory that holds the ``compute_functions`` package, so the watchdog imports the same code.
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -195,7 +196,7 @@ def _acquire(spec: LaunchSpec, files: _Files) -> str:
     with locked(files.lock, deadline):
         state = _read(files.state)
         if state is None or state.get("status") == "failed" or not alive(state.get("watchdog")):
-            if spec.port and _healthy(f"http://{spec.host}:{spec.port}{spec.health_path}"):
+            if spec.port and health_check(f"http://{spec.host}:{spec.port}{spec.health_path}"):
                 # Started by someone else (an operator's long-running vLLM): use it, never stop it.
                 return f"http://{spec.host}:{spec.port}/v1"
             state = _launch(spec, files)
@@ -341,49 +342,14 @@ def _busy(root_url: str) -> bool:
     return any(load.running or load.waiting for load in model_load(text).values())
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as answer:
-            return bool(answer.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def alive(pid: object) -> bool:
-    """Whether ``pid`` runs; a zombie (exited, not yet reaped) counts as gone."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return stat[stat.rfind(")") + 2 :][:1] not in ("Z", "X")
-
-
 @contextlib.contextmanager
 def locked(path: Path, deadline: float) -> Iterator[None]:
+    """Hold the lock file ``path``; ``ModelServerFailed`` when another process holds it past ``deadline``."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise ModelServerFailed(f"timed out waiting for {path} (another worker holds it)") from None
-                time.sleep(_POLL)
+    with held(os.open(path, os.O_RDWR | os.O_CREAT, 0o600), deadline) as owned:
+        if not owned:
+            raise ModelServerFailed(f"timed out waiting for {path} (another worker holds it)")
         yield
-    finally:
-        os.close(fd)
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -406,10 +372,3 @@ def _update(files: _Files, **changes: Any) -> None:
         state = _read(files.state)
         if state is not None and state.get("watchdog") in (None, os.getpid()):
             _write(files.state, {**state, **changes})
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

@@ -34,7 +34,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from compute_functions.node import PACKAGE_ROOT, alive, locked, tail
+from compute_functions import event_loop
+from compute_functions.model_server import tail
+from compute_functions.node import PACKAGE_ROOT, locked
+from compute_functions.processes import alive
 
 _START_TIMEOUT = 30.0
 _WATCH = 1.0
@@ -116,34 +119,19 @@ def _probe(path: Path) -> None:
 
 
 Send = Callable[[bytes], Awaitable[None]]
+# Serves a request handed over by a worker; its outcome goes to the relay the request names.
+Handle = Callable[[dict[str, Any]], Awaitable[None]]
+# Serves a request that came down a node channel, sending its events back with ``send``.
+HandleOver = Callable[[dict[str, Any], Send], Awaitable[None]]
 
 
-def serve(
-    directory: Path,
-    held: int,
-    first_client: int,
-    handle: Callable[[dict[str, Any]], Awaitable[None]],
-    handle_over: Callable[[dict[str, Any], Send], Awaitable[None]],
-) -> None:
+def serve(directory: Path, held: int, first_client: int, handle: Handle, handle_over: HandleOver) -> None:
     """The request server's body: ``await handle(request)`` as a task per request handed over by a worker, and
     ``await handle_over(request, send)`` per request that comes down a node channel, until no worker needs it."""
-    serving = _serve(directory, held, first_client, handle, handle_over)
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serving)
-    else:
-        # Where it is installed (uvicorn's standard extras bring it), its loop costs half as much per request.
-        uvloop.run(serving)
+    event_loop.run(_serve(directory, held, first_client, handle, handle_over))
 
 
-async def _serve(
-    directory: Path,
-    held: int,
-    first_client: int,
-    handle: Callable[[dict[str, Any]], Awaitable[None]],
-    handle_over: Callable[[dict[str, Any], Send], Awaitable[None]],
-) -> None:
+async def _serve(directory: Path, held: int, first_client: int, handle: Handle, handle_over: HandleOver) -> None:
     slots = asyncio.Semaphore(held)
     clients = {first_client}
     running: set[asyncio.Task[None]] = set()
@@ -204,12 +192,7 @@ class _Channels:
     coming through the workers.
     """
 
-    def __init__(
-        self,
-        slots: asyncio.Semaphore,
-        running: set[asyncio.Task[None]],
-        handle_over: Callable[[dict[str, Any], Send], Awaitable[None]],
-    ) -> None:
+    def __init__(self, slots: asyncio.Semaphore, running: set[asyncio.Task[None]], handle_over: HandleOver) -> None:
         self._slots = slots
         self._running = running
         self._handle_over = handle_over

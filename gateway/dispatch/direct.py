@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from compute_functions.http1 import ConnectionBroken, Http, Reply, ServerUnreachable
+from backend_http.client import ConnectionBroken, Http, Reply, ServerUnreachable
 from compute_functions.metrics import model_load
 from compute_functions.routes import path_of
 from gateway.dispatch.base import (

@@ -17,28 +17,11 @@ from typing import Any
 
 import orjson
 
+from gateway.simulator.answers import YIELD_EVERY_TOKENS, StreamProgress
+from gateway.simulator.asgi import JSON, SSE_HEADERS, Handler, Receive, Scope, Send, read_body, send_chunk, send_whole
 from gateway.simulator.engine import Engine, Output, embed, generate, prompt_seed
-from gateway.simulator.server import (
-    _JSON,
-    _SSE_HEADERS,
-    _YIELD_EVERY_TOKENS,
-    Handler,
-    Receive,
-    RequestRejected,
-    Scope,
-    Send,
-    SimulatorApp,
-    SimulatorSettings,
-    _chat_prompt,
-    _is_int,
-    _parse_json,
-    _Progress,
-    _read_body,
-    _send_chunk,
-    _send_whole,
-    _stop_strings,
-    _words,
-)
+from gateway.simulator.fields import RequestRejected, chat_prompt, is_int, parse_json, stop_strings, words
+from gateway.simulator.server import SimulatorApp, SimulatorSettings
 
 # How many distinct words the tokenizer remembers for ``/detokenize``; past it, new words still get ids.
 _MAX_REMEMBERED_WORDS = 100_000
@@ -48,7 +31,7 @@ _SCORE_DIMENSIONS = 64
 def create_app(settings: SimulatorSettings) -> SimulatorApp:
     """The simulator with every route of vLLM's OpenAI-compatible server; serve it with uvicorn."""
     app = SimulatorApp(settings)
-    app._routes.update(MoreApis(app).routes())
+    app.routes.update(MoreApis(app).routes())
     return app
 
 
@@ -77,40 +60,40 @@ class MoreApis:
     # Generation -----------------------------------------------------------------------------------------------
 
     async def _responses(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = _parse_json(await _read_body(receive))
-        engine = self.app._engine(request)
+        request = parse_json(await read_body(receive))
+        engine = self.app.engine_for(request)
         text, prompt_tokens = _responses_prompt(request.get("input"), request.get("instructions"))
-        max_tokens = self.app._max_tokens(request.get("max_output_tokens"), prompt_tokens)
+        max_tokens = self.app.max_tokens(request.get("max_output_tokens"), prompt_tokens)
         output = generate(0, prompt_seed(text), max_tokens, ())
-        answer = _ResponsesAnswer(request, engine.model, f"resp_{self.app._next_id()}", prompt_tokens, output)
+        answer = _ResponsesAnswer(request, engine.model, f"resp_{self.app.next_id()}", prompt_tokens, output)
         await self._generate(engine, answer, request.get("stream") is True, receive, send)
 
     async def _messages(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            request = _parse_json(await _read_body(receive))
-            engine = self.app._engine(request)
+            request = parse_json(await read_body(receive))
+            engine = self.app.engine_for(request)
             text, prompt_tokens = _messages_prompt(request.get("messages"), request.get("system"))
             limit = request.get("max_tokens")
             if limit is None:
                 raise RequestRejected(400, "max_tokens: Field required", param="max_tokens")
-            max_tokens = self.app._max_tokens(limit, prompt_tokens)
-            stop = _stop_strings(request.get("stop_sequences"))
+            max_tokens = self.app.max_tokens(limit, prompt_tokens)
+            stop = stop_strings(request.get("stop_sequences"))
         except RequestRejected as error:
             await _send_anthropic_error(send, error)
             return
         output = generate(0, prompt_seed(text), max_tokens, stop)
-        answer = _MessagesAnswer(engine.model, f"msg_{self.app._next_id()}", prompt_tokens, output)
+        answer = _MessagesAnswer(engine.model, f"msg_{self.app.next_id()}", prompt_tokens, output)
         await self._generate(engine, answer, request.get("stream") is True, receive, send)
 
     async def _count_tokens(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            request = _parse_json(await _read_body(receive))
-            self.app._engine(request)
+            request = parse_json(await read_body(receive))
+            self.app.engine_for(request)
             _, prompt_tokens = _messages_prompt(request.get("messages"), request.get("system"))
         except RequestRejected as error:
             await _send_anthropic_error(send, error)
             return
-        await _send_whole(send, 200, orjson.dumps({"input_tokens": prompt_tokens}), _JSON)
+        await send_whole(send, 200, orjson.dumps({"input_tokens": prompt_tokens}), JSON)
 
     async def _generate(
         self, engine: Engine, answer: _ResponsesAnswer | _MessagesAnswer, stream: bool, receive: Receive, send: Send
@@ -119,50 +102,50 @@ class MoreApis:
         if not stream:
 
             async def whole() -> None:
-                delay = self.settings.ttft + (len(output.pieces) - 1) * self.app._tpot(engine)
+                delay = self.settings.ttft + (len(output.pieces) - 1) * self.app.tpot(engine)
                 if delay > 0:
                     await asyncio.sleep(delay)
-                await _send_whole(send, 200, orjson.dumps(answer.whole()), _JSON)
+                await send_whole(send, 200, orjson.dumps(answer.whole()), JSON)
                 engine.record(len(output.pieces), [output.finish_reason])
 
-            await self.app._run(engine, answer.prompt_tokens, whole, receive)
+            await self.app.run(engine, answer.prompt_tokens, whole, receive)
             return
-        progress = _Progress()
+        progress = StreamProgress()
 
         async def streamed() -> None:
             if self.settings.ttft > 0:
                 await asyncio.sleep(self.settings.ttft)
             for event in answer.opening():
-                await _send_chunk(send, event)
+                await send_chunk(send, event)
             for step, piece in enumerate(output.pieces):
                 if step:
                     await self._pause(engine, step)
-                await _send_chunk(send, answer.delta(piece))
+                await send_chunk(send, answer.delta(piece))
                 progress.tokens += 1
             closing = b"".join(answer.closing())
             await send({"type": "http.response.body", "body": closing, "more_body": False})
             engine.record(progress.tokens, [output.finish_reason])
 
-        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-        await self.app._run(engine, answer.prompt_tokens, streamed, receive, progress)
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        await self.app.run(engine, answer.prompt_tokens, streamed, receive, progress)
 
     async def _pause(self, engine: Engine, step: int) -> None:
         if self.settings.tpot > 0:
-            await asyncio.sleep(self.app._tpot(engine))
-        elif step % _YIELD_EVERY_TOKENS == 0:
+            await asyncio.sleep(self.app.tpot(engine))
+        elif step % YIELD_EVERY_TOKENS == 0:
             await asyncio.sleep(0)
 
     # Scoring --------------------------------------------------------------------------------------------------
 
     async def _rerank(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = _parse_json(await _read_body(receive))
-        engine = self.app._engine(request)
+        request = parse_json(await read_body(receive))
+        engine = self.app.engine_for(request)
         query = request.get("query")
         if not isinstance(query, str):
             raise RequestRejected(400, "query must be a string", param="query")
         documents = _texts(request.get("documents"), "documents")
         top_n = request.get("top_n", 0)
-        if not _is_int(top_n) or top_n < 0:
+        if not is_int(top_n) or top_n < 0:
             raise RequestRejected(400, "top_n must be a non-negative integer", param="top_n")
         scores = [_score(query, document) for document in documents]
         order = sorted(range(len(documents)), key=lambda index: -scores[index])
@@ -170,11 +153,11 @@ class MoreApis:
             {"index": index, "document": {"text": documents[index]}, "relevance_score": scores[index]}
             for index in order[: top_n or None]
         ]
-        tokens = sum(_words(query) + _words(document) for document in documents)
+        tokens = sum(words(query) + words(document) for document in documents)
 
         async def answer() -> None:
             body = {
-                "id": f"rerank-{self.app._next_id()}",
+                "id": f"rerank-{self.app.next_id()}",
                 "model": engine.model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
                 "results": results,
@@ -182,17 +165,17 @@ class MoreApis:
             }
             await self._answer(engine, body, send)
 
-        await self.app._run(engine, tokens, answer, receive)
+        await self.app.run(engine, tokens, answer, receive)
 
     async def _score(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = _parse_json(await _read_body(receive))
-        engine = self.app._engine(request)
+        request = parse_json(await read_body(receive))
+        engine = self.app.engine_for(request)
         pairs = _score_pairs(request)
-        tokens = sum(_words(first) + _words(second) for first, second in pairs)
+        tokens = sum(words(first) + words(second) for first, second in pairs)
 
         async def answer() -> None:
             body = {
-                "id": f"score-{self.app._next_id()}",
+                "id": f"score-{self.app.next_id()}",
                 "object": "list",
                 "created": int(time.time()),
                 "model": engine.model,
@@ -205,21 +188,21 @@ class MoreApis:
             }
             await self._answer(engine, body, send)
 
-        await self.app._run(engine, tokens, answer, receive)
+        await self.app.run(engine, tokens, answer, receive)
 
     async def _answer(self, engine: Engine, body: dict[str, Any], send: Send) -> None:
         if self.settings.ttft > 0:
             await asyncio.sleep(self.settings.ttft)
-        await _send_whole(send, 200, orjson.dumps(body), _JSON)
+        await send_whole(send, 200, orjson.dumps(body), JSON)
         engine.record(0, ["stop"])
 
     # Tokenizer ------------------------------------------------------------------------------------------------
 
     async def _tokenize(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = _parse_json(await _read_body(receive))
-        self.app._engine(request)
+        request = parse_json(await read_body(receive))
+        self.app.engine_for(request)
         if "messages" in request:
-            text, _ = _chat_prompt(request.get("messages"))
+            text, _ = chat_prompt(request.get("messages"))
         elif isinstance(request.get("prompt"), str):
             text = request["prompt"]
         else:
@@ -233,19 +216,19 @@ class MoreApis:
             "token_strs": words if request.get("return_token_strs") else None,
             "simulated": True,
         }
-        await _send_whole(send, 200, orjson.dumps(body), _JSON)
+        await send_whole(send, 200, orjson.dumps(body), JSON)
 
     async def _detokenize(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = _parse_json(await _read_body(receive))
-        self.app._engine(request)
+        request = parse_json(await read_body(receive))
+        self.app.engine_for(request)
         tokens = request.get("tokens")
-        if not isinstance(tokens, list) or not all(_is_int(token) for token in tokens):
+        if not isinstance(tokens, list) or not all(is_int(token) for token in tokens):
             raise RequestRejected(400, "tokens must be a list of token ids", param="tokens")
         unknown = [token for token in tokens if token not in self._words]
         if unknown:
             raise RequestRejected(400, f"Token id {unknown[0]} is out of vocabulary", param="tokens")
         body = {"prompt": " ".join(self._words[token] for token in tokens), "simulated": True}
-        await _send_whole(send, 200, orjson.dumps(body), _JSON)
+        await send_whole(send, 200, orjson.dumps(body), JSON)
 
     def _token(self, word: str) -> int:
         token = zlib.crc32(word.encode("utf-8", "surrogatepass"))
@@ -409,7 +392,7 @@ async def _send_anthropic_error(send: Send, error: RequestRejected) -> None:
     """vLLM answers the errors of its Anthropic routes in Anthropic's shape, with its own error types."""
     kind = "NotFoundError" if error.status == 404 else "BadRequestError"
     body = {"type": "error", "error": {"type": kind, "message": error.message}}
-    await _send_whole(send, error.status, orjson.dumps(body), _JSON)
+    await send_whole(send, error.status, orjson.dumps(body), JSON)
 
 
 # Request fields -------------------------------------------------------------------------------------------------
@@ -439,7 +422,7 @@ def _responses_prompt(value: Any, instructions: Any) -> tuple[str, int]:
     else:
         texts.extend(_part_texts(value, (), "input"))
     text = "\n".join(texts)
-    return text, _words(text)
+    return text, words(text)
 
 
 def _messages_prompt(messages: Any, system: Any) -> tuple[str, int]:
@@ -451,7 +434,7 @@ def _messages_prompt(messages: Any, system: Any) -> tuple[str, int]:
             raise RequestRejected(400, "each message must have a role of user or assistant", param="messages")
         texts.extend(_part_texts(message.get("content"), ("text",), "messages"))
     text = "\n".join(texts)
-    return text, _words(text)
+    return text, words(text)
 
 
 def _texts(value: Any, param: str) -> list[str]:

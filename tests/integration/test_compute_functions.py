@@ -25,6 +25,7 @@ from starlette.applications import Starlette
 
 from compute_functions import node
 from compute_functions.inference import inference
+from compute_functions.processes import alive
 from compute_functions.status import status
 from gateway.app import ROUTES
 from gateway.simulator import command as simulator_command
@@ -90,7 +91,7 @@ def servers(tmp_path: Path) -> Iterator[Path]:
     yield directory
     states = [json.loads(path.read_text()) for path in directory.glob("*.json")]
     for state in states:
-        if node.alive(state.get("watchdog")):
+        if alive(state.get("watchdog")):
             os.kill(state["watchdog"], signal.SIGTERM)
     for state in states:
         assert eventually(lambda state=state: not port_open(state["port"])), f"server left on port {state['port']}"

@@ -14,7 +14,8 @@ import httpx
 import pytest
 import yaml
 
-from compute_functions.model_server import ModelServer, group_alive
+from compute_functions.model_server import ModelServer
+from compute_functions.processes import group_alive
 from gateway.cli import serve_command
 from tests.globus_doubles import FUNCTION_IDS, GLOBUS_ENDPOINT
 from tests.support import TOKEN, api_url, direct_config, endpoint, simulator

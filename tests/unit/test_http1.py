@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import ssl
 import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from compute_functions.http1 import ConnectionBroken, Http, ServerUnreachable
+from backend_http.client import ConnectionBroken, Http, ServerUnreachable
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -430,3 +432,16 @@ async def test_a_body_with_a_transfer_coding_other_than_chunked_ends_with_the_co
         http = Http(url, {}, 5.0)
         assert (await http.post("embeddings", b"{}")).body == b"{}"
         http.close()
+
+
+def test_the_client_and_the_worker_package_load_nothing_of_the_server() -> None:
+    # Worker nodes have the client and compute_functions, never the server: neither may reach into gateway.
+    probe = (
+        "import json, sys, backend_http.client; before = sorted(sys.modules); "
+        "import compute_functions.inference, compute_functions.batch, compute_functions.status; "
+        "print(json.dumps([before, sorted(sys.modules)]))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    client, worker = json.loads(loaded)
+    assert not [name for name in client if name.split(".")[0] in ("gateway", "compute_functions")]
+    assert not [name for name in worker if name.split(".")[0] == "gateway"]

@@ -599,7 +599,11 @@ def test_simulator_imports_nothing_else_from_the_gateway() -> None:
         "gateway",
         "gateway.simulator",
         "gateway.simulator.__main__",
+        "gateway.simulator.answers",
         "gateway.simulator.apis",
+        "gateway.simulator.asgi",
         "gateway.simulator.engine",
+        "gateway.simulator.fields",
+        "gateway.simulator.metrics",
         "gateway.simulator.server",
     ]

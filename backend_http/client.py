@@ -2,7 +2,8 @@
 
 A general-purpose async client spends more CPU per request than a model server's own answer costs a fast backend,
 and every microsecond of it sits between a scientist and the first token. This one keeps only what the gateway's
-``direct`` transport and a batch's worker need (a pool of kept-alive connections, bodies as they arrive) and
+``direct`` transport and the workers (inference, batches) need (a pool of kept-alive connections, bodies as they
+arrive) and
 leaves the parsing of answers to llhttp (Node's HTTP parser, through ``httptools``), which is strict where a hand
 parser is lenient: chunk sizes and terminators, duplicate ``Content-Length``, line endings, header syntax.
 """
