@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     token = os.urandom(16).hex()
     headers = {"authorization": f"Bearer {token}"}
     try:
-        with VirtualHost() as vhost, ComputeService(vhost.name) as service:
+        with VirtualHost() as vhost, ComputeService(vhost.name, wait=3600) as service:
             env = {**service.env(), **credentials()}
             os.environ.update(env)
             daemon = EndpointDaemon("bench-inference", work / "endpoint", service.env())

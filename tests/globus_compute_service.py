@@ -36,6 +36,7 @@ import json
 import os
 import secrets
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -76,11 +77,15 @@ def _take_port_lock(wait: float) -> int:
     finally:
         os.umask(umask)
     deadline = time.monotonic() + wait
+    told = False
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return fd
         except BlockingIOError:
+            if wait and not told:
+                told = True
+                print(f"waiting for another local Globus Compute service to free port {PORT}", file=sys.stderr)
             if time.monotonic() >= deadline:
                 os.close(fd)
                 raise PortTaken(
