@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from gateway.accounting.writer import UsageWriter
+from gateway.observability.writer import UsageWriter
 
 
 class RequestLedger:
