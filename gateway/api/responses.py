@@ -41,8 +41,7 @@ def request_id(request: Request) -> str:
 def api_handler(handler: Handler) -> Handler:
     """Turn raised ``GatewayError``s into OpenAI-shaped answers and anything unexpected into a 500.
 
-    The request's record learns the status and error code here; a whole answer's rate-limit reservation is
-    settled here too, before its bytes leave (a stream's is settled when its last event has been relayed).
+    The request's record learns the status and error code here.
     """
 
     @functools.wraps(handler)
@@ -67,8 +66,6 @@ def api_handler(handler: Handler) -> Handler:
         record: RequestRecord | None = request.scope.get(SCOPE_KEY)
         if record is not None:
             record.answered(response.status_code, code)
-            if not isinstance(response, EventStream):
-                record.settle(request.app.state.runtime.limiter)
         return response
 
     return wrapped
