@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import operator
+import os
+import re
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -13,6 +15,18 @@ if TYPE_CHECKING:
     from gateway.limits.base import RateLimiter, Reservation
 
 SCOPE_KEY = "gateway.record"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def request_id(request: Request) -> str:
+    """The caller's ``X-Request-ID`` when it is sane, else a new one; kept on the request."""
+    existing: str | None = request.scope.get("request_id")
+    if existing is not None:
+        return existing
+    given = request.headers.get("x-request-id")
+    rid = given if given and _REQUEST_ID.match(given) else os.urandom(12).hex()
+    request.scope["request_id"] = rid
+    return rid
 
 
 class RequestRecord:

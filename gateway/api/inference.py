@@ -12,11 +12,11 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.accounting.record import RequestRecord, Reserved, record_of
+from gateway.accounting.record import RequestRecord, Reserved, record_of, request_id
 from gateway.accounting.streams import OWN_USAGE_EVENTS, asks_for_usage, for_client, with_usage
 from gateway.api.anthropic import anthropic_errors
 from gateway.api.passthrough import lacks_route, not_served, offering, route_missing, stream_error_event
-from gateway.api.responses import EventStream, Handler, api_handler, authenticate, json_response, read_json, request_id
+from gateway.api.responses import EventStream, Handler, api_handler, authenticate, json_response, read_json
 from gateway.api.validation import validate
 from gateway.dispatch.base import (
     BackendError,

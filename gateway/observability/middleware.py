@@ -11,32 +11,23 @@ from __future__ import annotations
 
 import logging
 from time import perf_counter
-from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.accounting.record import SCOPE_KEY, RequestRecord, row_of
-from gateway.api.responses import request_id
+from gateway.accounting.record import SCOPE_KEY, RequestRecord, request_id, row_of
+from gateway.observability.ledger import RequestLedger
 from gateway.observability.logs import current_scope
-
-if TYPE_CHECKING:
-    from gateway.runtime import Runtime
+from gateway.observability.metrics import GatewayMetrics
 
 log = logging.getLogger("gateway.observability")
 
 
 class ObservingMiddleware:
-    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+    def __init__(self, app: ASGIApp, ledger: RequestLedger, metrics: GatewayMetrics | None) -> None:
         self.app = app
-        self.metrics = runtime.metrics
-        assert runtime.ledger is not None
-        self.ledger = runtime.ledger
-
-    @staticmethod
-    def needed(runtime: Runtime) -> bool:
-        """Whether anything reads the records: without a usage writer, requests skip the middleware."""
-        return runtime.ledger is not None
+        self.ledger = ledger
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
