@@ -12,9 +12,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
-from gateway.accounting.record import SCOPE_KEY, RequestRecord
+from gateway.accounting.record import SCOPE_KEY, RequestRecord, request_id
 from gateway.api import admin, batches, catalog, downloads, identity, inference, monitoring, openapi, status, streams
-from gateway.api.responses import request_id
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_response
 from gateway.front_door import UpgradesAnsweredAsHttp
@@ -119,7 +118,12 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
         exception_handlers={HTTPException: _http_error},
         middleware=[
             Middleware(UpgradesAnsweredAsHttp, websocket_prefixes=(CHANNEL_PATH + "/",)),
-            *([Middleware(ObservingMiddleware, runtime=runtime)] if ObservingMiddleware.needed(runtime) else []),
+            # Without a usage writer nothing reads the finished records, and requests skip the middleware.
+            *(
+                [Middleware(ObservingMiddleware, ledger=runtime.ledger, metrics=runtime.metrics)]
+                if runtime.ledger is not None
+                else []
+            ),
         ],
     )
     app.state.runtime = runtime

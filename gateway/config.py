@@ -210,11 +210,10 @@ class ParslSettings(_Strict):
         if reserved:
             raise ValueError(f"set {', '.join(reserved)} as parsl keys, not in provider_options")
         if self.provider_options:
-            import inspect
+            # Here rather than at the top: it imports Parsl, a second that a gateway without such options never pays.
+            from gateway.parsl_providers import provider_options
 
-            from gateway.dispatch.parsl import PROVIDERS
-
-            accepted = set(inspect.signature(PROVIDERS[self.provider]).parameters)
+            accepted = provider_options(self.provider)
             unknown = sorted(set(self.provider_options) - accepted)
             if unknown:
                 raise ValueError(

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from compute_functions.model_server import ModelServer
-from gateway.accounting.writer import UsageWriter
 from gateway.auth.base import Authenticator
 from gateway.auth.bearer import ProviderChain
 from gateway.auth.dev import DevAuthenticator, dev_token, token_command
@@ -24,6 +23,7 @@ from gateway.federation.tracker import MAINTENANCE_FILE, AvailabilityTracker
 from gateway.limits import build_limiter
 from gateway.observability.ledger import RequestLedger
 from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.writer import UsageWriter
 from gateway.storage.database import Database
 from gateway.streaming.channels import NodeChannels
 from gateway.streaming.relay import LocalRelay, build_relay

@@ -1,1 +1,1 @@
-"""Who used what: the per-request record, the usage log writer and its spool, usage reports."""
+"""Who used what: the per-request record, token counts from streams, the usage recorder and its spool, usage reports."""

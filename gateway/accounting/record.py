@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import operator
+import os
+import re
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -10,9 +12,21 @@ from starlette.requests import Request
 
 if TYPE_CHECKING:
     from gateway.federation.registry import Endpoint
-    from gateway.limits.base import RateLimiter
+    from gateway.limits.base import RateLimiter, Reservation
 
 SCOPE_KEY = "gateway.record"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def request_id(request: Request) -> str:
+    """The caller's ``X-Request-ID`` when it is sane, else a new one; kept on the request."""
+    existing: str | None = request.scope.get("request_id")
+    if existing is not None:
+        return existing
+    given = request.headers.get("x-request-id")
+    rid = given if given and _REQUEST_ID.match(given) else os.urandom(12).hex()
+    request.scope["request_id"] = rid
+    return rid
 
 
 class RequestRecord:
@@ -39,7 +53,6 @@ class RequestRecord:
         "prompt",
         "prompt_tokens",
         "request_id",
-        "reservation",
         "route",
         "started",
         "started_at",
@@ -71,7 +84,6 @@ class RequestRecord:
         self.completion_tokens: int | None = None
         self.ttft: float | None = None
         self.duration = 0.0
-        self.reservation: Any = None
         self.prompt: Any = None
         self.route = ""
 
@@ -105,23 +117,49 @@ class RequestRecord:
         if error_code is not None and self.error_code is None:
             self.error_code = error_code
 
-    def settle(self, limiter: RateLimiter) -> None:
-        """Give the request's rate-limit reservation back, keeping what the backend reported it used."""
+
+class Reserved:
+    """A request's rate-limit reservation, taken on entering an ``async with`` block and settled when it ends.
+
+    Settling keeps the tokens the backend reported using (the record's usage). An answer that failed before it
+    started (the block raised before ``started`` was set) gives back what no backend reported using; one that
+    started and was cut off keeps its estimate, since the backend did work it did not report.
+    """
+
+    __slots__ = ("body", "limiter", "model", "op", "record", "reservation", "started", "user")
+
+    def __init__(
+        self, limiter: RateLimiter, record: RequestRecord, user: str, model: str, op: str, body: dict[str, Any]
+    ) -> None:
+        self.limiter = limiter
+        self.record = record
+        self.user = user
+        self.model = model
+        self.op = op
+        self.body = body
+        self.reservation: Reservation | None = None
+        self.started = False
+
+    async def __aenter__(self) -> Reserved:
+        if self.limiter.enabled:
+            self.reservation = await self.limiter.reserve(self.user, self.model, self.op, self.body)
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, *_: object) -> None:
         reservation, self.reservation = self.reservation, None
         if reservation is None:
             return
-        prompt, completion = self.prompt_tokens, self.completion_tokens
+        prompt, completion = self.record.prompt_tokens, self.record.completion_tokens
         if prompt is not None or completion is not None:
             used: int | None = (prompt or 0) + (completion or 0)
         else:
-            # Refused before any work: give everything back. Otherwise the backend did work it did not report: keep it.
-            used = 0 if self.status >= 400 else None
-        limiter.settle(reservation, used)
+            used = 0 if kind is not None and not self.started else None
+        self.limiter.settle(reservation, used)
 
 
 class FinishedRequest(NamedTuple):
     """A finished request's facts as plain values, in one tuple: what the usage writer process gets of its record
-    (everything but the rate-limit reservation and what only the serving process reads), and what the usage log,
+    (everything but what only the serving process reads), and what the usage log,
     the access log and the metrics' counts read there."""
 
     client: str | None

@@ -4,7 +4,7 @@ forward, relay the answer."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Iterator
 from time import perf_counter
 from typing import Any
 
@@ -12,11 +12,11 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.accounting.record import RequestRecord, record_of
+from gateway.accounting.record import RequestRecord, Reserved, record_of, request_id
 from gateway.accounting.streams import OWN_USAGE_EVENTS, asks_for_usage, for_client, with_usage
 from gateway.api.anthropic import anthropic_errors
 from gateway.api.passthrough import lacks_route, not_served, offering, route_missing, stream_error_event
-from gateway.api.responses import EventStream, Handler, api_handler, authenticate, json_response, read_json, request_id
+from gateway.api.responses import EventStream, Handler, api_handler, authenticate, json_response, read_json
 from gateway.api.validation import validate
 from gateway.dispatch.base import (
     BackendError,
@@ -83,6 +83,41 @@ def client_error(failure: BackendFailure, model: str, op: str | None = None) -> 
     )
 
 
+class _Failover:
+    """The endpoints a request tries in turn, and what the client hears when none of them answered.
+
+    Iterating gives the endpoints in order (each noted in the request's record as it comes); ``failed`` counts a
+    failure against its endpoint and ends the iteration unless the next endpoint may still serve the request (it
+    was unreachable, answered 503, or lacks the route); ``error`` is the last failure as the client's error.
+    """
+
+    __slots__ = ("endpoints", "failure", "model", "moves_on", "op", "record")
+
+    def __init__(self, endpoints: list[Endpoint], op: str, model: str, record: RequestRecord) -> None:
+        self.endpoints = endpoints
+        self.op = op
+        self.model = model
+        self.record = record
+        self.failure: BackendFailure | None = None
+        self.moves_on = True
+
+    def __iter__(self) -> Iterator[Endpoint]:
+        for endpoint in self.endpoints:
+            self.record.sent_to(endpoint)
+            yield endpoint
+            if not self.moves_on:
+                return
+
+    def failed(self, endpoint: Endpoint, failure: BackendFailure) -> None:
+        _record(endpoint, failure)
+        self.failure = failure
+        self.moves_on = _retryable(failure) or lacks_route(endpoint, self.op, failure)
+
+    def error(self) -> GatewayError:
+        assert self.failure is not None
+        return client_error(self.failure, self.model, self.op)
+
+
 def _retryable(failure: BackendFailure) -> bool:
     return isinstance(failure, BackendUnavailable) or (isinstance(failure, BackendError) and failure.status == 503)
 
@@ -136,100 +171,78 @@ def _route(runtime: Runtime, candidates: list[Endpoint], model: str, cluster_rou
     return decided.endpoints
 
 
-async def _whole(
-    runtime: Runtime, endpoints: list[Endpoint], op: str, body: dict[str, Any], model: str, record: RequestRecord
-) -> Response:
-    failure: BackendFailure | None = None
-    for endpoint in endpoints:
-        record.sent_to(endpoint)
-        endpoint.in_flight += 1
-        began = perf_counter()
-        try:
-            answer = await runtime.dispatcher(endpoint).call(endpoint, op, _payload(body, endpoint, model))
-        except BackendFailure as exc:
-            failure = exc
-            _record(endpoint, exc)
-            if _retryable(exc) or lacks_route(endpoint, op, exc):
-                continue
-            break
-        finally:
-            endpoint.in_flight -= 1
-        if "model" in answer and endpoint.backend_model(model) != model:
-            answer["model"] = model
-        record.take_usage(answer.get("usage"))
-        endpoint.record_success(perf_counter() - began, record.completion_tokens)
-        return json_response(answer)
-    assert failure is not None
-    raise client_error(failure, model, op)
-
-
-async def _relay(
-    runtime: Runtime, first: bytes, events: AsyncIterator[bytes], endpoint: Endpoint, model: str, record: RequestRecord
-) -> AsyncIterator[bytes]:
-    metrics = runtime.metrics
-    if metrics is not None:
-        metrics.streams_open += 1
-    finished = False
-    try:
-        if first:
-            record.ttft = perf_counter() - record.started
-            yield for_client(first, record)
-        async for event in events:
-            if record.ttft is None:
-                record.ttft = perf_counter() - record.started
-            event = for_client(event, record)
-            if event:
-                yield event
-        finished = True
-        endpoint.record_success(perf_counter() - record.started, record.completion_tokens)
-    except BackendFailure as exc:
-        # The 200 and some events are already with the client: say what happened in-band, then end the stream.
-        finished = True
-        log.warning("stream for request %s broke off: %s", record.request_id, exc)
-        _record(endpoint, exc)
-        error = client_error(exc, model)
-        record.error_code = error.code
-        yield stream_error_event(record.op, error)
-    finally:
-        if not finished:
-            record.error_code = "client_disconnected"
-        endpoint.in_flight -= 1
-        # Before the stream's end leaves: a client that sends its next request as soon as this answer ends must
-        # not find its own finished request still counted against its limits.
-        record.settle(runtime.limiter)
-        if metrics is not None:
-            metrics.streams_open -= 1
-        await events.aclose()  # type: ignore[attr-defined]
+async def _whole(runtime: Runtime, failover: _Failover, body: dict[str, Any], reservation: Reserved) -> Response:
+    op, model, record = failover.op, failover.model, failover.record
+    async with reservation:
+        for endpoint in failover:
+            began = perf_counter()
+            with endpoint.serving():
+                try:
+                    answer = await runtime.dispatcher(endpoint).call(endpoint, op, _payload(body, endpoint, model))
+                except BackendFailure as exc:
+                    failover.failed(endpoint, exc)
+                    continue
+            if "model" in answer and endpoint.backend_model(model) != model:
+                answer["model"] = model
+            record.take_usage(answer.get("usage"))
+            endpoint.record_success(perf_counter() - began, record.completion_tokens)
+            return json_response(answer)
+        raise failover.error()
 
 
 async def _streamed(
-    runtime: Runtime, endpoints: list[Endpoint], op: str, body: dict[str, Any], model: str, record: RequestRecord
-) -> Response:
-    # Every stream asks for usage, to count its tokens; a client that did not ask gets its stream without it. The
-    # APIs with their own events (Responses, Messages) report usage unasked, and their streams pass unchanged.
-    record.keep_usage = asks_for_usage(body) or op in OWN_USAGE_EVENTS
-    if not record.keep_usage:
-        body = with_usage(body)
-    failure: BackendFailure | None = None
-    for endpoint in endpoints:
-        record.sent_to(endpoint)
-        endpoint.in_flight += 1
-        events = runtime.dispatcher(endpoint).stream(endpoint, op, _payload(body, endpoint, model))
-        try:
-            first = await anext(events, b"")
-        except BackendFailure as exc:
-            endpoint.in_flight -= 1
-            failure = exc
-            _record(endpoint, exc)
-            if _retryable(exc) or lacks_route(endpoint, op, exc):
-                continue
-            break
-        except BaseException:
-            endpoint.in_flight -= 1
-            raise
-        return EventStream(_relay(runtime, first, events, endpoint, model, record), headers=_STREAM_HEADERS)
-    assert failure is not None
-    raise client_error(failure, model, op)
+    runtime: Runtime, failover: _Failover, body: dict[str, Any], reservation: Reserved
+) -> AsyncGenerator[bytes, None]:
+    """The answer's events for the client, after an empty first item once an endpoint's first event has come.
+
+    Until then a failure (the rate limit, every endpoint failing) is raised, for the handler to answer with its
+    status; after it a failure is sent in-band. Its reservation and the endpoint's in-flight count last until the
+    generator ends: it is taken one step before the response starts, so that closing it always ends them.
+    """
+    op, model, record = failover.op, failover.model, failover.record
+    metrics = runtime.metrics
+    async with reservation:
+        for endpoint in failover:
+            with endpoint.serving():
+                events = runtime.dispatcher(endpoint).stream(endpoint, op, _payload(body, endpoint, model))
+                try:
+                    first = await anext(events, b"")
+                except BackendFailure as exc:
+                    failover.failed(endpoint, exc)
+                    continue
+                reservation.started = True
+                if metrics is not None:
+                    metrics.streams_open += 1
+                finished = False
+                try:
+                    yield b""
+                    if first:
+                        record.ttft = perf_counter() - record.started
+                        yield for_client(first, record)
+                    async for event in events:
+                        if record.ttft is None:
+                            record.ttft = perf_counter() - record.started
+                        event = for_client(event, record)
+                        if event:
+                            yield event
+                    finished = True
+                    endpoint.record_success(perf_counter() - record.started, record.completion_tokens)
+                except BackendFailure as exc:
+                    # The 200 and some events are already with the client: say what happened in-band, then end.
+                    finished = True
+                    log.warning("stream for request %s broke off: %s", record.request_id, exc)
+                    _record(endpoint, exc)
+                    error = client_error(exc, model)
+                    record.error_code = error.code
+                    yield stream_error_event(op, error)
+                finally:
+                    if not finished:
+                        record.error_code = "client_disconnected"
+                    if metrics is not None:
+                        metrics.streams_open -= 1
+                    await events.aclose()  # type: ignore[attr-defined]
+                return
+        raise failover.error()
 
 
 async def _infer(request: Request, op: str) -> Response:
@@ -253,15 +266,16 @@ async def _infer(request: Request, op: str) -> Response:
     candidates = offering(runtime.registry.candidates(model, identity, cluster, params.get("framework")), op)
     if runtime.config.logging.log_prompts:
         record.prompt = body.get("messages") or body.get("prompt") or body.get("input")
-    endpoints = _route(runtime, candidates, model, cluster_route=cluster is not None)
-    limiter = runtime.limiter
-    if limiter.enabled:
-        taken = limiter.take(identity.username, model, op, body)
-        # The in-process limiter answers at once; only a shared one has to wait for its store.
-        record.reservation = taken if taken is None or taken.__class__ is tuple else await taken  # type: ignore[misc]
-    if record.stream:
-        return await _streamed(runtime, endpoints, op, body, model, record)
-    return await _whole(runtime, endpoints, op, body, model, record)
+    failover = _Failover(_route(runtime, candidates, model, cluster_route=cluster is not None), op, model, record)
+    reservation = Reserved(runtime.limiter, record, identity.username, model, op, body)
+    if not record.stream:
+        return await _whole(runtime, failover, body, reservation)
+    # Every stream asks for usage, to count its tokens; a client that did not ask gets its stream without it. The
+    # APIs with their own events (Responses, Messages) report usage unasked, and their streams pass unchanged.
+    record.keep_usage = asks_for_usage(body) or op in OWN_USAGE_EVENTS
+    events = _streamed(runtime, failover, body if record.keep_usage else with_usage(body), reservation)
+    await anext(events)
+    return EventStream(events, headers=_STREAM_HEADERS)
 
 
 def _operation(op: str) -> Handler:

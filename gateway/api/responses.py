@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -15,7 +13,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway.accounting.record import SCOPE_KEY, RequestRecord
+from gateway.accounting.record import SCOPE_KEY, RequestRecord, request_id
 from gateway.auth.base import Identity
 from gateway.auth.bearer import bearer_token
 from gateway.errors import ClientClosedRequest, GatewayError, InvalidRequest, PayloadTooLarge, error_response
@@ -24,25 +22,11 @@ log = logging.getLogger("gateway.api")
 
 Handler = Callable[[Request], Awaitable[Response]]
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-def request_id(request: Request) -> str:
-    """The caller's ``X-Request-ID`` when it is sane, else a new one; kept on the request."""
-    existing: str | None = request.scope.get("request_id")
-    if existing is not None:
-        return existing
-    given = request.headers.get("x-request-id")
-    rid = given if given and _REQUEST_ID.match(given) else os.urandom(12).hex()
-    request.scope["request_id"] = rid
-    return rid
-
 
 def api_handler(handler: Handler) -> Handler:
     """Turn raised ``GatewayError``s into OpenAI-shaped answers and anything unexpected into a 500.
 
-    The request's record learns the status and error code here; a whole answer's rate-limit reservation is
-    settled here too, before its bytes leave (a stream's is settled when its last event has been relayed).
+    The request's record learns the status and error code here.
     """
 
     @functools.wraps(handler)
@@ -67,8 +51,6 @@ def api_handler(handler: Handler) -> Handler:
         record: RequestRecord | None = request.scope.get(SCOPE_KEY)
         if record is not None:
             record.answered(response.status_code, code)
-            if not isinstance(response, EventStream):
-                record.settle(request.app.state.runtime.limiter)
         return response
 
     return wrapped

@@ -8,7 +8,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.websockets import WebSocket
 
-from gateway.api.responses import api_handler, request_id
+from gateway.accounting.record import request_id
+from gateway.api.responses import api_handler
 from gateway.auth.bearer import bearer_token
 from gateway.errors import AuthenticationFailed, GatewayError, error_response
 from gateway.runtime import Runtime

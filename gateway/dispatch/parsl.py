@@ -30,8 +30,6 @@ from parsl.executors import HighThroughputExecutor
 from parsl.executors.errors import BadStateException
 from parsl.executors.high_throughput.executor import DEFAULT_LAUNCH_CMD
 from parsl.jobs.states import JobState
-from parsl.launchers import AprunLauncher, MpiExecLauncher, SimpleLauncher, SingleNodeLauncher, SrunLauncher
-from parsl.providers import LocalProvider, PBSProProvider, SlurmProvider
 
 from gateway.config import EndpointSettings, ParslSettings
 from gateway.dispatch.base import (
@@ -52,19 +50,12 @@ from gateway.dispatch.futures import result_of
 from gateway.dispatch.relayed import relayed_outcome
 from gateway.federation.availability import Availability
 from gateway.federation.registry import Endpoint
+from gateway.parsl_providers import LAUNCHERS, PROVIDERS
 from gateway.streaming.channels import NodeChannels
 from gateway.streaming.relay import Inbox, Relay
 
 log = logging.getLogger("gateway.dispatch.parsl")
 
-PROVIDERS: dict[str, type[Any]] = {"local": LocalProvider, "slurm": SlurmProvider, "pbspro": PBSProProvider}
-LAUNCHERS: dict[str, type[Any]] = {
-    "single_node": SingleNodeLauncher,
-    "simple": SimpleLauncher,
-    "srun": SrunLauncher,
-    "mpiexec": MpiExecLauncher,
-    "aprun": AprunLauncher,
-}
 # The interchange runs in a process group of its own, so that a terminal's Ctrl-C (or a signal to the gateway's
 # group) reaches only the gateway, which then stops Parsl in order; Parsl's cleanup waits forever for an interchange
 # that died first. It still dies with the gateway: the kernel signals it when its parent goes (Linux).

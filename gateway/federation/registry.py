@@ -26,6 +26,21 @@ LATENCY_HALF_LIFE = 2.0
 STALE_SECONDS = 60.0
 
 
+class InFlight:
+    """One request counted among its endpoint's ``in_flight`` from entering a ``with`` block to leaving it."""
+
+    __slots__ = ("endpoint",)
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    def __enter__(self) -> None:
+        self.endpoint.in_flight += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.endpoint.in_flight -= 1
+
+
 @dataclass(eq=False)
 class Endpoint:
     """One backend: a cluster and framework serving some models through one transport."""
@@ -120,6 +135,10 @@ class Endpoint:
         if availability.state == "hot" and self.down_until:
             self.down_until = 0.0
             self.failures = 0
+
+    def serving(self) -> InFlight:
+        """A ``with`` block during which one more request counts among ``in_flight``, however the block ends."""
+        return InFlight(self)
 
     def record_failure(self, *, unreachable: bool = False) -> None:
         """A request failed here. Unreachable means nothing answered: the endpoint counts as offline

@@ -176,10 +176,8 @@ class RateLimiter(ABC):
         self._plans.setdefault(user, {})[model] = plan
         return plan
 
-    def take(self, user: str, model: str, op: str, body: dict[str, Any]) -> Reservation | Awaitable[Reservation] | None:
-        """``reserve`` without a coroutine where the limiter can answer at once: the request path's form.
-
-        Returns the reservation, or something to await for it (a shared limiter asks its store), or None."""
+    async def reserve(self, user: str, model: str, op: str, body: dict[str, Any]) -> Reservation | None:
+        """Take this request from every rule that applies, or raise ``RateLimited``; None when no rule applies."""
         plans = self._plans.get(user)
         plan = plans.get(model) if plans is not None else None
         if plan is None:
@@ -187,12 +185,9 @@ class RateLimiter(ABC):
         if not plan.rules:
             return None
         tokens = requested_tokens(op, body, self.settings.assumed_max_tokens) if plan.counts_tokens else 0
-        return self._take(plan, tokens)
-
-    async def reserve(self, user: str, model: str, op: str, body: dict[str, Any]) -> Reservation | None:
-        """Take this request from every rule that applies, or raise ``RateLimited``; None when no rule applies."""
-        taken = self.take(user, model, op, body)
-        return taken if taken is None or taken.__class__ is tuple else await taken  # type: ignore[misc]
+        taken = self._take(plan, tokens)
+        # The in-process limiter answers at once; only a shared one has to wait for its store.
+        return taken if taken.__class__ is tuple else await taken  # type: ignore[misc]
 
     def refuse(self, rule: Rule, wait: float) -> RateLimited:
         self.refusals[rule.setting] = self.refusals.get(rule.setting, 0) + 1

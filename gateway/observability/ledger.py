@@ -5,7 +5,7 @@ first of them the ledger sends what gathered to the usage writer process in one 
 the metrics, writes its access line and stores its usage row there. Doing that work for a few hundred requests in
 one pass, in another process, leaves the serving process only the row and the append (measured with
 ``scripts/bench-observability.py``). What must be exact at once (the rate limiter's settlement, the in-flight
-gauges) is not deferred: the middleware does it before handing the row over.
+gauges) is not deferred: it is done before the row is handed over.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from gateway.accounting.writer import UsageWriter
+from gateway.observability.writer import UsageWriter
 
 
 class RequestLedger:

@@ -15,9 +15,9 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.accounting.writer import UsageWriter
 from gateway.federation.registry import Registry
 from gateway.limits.base import RateLimiter
+from gateway.observability.writer import UsageWriter
 
 
 class GatewayMetrics(Collector):

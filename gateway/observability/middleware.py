@@ -1,9 +1,9 @@
 """The ASGI middleware that watches every HTTP request from arrival to last byte.
 
 It makes the request's ``RequestRecord`` (the handlers note the status, error code and usage in it), and when
-the response is over (finished, failed or abandoned by the client) settles its rate-limit reservation if a handler
-has not, and hands the record to the ledger, which passes it on to be counted, logged and recorded. Being
-outermost to the routes, it sees streamed responses end, which a handler cannot. It does not wrap ``send``: an
+the response is over (finished, failed or abandoned by the client) hands the record to the ledger, which passes it
+on to be counted, logged and recorded. Being outermost to the routes, it sees streamed responses end, which a
+handler cannot. It does not wrap ``send``: an
 extra coroutine for every message sent costs more than everything else it does.
 """
 
@@ -11,33 +11,23 @@ from __future__ import annotations
 
 import logging
 from time import perf_counter
-from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.accounting.record import SCOPE_KEY, RequestRecord, row_of
-from gateway.api.responses import request_id
+from gateway.accounting.record import SCOPE_KEY, RequestRecord, request_id, row_of
+from gateway.observability.ledger import RequestLedger
 from gateway.observability.logs import current_scope
-
-if TYPE_CHECKING:
-    from gateway.runtime import Runtime
+from gateway.observability.metrics import GatewayMetrics
 
 log = logging.getLogger("gateway.observability")
 
 
 class ObservingMiddleware:
-    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+    def __init__(self, app: ASGIApp, ledger: RequestLedger, metrics: GatewayMetrics | None) -> None:
         self.app = app
-        self.metrics = runtime.metrics
-        self.limiter = runtime.limiter
-        # None without a usage writer: nothing reads finished records (the middleware is here for the rate limits).
-        self.ledger = runtime.ledger
-
-    @staticmethod
-    def needed(runtime: Runtime) -> bool:
-        """Whether anything reads the records: with all of it turned off, requests skip the middleware."""
-        return runtime.ledger is not None or runtime.limiter.enabled
+        self.ledger = ledger
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -61,12 +51,9 @@ class ObservingMiddleware:
                 if not record.status:
                     # The app raised before answering; the error middleware outside this one answers 500.
                     record.status = 500
-                if record.reservation is not None:
-                    record.settle(self.limiter)
-                if self.ledger is not None:
-                    route = scope.get("route")
-                    record.route = route.path if route is not None else "unmatched"
-                    record.request_id = scope.get("request_id") or request_id(Request(scope))
-                    self.ledger.add(row_of(record))
+                route = scope.get("route")
+                record.route = route.path if route is not None else "unmatched"
+                record.request_id = scope.get("request_id") or request_id(Request(scope))
+                self.ledger.add(row_of(record))
             except Exception:
                 log.exception("could not account for %s %s", record.method, record.path)

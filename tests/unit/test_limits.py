@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
 
+from gateway.accounting.record import RequestRecord, Reserved
 from gateway.config import LimitSettings
 from gateway.errors import RateLimited
 from gateway.limits.base import requested_tokens, rules_for
@@ -121,6 +123,54 @@ async def test_concurrent_requests_are_held_until_settled() -> None:
     assert "limits.users.bob.concurrent_requests" in refused.value.message
     limits.settle(held, 3)
     assert await limits.reserve("bob", "m", "chat/completions", CHAT) is not None
+
+
+def reserved(limits: MemoryRateLimiter, record: RequestRecord | None = None) -> Reserved:
+    record = record or RequestRecord("POST", "/resource_server/v1/chat/completions", None)
+    return Reserved(limits, record, "bob", "m", "chat/completions", CHAT)
+
+
+async def test_a_reservation_over_a_block_is_settled_when_it_raises_or_is_cancelled() -> None:
+    limits, _ = limiter({"users": {"bob": {"concurrent_requests": 1}}})
+    with pytest.raises(ConnectionError):
+        async with reserved(limits):
+            with pytest.raises(RateLimited):
+                await limits.reserve("bob", "m", "chat/completions", CHAT)
+            raise ConnectionError("no backend answered")
+    entered = asyncio.Event()
+
+    async def waiting_on_the_backend() -> None:
+        async with reserved(limits):
+            entered.set()
+            await asyncio.sleep(3600)
+
+    request = asyncio.create_task(waiting_on_the_backend())
+    await entered.wait()
+    with pytest.raises(RateLimited):
+        await limits.reserve("bob", "m", "chat/completions", CHAT)
+    request.cancel()  # the client left
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert await limits.reserve("bob", "m", "chat/completions", CHAT) is not None
+
+
+async def test_a_reservation_keeps_the_usage_or_the_estimate_once_the_answer_started() -> None:
+    limits, _ = limiter({"defaults": {"tokens_per_minute": 63}})  # three estimates of 21
+    with pytest.raises(ConnectionError):
+        async with reserved(limits):
+            raise ConnectionError("failed before the answer started: all 21 come back")
+    with pytest.raises(ConnectionError):
+        async with reserved(limits) as cut_off:
+            cut_off.started = True
+            raise ConnectionError("the stream broke off: the backend did work it did not report, 21 are kept")
+    record = RequestRecord("POST", "/resource_server/v1/chat/completions", None)
+    async with reserved(limits, record):
+        record.prompt_tokens, record.completion_tokens = 11, 5  # 16 used: 5 of its 21 come back
+    with pytest.raises(RateLimited):
+        await limits.reserve(
+            "bob", "m", "chat/completions", {**CHAT, "max_tokens": 16}
+        )  # 63 - 21 - 16 = 26 left, 27 asked
+    assert await limits.reserve("bob", "m", "chat/completions", {**CHAT, "max_tokens": 15}) is not None
 
 
 @pytest.mark.parametrize(

@@ -10,13 +10,13 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.accounting.record import RequestRecord
-from gateway.accounting.writer import UsageWriter
 from gateway.config import LimitSettings, LoggingSettings
 from gateway.federation.registry import Endpoint, Registry
 from gateway.limits.memory import MemoryRateLimiter
 from gateway.observability.logs import AccessLog, JsonFormatter, current_scope
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.tally import Tally
+from gateway.observability.writer import UsageWriter
 
 ROUTE = "/resource_server/v1/chat/completions"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections import Counter
@@ -181,3 +182,27 @@ def test_breaker_opens_after_repeated_failures_and_success_resets_the_count() ->
 def test_explain_names_the_state_and_cluster(state: str, words: str) -> None:
     endpoint = make("a", state, estimated_start=time.mktime((2026, 12, 1, 9, 30, 0, 0, 0, 0)))
     assert explain(endpoint).startswith(words)
+
+
+async def test_a_request_counts_in_flight_until_its_block_ends_however_it_ends() -> None:
+    endpoint = make("a")
+    with endpoint.serving():
+        assert endpoint.in_flight == 1
+    with pytest.raises(ConnectionError), endpoint.serving():
+        raise ConnectionError("the backend went away")
+    assert endpoint.in_flight == 0
+
+    entered = asyncio.Event()
+
+    async def waiting_on_the_backend() -> None:
+        with endpoint.serving():
+            entered.set()
+            await asyncio.sleep(3600)
+
+    request = asyncio.create_task(waiting_on_the_backend())
+    await entered.wait()
+    assert endpoint.in_flight == 1
+    request.cancel()  # the client left
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert endpoint.in_flight == 0

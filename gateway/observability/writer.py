@@ -144,7 +144,7 @@ class UsageWriter:
         self._process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "gateway.accounting.writer",
+            "gateway.observability.writer",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env={**os.environ, _SETTINGS_ENV: orjson.dumps(self.settings).decode()},
