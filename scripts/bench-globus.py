@@ -1,6 +1,7 @@
 """Side by side in one run: the ``globus``, ``parsl`` and ``direct`` transports in front of the same simulator.
 
     .venv/bin/python scripts/bench-globus.py [--requests 400] [--concurrency 32,128] [--streams 20] [--tasks 200]
+                                             [--ttft 0] [--tpot 0.002] [--load-seconds 5] [--tokens 16]
 
 It needs what the Globus Compute tests need (docs/testing.md): RabbitMQ with ``rabbitmqctl``, and port 5000. It
 starts a simulator, the local Globus Compute service (tests/globus_compute_service.py) in a RabbitMQ virtual host
@@ -13,6 +14,9 @@ the model server already running on its port. Then:
 - whole answers of one token, one at a time and at each ``--concurrency``: latency p50/p99, and what each
   transport adds over the simulator alone; requests/s at that concurrency, and the requests that failed;
 - streamed answers: time to the first token;
+- with ``wrk`` (when installed), at each ``--concurrency``, for ``--load-seconds`` each: answers of ``--tokens``
+  tokens, whole and streamed, through each path and to the simulator alone: requests/s, p50, and the ratio to
+  ``direct`` (run with ``--ttft 0.02 --tpot 0.005`` for model-like timing);
 - the first request after a cold start: the endpoint restarted, so its user endpoint (and workers) must start;
 - the floor: the SDK ``Executor`` and the endpoint alone, without the gateway: one registered ``status`` task at
   a time (round trip), and ``--tasks`` submitted at once (tasks/s).
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -32,6 +37,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
 MODEL = "facebook/opt-125m"
 QUESTION = [{"role": "user", "content": "Explain the concept of Globus Compute in simple terms."}]
@@ -107,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=20, help="streamed answers per path")
     parser.add_argument("--tasks", type=int, default=200, help="tasks for the SDK-and-endpoint floor")
     parser.add_argument("--tpot", type=float, default=0.002, help="the simulator's time per output token")
+    parser.add_argument("--ttft", type=float, default=0.0, help="the simulator's time to the first token")
+    parser.add_argument("--load-seconds", type=float, default=5.0, help="each wrk run's length (0: none)")
+    parser.add_argument("--tokens", type=int, default=16, help="tokens per answer in the wrk runs")
     args = parser.parse_args(argv)
 
     import httpx
@@ -120,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     from tests.globus_compute_service import ComputeService, VirtualHost
 
     work = Path(tempfile.mkdtemp(prefix="bench-globus-"))
-    simulator = ModelServer(simulator_command(MODEL, options=("--tpot", str(args.tpot))), log_path=work / "sim.log")
+    timing = ("--tpot", str(args.tpot), "--ttft", str(args.ttft))
+    simulator = ModelServer(simulator_command(MODEL, options=timing), log_path=work / "sim.log")
     simulator.start(30)
     # The workers find this server on its port and never start one.
     on_node = {"command": ["true"], "port": simulator.port, "state_dir": str(work / "servers")}
@@ -217,6 +227,9 @@ def measure(
         added = p50 - percentile(firsts["direct"], 50) * 1e3
         print(f"  {name:10} p50 {p50:8.2f} ms   p99 {p99:8.2f} ms   +p50 over direct {added:8.2f} ms")
 
+    if args.load_seconds and shutil.which("wrk"):
+        loaded(args, paths, simulator.base_url, headers)
+
     print("the floor: the SDK Executor and the endpoint, without the gateway (the registered status function)")
     request = {"model_server": {"state_dir": str(site.state_dir)}, "scheduler": "none"}
     # The submission rate limits the gateway gives its executors (the SDK's own, 4 per 16 s, would dominate).
@@ -255,6 +268,37 @@ def measure(
     after = statistics.fmean(whole(paths["globus"], headers, 5, 1)[0]) * 1e3
     print(f"  first request through globus: {cold:.2f} s{' (failed)' if failed else ''}")
     print(f"  the next five: {after:.1f} ms each on average")
+
+
+def loaded(args: argparse.Namespace, paths: dict[str, str], simulator_url: str, headers: dict[str, str]) -> None:
+    """Requests/s and p50 under ``wrk``'s load, whole and streamed, each path beside the simulator alone."""
+    from wrkload import wrk
+
+    for stream in (False, True):
+        body = {"model": MODEL, "messages": QUESTION, "max_tokens": args.tokens, "ignore_eos": True, "stream": stream}
+        for concurrency in (int(n) for n in str(args.concurrency).split(",")):
+            kind = "streamed" if stream else "whole"
+            seconds = f"{args.load_seconds:g} s each"
+            print(f"wrk, {kind} answers of {args.tokens} tokens, {concurrency} connections, {seconds}")
+            print(f"  {'':10} {'req/s':>9} {'p50 ms':>9} {'+p50 ms':>9} {'of direct':>10} {'failed':>7}")
+            targets = {"simulator": simulator_url, **paths}
+            results = {}
+            for name, url in targets.items():
+                results[name] = wrk(
+                    f"{url}/chat/completions",
+                    body,
+                    connections=concurrency,
+                    seconds=args.load_seconds,
+                    headers={} if name == "simulator" else headers,
+                )
+            direct = results["direct"]
+            for name, result in results.items():
+                added = result["p50"] - results["simulator"]["p50"]
+                share = result["rps"] / direct["rps"]
+                print(
+                    f"  {name:10} {result['rps']:9.1f} {result['p50']:9.2f} {added:9.2f} {share:10.2f} "
+                    f"{result['failed']:7d}"
+                )
 
 
 def endpoint_state(base: str, headers: dict[str, str], httpx: Any, cluster: str) -> str:

@@ -336,6 +336,10 @@ class ComputeSite:
                     )
                     return
                 except TimeoutError:
+                    # What the daemon and its user endpoint said, for the report of a test that fails here.
+                    for log in sorted(self.daemon.endpoint_dir.rglob("*.log")):
+                        lines = log.read_text(errors="replace").splitlines()[-40:]
+                        print(f"--- {log} (end)", *lines, sep="\n", file=sys.stderr)
                     if attempt == attempts - 1:
                         raise
                     self.daemon.stop()
