@@ -33,9 +33,9 @@ import orjson
 
 from gateway.config import GlobusComputeSettings
 from gateway.dispatch.base import BackendFailure, BackendProtocolError, BackendTimeout, BackendUnavailable, Dispatcher
-from gateway.dispatch.compute import answer_of, compute_request, served_availability, streamed_count
+from gateway.dispatch.compute import answer_of, compute_request, served_availability
 from gateway.dispatch.futures import result_of
-from gateway.dispatch.relayed import relayed_outcome
+from gateway.dispatch.relayed import STATUS_LIMIT, relayed_outcome, streamed_events, whole_answer
 from gateway.federation.availability import Availability
 from gateway.federation.registry import Endpoint
 from gateway.streaming.channels import NodeChannels
@@ -45,8 +45,6 @@ log = logging.getLogger("gateway.dispatch.globus")
 
 # Beyond the model server's startup and the request itself: the round trips through the Globus Compute service.
 _TASK_MARGIN = 60.0
-# A status task waits behind the requests when every worker is busy; the tracker gives a probe 5 s by default.
-_STATUS_LIMIT = 3.0
 # A task carries at most this much of its requests' bodies: the service refuses a submission call over 10 MB, and
 # the executor may send several tasks in one call.
 _GROUP_BYTES = 1 << 20
@@ -287,30 +285,18 @@ class GlobusDispatcher(Dispatcher):
         if self._relay_url is None:
             # Without the relay, the task carries the answer: it comes with the SDK's result listener.
             return answer_of(endpoint, await self.run(endpoint, "inference", self._request(endpoint, op, payload)))
-        async for item in self._relayed(endpoint, op, payload, stream=False):
-            if isinstance(item, dict):
-                return answer_of(endpoint, item)
-        raise BackendProtocolError(endpoint, "the worker's answer ended without its outcome")
+        return await whole_answer(endpoint, self._relayed(endpoint, op, payload, stream=False))
 
-    async def stream(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> AsyncIterator[bytes]:
-        self._refuse_if_offline(endpoint)
-        if self._relay_url is None:
-            raise BackendUnavailable(endpoint, "relay.url is not set, so workers cannot stream answers back")
-        items = self._relayed(endpoint, op, payload, stream=True)
-        try:
-            async for item in items:
-                if isinstance(item, bytes):
-                    yield item
-                else:
-                    streamed_count(endpoint, item)
-        finally:
-            await items.aclose()
+    def stream(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> AsyncIterator[bytes]:
+        return streamed_events(endpoint, lambda: self._relayed(endpoint, op, payload, stream=True))
 
     def _relayed(
         self, endpoint: Endpoint, op: str, payload: dict[str, Any], *, stream: bool
     ) -> AsyncGenerator[bytes | dict[str, Any], None]:
         """The events and outcome of a request handed to the node's request server (see ``relayed_outcome``)."""
-        assert self._relay_url is not None
+        self._refuse_if_offline(endpoint)
+        if self._relay_url is None:
+            raise BackendUnavailable(endpoint, "relay.url is not set, so workers cannot stream answers back")
         settings = self._settings(endpoint)
         timeout = self._task_timeout(endpoint)
 
@@ -417,7 +403,7 @@ class GlobusDispatcher(Dispatcher):
         # The worker names the batch job it runs in, for /resource_server/{cluster}/jobs.
         request = {"model_server": {"state_dir": state_dir}, "scheduler": "none", "own_job": True}
         try:
-            node = await self.run(endpoint, "status", request, limit=_STATUS_LIMIT)
+            node = await self.run(endpoint, "status", request, limit=STATUS_LIMIT)
         except BackendFailure as exc:
             return Availability("unknown", detail=f"{seen.detail}, busy: {exc.detail}")
         served = served_availability(endpoint, node, seen.detail)

@@ -44,10 +44,9 @@ from gateway.dispatch.compute import (
     compute_request,
     load_function,
     served_availability,
-    streamed_count,
 )
 from gateway.dispatch.futures import result_of
-from gateway.dispatch.relayed import relayed_outcome
+from gateway.dispatch.relayed import STATUS_LIMIT, logged, relayed_outcome, streamed_events, whole_answer
 from gateway.federation.availability import Availability
 from gateway.federation.registry import Endpoint
 from gateway.parsl_providers import LAUNCHERS, PROVIDERS
@@ -66,8 +65,6 @@ _OWN_GROUP = (
 )
 # Beyond the model server's startup and the request itself: pickling, the interchange, a busy worker.
 _TASK_MARGIN = 30.0
-# A status task waits behind the requests when every worker is busy; the tracker gives a probe 5 s by default.
-_STATUS_LIMIT = 3.0
 
 
 class _Executor(HighThroughputExecutor):
@@ -256,30 +253,18 @@ class ParslDispatcher(Dispatcher):
                 op, payload, model_server=self._model_server[endpoint.id], timeout=self._request_timeout
             )
             result = await self._run(endpoint, self._inference, request, self._task_timeout[endpoint.id])
-            return answer_of(endpoint, _logged(endpoint, result))
-        async for item in self._relayed(endpoint, op, payload, stream=False):
-            if isinstance(item, dict):
-                return answer_of(endpoint, _logged(endpoint, item))
-        raise BackendProtocolError(endpoint, "the worker's answer ended without its outcome")
+            return answer_of(endpoint, logged(endpoint, result))
+        return await whole_answer(endpoint, self._relayed(endpoint, op, payload, stream=False))
 
-    async def stream(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> AsyncIterator[bytes]:
-        if self._relay_url is None:
-            raise BackendUnavailable(endpoint, "relay.url is not set, so workers cannot stream answers back")
-        items = self._relayed(endpoint, op, payload, stream=True)
-        try:
-            async for item in items:
-                if isinstance(item, bytes):
-                    yield item
-                else:
-                    streamed_count(endpoint, _logged(endpoint, item))
-        finally:
-            await items.aclose()
+    def stream(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> AsyncIterator[bytes]:
+        return streamed_events(endpoint, lambda: self._relayed(endpoint, op, payload, stream=True))
 
     def _relayed(
         self, endpoint: Endpoint, op: str, payload: dict[str, Any], *, stream: bool
     ) -> AsyncGenerator[bytes | dict[str, Any], None]:
         """The events and outcome of a request served by the node's request server (see ``relayed_outcome``)."""
-        assert self._relay_url is not None
+        if self._relay_url is None:
+            raise BackendUnavailable(endpoint, "relay.url is not set, so workers cannot stream answers back")
         relay_url = self._relay_url
         timeout = self._task_timeout[endpoint.id]
         held = self._settings[endpoint.id].requests_per_node
@@ -348,7 +333,7 @@ class ParslDispatcher(Dispatcher):
             report = await asyncio.to_thread(self._status, request)
         else:
             try:
-                report = await self._run(endpoint, self._status, request, _STATUS_LIMIT)
+                report = await self._run(endpoint, self._status, request, STATUS_LIMIT)
             except BackendFailure as exc:
                 return Availability("unknown", detail=f"{workers} workers, busy: {exc.detail}", jobs=jobs)
         return replace(served_availability(endpoint, report, f"{workers} workers"), jobs=jobs)
@@ -470,14 +455,6 @@ def _failed_if_interchange_gone(executor: HighThroughputExecutor) -> bool:
     if not executor.bad_state_is_set and process is not None and process.poll() is not None:
         executor.set_bad_state_and_fail_all(RuntimeError(f"its interchange exited with status {process.returncode}"))
     return bool(executor.bad_state_is_set)
-
-
-def _logged(endpoint: Endpoint, result: Any) -> Any:
-    """``result``, after logging a failure the client will not see in full (a model server that did not start)."""
-    error = result.get("error") if isinstance(result, dict) else None
-    if isinstance(error, dict) and error.get("kind") not in ("upstream", "cancelled"):
-        log.warning("%s: %s: %s", endpoint.id, error.get("kind"), error.get("message"))
-    return result
 
 
 def _waiting(jobs: Sequence[dict[str, Any]]) -> str:

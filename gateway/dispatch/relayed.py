@@ -1,22 +1,64 @@
 """Answers of the compute functions that come back through the relay: the task runs on a worker, its events come here.
 
 ``relayed_outcome`` waits for the events of a request served by a node's request server, whole answers too, and its
-outcome (``parsl`` and ``globus``).
+outcome; ``whole_answer`` and ``streamed_events`` make of them what ``Dispatcher.call`` and ``Dispatcher.stream``
+return (``parsl`` and ``globus``).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Callable
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
 
 from gateway.dispatch.base import BackendFailure, BackendProtocolError, BackendTimeout
-from gateway.dispatch.compute import taken
+from gateway.dispatch.compute import answer_of, streamed_count, taken
 from gateway.dispatch.sse import EventSplitter
 from gateway.federation.registry import Endpoint
 from gateway.streaming.relay import Ending, Inbox, Relay, stream_url
+
+log = logging.getLogger("gateway.dispatch")
+
+# How long a ``status`` task may wait behind the requests when every worker is busy; the tracker gives a probe 5 s.
+STATUS_LIMIT = 3.0
+
+Items = AsyncGenerator[bytes | dict[str, Any], None]
+
+
+def logged(endpoint: Endpoint, result: Any) -> Any:
+    """``result``, after logging a failure the client will not see in full (a model server that did not start)."""
+    error = result.get("error") if isinstance(result, dict) else None
+    if isinstance(error, dict) and error.get("kind") not in ("upstream", "cancelled"):
+        log.warning("%s: %s: %s", endpoint.id, error.get("kind"), error.get("message"))
+    return result
+
+
+async def whole_answer(endpoint: Endpoint, items: Items) -> dict[str, Any]:
+    """The model server's whole answer from a request's relayed items (see ``relayed_outcome``)."""
+    async with contextlib.aclosing(items):
+        async for item in items:
+            if isinstance(item, dict):
+                return answer_of(endpoint, logged(endpoint, item))
+    raise BackendProtocolError(endpoint, "the worker's answer ended without its outcome")
+
+
+async def streamed_events(endpoint: Endpoint, relayed: Callable[[], Items]) -> AsyncIterator[bytes]:
+    """The SSE events of the relayed items that ``relayed()`` gives, their outcome checked (see ``relayed_outcome``).
+
+    ``relayed`` is called on the first step, so that what it raises (a ``BackendFailure``) comes from iterating, as
+    the failover expects of a stream.
+    """
+    items = relayed()
+    async with contextlib.aclosing(items):
+        async for item in items:
+            if isinstance(item, bytes):
+                yield item
+            else:
+                streamed_count(endpoint, logged(endpoint, item))
 
 
 def _outcome(endpoint: Endpoint, task: asyncio.Future[Any]) -> Any:
