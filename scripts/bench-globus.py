@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                             "models": [MODEL],
                             "transport": "parsl",
                             "worker_model_server": on_node,
-                            "parsl": {"provider": "local", "max_workers_per_node": 32, "init_blocks": 1},
+                            "parsl": {"provider": "local", "init_blocks": 1},
                         },
                         site.endpoint(worker_model_server=on_node),
                     ],
