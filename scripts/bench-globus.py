@@ -3,9 +3,9 @@
     .venv/bin/python scripts/bench-globus.py [--requests 400] [--concurrency 32,128] [--streams 20] [--tasks 200]
                                              [--ttft 0] [--tpot 0.002] [--load-seconds 5] [--tokens 16]
 
-It needs what the Globus Compute tests need (docs/testing.md): RabbitMQ with ``rabbitmqctl``, and port 5000. It
-starts a simulator, the local Globus Compute service (tests/globus_compute_service.py) in a RabbitMQ virtual host
-of its own, a real ``globus-compute-endpoint`` daemon from endpoint_configs/globus-compute/local/ with the
+It needs what the Globus Compute tests need (docs/testing.md): RabbitMQ, and port 5000. It
+starts a simulator, the local Globus Compute service (tests/globus_compute_service.py) with RabbitMQ queues of
+its own, a real ``globus-compute-endpoint`` daemon from endpoint_configs/globus-compute/local/ with the
 gateway's functions registered and allowed (as the operator guide does it), and one gateway with three endpoints
 on the simulator: ``direct/vllm`` (plain HTTP), ``parsl/vllm`` (the gateway's own Parsl worker runs the compute
 function) and ``globus/vllm`` (the function is a Globus Compute task on the endpoint's worker). The workers find
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.cli import serve_command
     from gateway.simulator import command as simulator_command
     from tests.compute_endpoint import ComputeSite, EndpointDaemon, credentials
-    from tests.globus_compute_service import ComputeService, VirtualHost
+    from tests.globus_compute_service import ComputeService
 
     work = Path(tempfile.mkdtemp(prefix="bench-globus-"))
     timing = ("--tpot", str(args.tpot), "--ttft", str(args.ttft))
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     token = os.urandom(16).hex()
     headers = {"authorization": f"Bearer {token}"}
     try:
-        with VirtualHost() as vhost, ComputeService(vhost.name, wait=3600) as service:
+        with ComputeService(wait=3600) as service:
             env = {**service.env(), **credentials()}
             os.environ.update(env)
             daemon = EndpointDaemon("bench-inference", work / "endpoint", service.env())

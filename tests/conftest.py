@@ -12,18 +12,18 @@ import pytest
 
 from gateway.simulator import command as simulator_command
 from tests.compute_endpoint import ComputeSite, EndpointDaemon, credentials
-from tests.globus_compute_service import ComputeService, VirtualHost
+from tests.globus_compute_service import ComputeService
 from tests.slurm.cluster import SlurmCluster
 from tests.support import MODEL, stop_model_servers
 
 
 @pytest.fixture(scope="session")
 def compute_service() -> Iterator[ComputeService]:
-    """The local Globus Compute service over a RabbitMQ virtual host made for this run and removed after it.
+    """The local Globus Compute service, with AMQP names of this run's own that it removes when it stops.
 
     Another run's service on the machine is waited for (the port is fixed), for as long as a whole suite takes.
     """
-    with VirtualHost() as vhost, ComputeService(vhost.name, wait=3600) as service:
+    with ComputeService(wait=3600) as service:
         yield service
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from gateway.simulator import command as simulator_command
 from tests.compute_endpoint import ComputeSite, EndpointDaemon, credentials
-from tests.globus_compute_service import ComputeService, VirtualHost
+from tests.globus_compute_service import ComputeService
 from tests.slurm.cluster import SlurmCluster
 from tests.support import MODEL, TOKEN, gateway, stop_model_servers
 
@@ -90,9 +90,8 @@ def run(stop: threading.Event, *, use_running_service: bool = False) -> None:
         stack.callback(shutil.rmtree, root, True)
         print(f"demo folder: {root}", flush=True)
         if not use_running_service:
-            vhost = stack.enter_context(VirtualHost())
-            print(f"RabbitMQ virtual host: {vhost.name}", flush=True)
-            stack.enter_context(ComputeService(vhost.name))
+            service = stack.enter_context(ComputeService())
+            print(f"RabbitMQ: virtual host {service.vhost}, queues and exchanges {service.prefix}*", flush=True)
         print("local Globus Compute service: http://localhost:5000", flush=True)
 
         cluster = SlurmCluster(root / "slurm")

@@ -15,9 +15,14 @@ for at most ``wait`` seconds. It answers:
   ``GET /v2/get_amqp_result_connection_url``, ``GET /v2/endpoints/{id}/status``,
   ``GET /v2/tasks/{id}``.
 
-The AMQP side runs through a RabbitMQ broker, in a virtual host of the service's
-own: the service declares every exchange and queue, as the real one does, and the
-clients only consume and publish. A submission sends ``cmd_start_endpoint`` to the
+The AMQP side runs through a RabbitMQ broker: the service declares every exchange
+and queue, as the real one does, and the clients only consume and publish. Each
+service names them with a prefix of its own (``compute-test-<random>.``) and deletes
+them when it stops, so that runs share a virtual host without meeting and the broker
+account needs no administrator's rights: the default virtual host ``/``, or the one
+``INFERENCE_GATEWAY_COMPUTE_VHOST`` names (made beforehand by whoever administers the
+broker). The clients learn every name from the service's answers; the SDK's
+task-group queues take the prefix through ``queue_prefix``. A submission sends ``cmd_start_endpoint`` to the
 core endpoint's command queue (it starts the user endpoint, or refreshes the
 credentials of a running one) and each task, packed with the registered function's
 code, to the user endpoint's task queue. Results the endpoint publishes are
@@ -35,6 +40,7 @@ import fcntl
 import json
 import os
 import secrets
+import shlex
 import subprocess
 import sys
 import threading
@@ -54,8 +60,10 @@ from globus_compute_common.messagepack.message_types import EPStatusReport, Resu
 # Fixed by the SDK's ``local`` environment (globus_compute_sdk/sdk/_environments.py).
 PORT = 5000
 URL = f"http://localhost:{PORT}"
-RESULTS = "results"
-HEARTBEATS = "heartbeats"
+# The broker's virtual host the service runs in, when not the default one.
+VHOST_VARIABLE = "INFERENCE_GATEWAY_COMPUTE_VHOST"
+# The command that controls the broker (``rabbitmqctl`` by default): only the tests that have it close connections.
+RABBITMQCTL_VARIABLE = "INFERENCE_GATEWAY_RABBITMQCTL"
 # What the service needs in a user endpoint's heartbeat to call it online.
 _HEARTBEAT_SLACK = 2.5
 
@@ -118,13 +126,10 @@ class CoreEndpoint:
     name: str
     owner: Caller
     allowed_functions: list[str] | None
+    command_queue: str
     heartbeat: EPStatusReport | None = None
     heard_at: float = 0.0
     user_endpoints: set[str] = field(default_factory=set)
-
-    @property
-    def command_queue(self) -> str:
-        return f"{self.endpoint_id}.command"
 
 
 @dataclass
@@ -133,12 +138,9 @@ class UserEndpoint:
 
     endpoint_id: str
     core: str
+    task_queue: str
     heartbeat: EPStatusReport | None = None
     heard_at: float = 0.0
-
-    @property
-    def task_queue(self) -> str:
-        return f"{self.endpoint_id}.tasks"
 
 
 @dataclass
@@ -151,18 +153,24 @@ class TaskRecord:
 
 
 class Broker:
-    """The service's one AMQP connection, owned by one thread (pika's connections are not thread-safe)."""
+    """The service's one AMQP connection, owned by one thread (pika's connections are not thread-safe).
+
+    It deletes every exchange and queue it declared when it stops.
+    """
 
     def __init__(self, url: str) -> None:
         self._connection = pika.BlockingConnection(pika.URLParameters(url))
         self._channel = self._connection.channel()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="compute-service-amqp", daemon=True)
+        self._exchanges: set[str] = set()
+        self._queues: set[str] = set()
 
     def start(self, consumers: dict[str, Callable[[pika.BasicProperties, bytes], None]]) -> None:
         for name, handler in consumers.items():
             self._channel.exchange_declare(name, exchange_type="direct")
-            self._channel.queue_declare(name)
+            self._exchanges.add(name)
+            self._declare(self._channel, name)
             self._channel.queue_bind(name, name, routing_key=name)
             self._channel.basic_consume(name, _acking(handler), auto_ack=False)
         self._thread.start()
@@ -170,6 +178,13 @@ class Broker:
     def _run(self) -> None:
         while not self._stopping:
             self._connection.process_data_events(time_limit=0.2)
+
+    def declare_queue(self, name: str) -> None:
+        self.call(lambda channel: self._declare(channel, name))
+
+    def _declare(self, channel: pika.adapters.blocking_connection.BlockingChannel, name: str) -> None:
+        channel.queue_declare(name)
+        self._queues.add(name)
 
     def call(self, work: Callable[[pika.adapters.blocking_connection.BlockingChannel], T]) -> T:
         """Run ``work`` with the channel on the broker's thread and return what it returns."""
@@ -190,7 +205,13 @@ class Broker:
     def stop(self) -> None:
         self._stopping = True
         self._thread.join(timeout=5)
-        self._connection.close()
+        try:
+            for queue in self._queues:
+                self._channel.queue_delete(queue)
+            for exchange in self._exchanges:
+                self._channel.exchange_delete(exchange)
+        finally:
+            self._connection.close()
 
 
 def _acking(handler: Callable[[pika.BasicProperties, bytes], None]) -> Callable[..., None]:
@@ -203,30 +224,34 @@ def _acking(handler: Callable[[pika.BasicProperties, bytes], None]) -> Callable[
     return on_message
 
 
-class VirtualHost:
-    """A RabbitMQ virtual host of its own, made and removed with ``rabbitmqctl``."""
-
-    def __init__(self, name: str | None = None, user: str = "guest") -> None:
-        self.name = name or f"compute-test-{secrets.token_hex(4)}"
-        self.user = user
-
-    def __enter__(self) -> VirtualHost:
-        _rabbitmqctl("add_vhost", self.name)
-        _rabbitmqctl("set_permissions", "-p", self.name, self.user, ".*", ".*", ".*")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _rabbitmqctl("delete_vhost", self.name)
-
-
 def _rabbitmqctl(*args: str) -> str:
+    command = [*shlex.split(os.environ.get(RABBITMQCTL_VARIABLE) or "rabbitmqctl"), *args]
     try:
-        done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
-        raise RuntimeError("rabbitmqctl is not installed: the Globus Compute tests need RabbitMQ") from None
+        raise RuntimeError(f"{command[0]} is not installed") from None
     if done.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip() or done.stdout.strip()}")
+        raise RuntimeError(f"{shlex.join(command)} failed: {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout
+
+
+class BrokerControlUnavailable(RuntimeError):
+    """``rabbitmqctl`` cannot control the broker from this account; the message says what it takes."""
+
+
+def broker_control() -> None:
+    """Raise ``BrokerControlUnavailable`` at once when ``rabbitmqctl`` cannot control the broker from this account.
+
+    Nothing in AMQP lets a client close another client's connection: that takes the broker's own control tool.
+    """
+    try:
+        _rabbitmqctl("list_connections", "-q", "--no-table-headers", "pid")
+    except RuntimeError as exc:
+        raise BrokerControlUnavailable(
+            f"{exc}\nClosing a client's connection from the broker needs rabbitmqctl: run as root, or give this "
+            f"account the broker's Erlang cookie (~/.erlang.cookie, mode 0400) and set {RABBITMQCTL_VARIABLE}="
+            "/usr/lib/rabbitmq/bin/rabbitmqctl (Debian's /usr/sbin/rabbitmqctl works for root and rabbitmq only)"
+        ) from None
 
 
 def close_connections(vhost: str, peer_ports: set[int]) -> int:
@@ -242,20 +267,28 @@ def close_connections(vhost: str, peer_ports: set[int]) -> int:
 
 
 class ComputeService:
-    """The Globus Compute web service on ``localhost:5000`` over a RabbitMQ virtual host; see the module docstring."""
+    """The Globus Compute web service on ``localhost:5000`` over RabbitMQ; see the module docstring.
+
+    ``vhost`` defaults to ``INFERENCE_GATEWAY_COMPUTE_VHOST``, else ``/``; ``prefix`` starts every AMQP name.
+    """
 
     def __init__(
         self,
-        vhost: str,
         *,
+        vhost: str | None = None,
+        prefix: str | None = None,
         amqp_host: str = "127.0.0.1",
         amqp_port: int = 5672,
         amqp_user: str = "guest",
         wait: float = 0.0,
     ) -> None:
-        self.vhost = vhost
-        self.amqp_url = f"amqp://{amqp_user}:{amqp_user}@{amqp_host}:{amqp_port}/{quote(vhost, safe='')}"
-        self.queue_prefix = "results."
+        self.vhost = vhost or os.environ.get(VHOST_VARIABLE) or "/"
+        self.prefix = prefix or f"compute-test-{secrets.token_hex(4)}."
+        self.amqp_url = f"amqp://{amqp_user}:{amqp_user}@{amqp_host}:{amqp_port}/{quote(self.vhost, safe='')}"
+        # The exchanges and queues the endpoints publish their results and heartbeats to.
+        self.results = f"{self.prefix}results"
+        self.heartbeats = f"{self.prefix}heartbeats"
+        self.queue_prefix = f"{self.results}."
         self.functions: dict[str, str] = {}
         self.endpoints: dict[str, CoreEndpoint] = {}
         self.user_endpoints: dict[str, UserEndpoint] = {}
@@ -278,11 +311,12 @@ class ComputeService:
 
     def start(self) -> ComputeService:
         self._broker = Broker(self.amqp_url)
-        self._broker.start({RESULTS: self._on_result, HEARTBEATS: self._on_heartbeat})
+        self._broker.start({self.results: self._on_result, self.heartbeats: self._on_heartbeat})
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop answering, delete the service's exchanges and queues, and free the port."""
         self._server.shutdown()
         self._server.server_close()
         if self._broker is not None:
@@ -402,9 +436,10 @@ class ComputeService:
                 str(body.get("endpoint_name") or body.get("name") or ""),
                 caller,
                 [str(function) for function in allowed] if allowed else None,
+                f"{self.prefix}{endpoint_id}.command",
                 user_endpoints=known.user_endpoints if known else set(),
             )
-        self._call(lambda channel: channel.queue_declare(core.command_queue))
+        self._declare_queue(core.command_queue)
         return 200, {
             "endpoint_id": endpoint_id,
             "command_queue_info": {"connection_url": self.amqp_url, "queue": core.command_queue},
@@ -414,11 +449,11 @@ class ComputeService:
     def _heartbeat_info(self) -> dict[str, Any]:
         return {
             "connection_url": self.amqp_url,
-            "queue": HEARTBEATS,
-            "exchange": HEARTBEATS,
+            "queue": self.heartbeats,
+            "exchange": self.heartbeats,
             "queue_publish_kwargs": {
-                "exchange": HEARTBEATS,
-                "routing_key": HEARTBEATS,
+                "exchange": self.heartbeats,
+                "routing_key": self.heartbeats,
                 "mandatory": True,
                 "properties": {"delivery_mode": 2},
             },
@@ -454,7 +489,7 @@ class ComputeService:
 
         def publish(channel: Any) -> None:
             if body.get("create_queue", True):
-                channel.queue_declare(f"{self.queue_prefix}{group}")
+                self._declare_queue(f"{self.queue_prefix}{group}")
             channel.basic_publish(
                 "",
                 core.command_queue,
@@ -486,11 +521,13 @@ class ComputeService:
             user = self.user_endpoints.get(endpoint_id)
             new = user is None
             if user is None:
-                user = self.user_endpoints[endpoint_id] = UserEndpoint(endpoint_id, core.endpoint_id)
+                user = self.user_endpoints[endpoint_id] = UserEndpoint(
+                    endpoint_id, core.endpoint_id, f"{self.prefix}{endpoint_id}.tasks"
+                )
             core.user_endpoints.add(endpoint_id)
         if new:
             # Outside the lock: the broker's thread takes it for every heartbeat.
-            self._call(lambda channel: channel.queue_declare(user.task_queue))
+            self._declare_queue(user.task_queue)
         return user
 
     def _start_command(
@@ -498,11 +535,11 @@ class ComputeService:
     ) -> dict[str, Any]:
         results = {
             "connection_url": self.amqp_url,
-            "queue": RESULTS,
-            "exchange": RESULTS,
+            "queue": self.results,
+            "exchange": self.results,
             "queue_publish_kwargs": {
-                "exchange": RESULTS,
-                "routing_key": RESULTS,
+                "exchange": self.results,
+                "routing_key": self.results,
                 "mandatory": True,
                 "properties": {"delivery_mode": 2},
             },
@@ -545,6 +582,10 @@ class ComputeService:
     def _call(self, work: Callable[[Any], T]) -> T:
         assert self._broker is not None, "the service is not started"
         return self._broker.call(work)
+
+    def _declare_queue(self, name: str) -> None:
+        assert self._broker is not None, "the service is not started"
+        self._broker.declare_queue(name)
 
     def _on_result(self, properties: pika.BasicProperties, body: bytes) -> None:
         result = messagepack.unpack(body)

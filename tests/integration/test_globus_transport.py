@@ -7,7 +7,9 @@ two ``globus-compute-endpoint`` daemons from the local template (clusters
 workers running the registered compute functions, and the simulator those
 functions start as the model server. Streamed answers come back through the
 gateway's relay. Faults are real too: the broker closes the endpoint's AMQP
-connections, and the endpoint's processes are killed.
+connections (``rabbitmqctl close_connection``: the two tests that do it fail at
+once, saying what the account lacks, where it cannot control the broker), and the
+endpoint's processes are killed.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import pytest
 from compute_functions.model_server import ModelServer
 from gateway.simulator import command as simulator_command
 from tests.compute_endpoint import ComputeSite, EndpointDaemon, credentials
-from tests.globus_compute_service import ComputeService, close_connections
+from tests.globus_compute_service import BrokerControlUnavailable, ComputeService, broker_control, close_connections
 from tests.support import MODEL, TOKEN, api_url, gateway, stop_model_servers
 
 T = TypeVar("T")
@@ -57,6 +59,15 @@ def once_started(request: Callable[[], T], timeout: float = 90) -> T:
         except openai.APIStatusError as exc:
             assert exc.status_code == 503 and time.monotonic() < deadline, exc.message
             time.sleep(0.5)
+
+
+@pytest.fixture
+def rabbitmqctl() -> None:
+    """The broker's control tool works from this account: nothing in AMQP closes another client's connection."""
+    try:
+        broker_control()
+    except BrokerControlUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 def inference_tasks_on(service: ComputeService, site: ComputeSite) -> int:
@@ -288,7 +299,7 @@ def test_a_batch_runs_through_globus(front: ModelServer, batch_root: Path) -> No
 
 
 def test_requests_succeed_after_the_broker_closes_the_idle_endpoints_connections(
-    front: ModelServer, compute_site: ComputeSite, compute_service: ComputeService
+    rabbitmqctl: None, front: ModelServer, compute_site: ComputeSite, compute_service: ComputeService
 ) -> None:
     client = cluster_client(front)
     once_started(lambda: client.completions.create(model=MODEL, prompt="hi", max_tokens=1))
@@ -305,7 +316,7 @@ def test_requests_succeed_after_the_broker_closes_the_idle_endpoints_connections
 
 
 def test_requests_in_flight_when_the_broker_closes_the_connections_end_and_later_ones_succeed(
-    front: ModelServer, compute_site: ComputeSite, compute_service: ComputeService
+    rabbitmqctl: None, front: ModelServer, compute_site: ComputeSite, compute_service: ComputeService
 ) -> None:
     client = cluster_client(front)
     once_started(lambda: client.completions.create(model=MODEL, prompt="hi", max_tokens=1))

@@ -21,7 +21,7 @@ from globus_compute_common.messagepack.message_types import EPStatusReport, Resu
 from globus_compute_sdk import Client
 
 from tests.compute_endpoint import CLIENT_ID
-from tests.globus_compute_service import HEARTBEATS, RESULTS, URL, ComputeService, PortTaken
+from tests.globus_compute_service import URL, Broker, ComputeService, PortTaken
 
 COMPUTE_SCOPE = "https://auth.globus.org/scopes/facd7ccc-c5f4-42aa-916b-a0e270e2c2a9/all"
 
@@ -81,12 +81,14 @@ def test_requests_without_a_token_are_refused(compute_service: ComputeService) -
     assert httpx.get(f"{URL}/v2/version").status_code == 401
 
 
-def test_registering_an_endpoint_declares_its_command_queue(client: Client, channel: Any) -> None:
+def test_registering_an_endpoint_declares_its_command_queue(
+    client: Client, channel: Any, compute_service: ComputeService
+) -> None:
     answer = registered_endpoint(client)
 
     assert channel.queue_declare(answer["command_queue_info"]["queue"], passive=True)
     heartbeats = answer["heartbeat_queue_info"]
-    assert heartbeats["queue_publish_kwargs"]["exchange"] == heartbeats["exchange"] == HEARTBEATS
+    assert heartbeats["queue_publish_kwargs"]["exchange"] == heartbeats["exchange"] == compute_service.heartbeats
 
 
 def test_a_submission_starts_the_user_endpoint_and_queues_the_task_with_the_functions_code(
@@ -128,7 +130,7 @@ def test_a_result_is_relayed_to_the_task_groups_queue_and_kept_for_the_task_rout
     (task_id,) = submitted["tasks"][function_id]
     packed = messagepack.pack(Result(task_id=uuid.UUID(task_id), data="serialized result"))
 
-    channel.basic_publish(RESULTS, RESULTS, packed)
+    channel.basic_publish(compute_service.results, compute_service.results, packed)
 
     properties, body = take(channel, f"{compute_service.queue_prefix}{submitted['task_group_id']}")
     assert body == packed and properties.timestamp
@@ -139,12 +141,12 @@ def test_a_result_is_relayed_to_the_task_groups_queue_and_kept_for_the_task_rout
     assert task["status"] == "success" and task["result"] == "serialized result"
 
 
-def test_heartbeats_answer_the_status_route(client: Client, channel: Any) -> None:
+def test_heartbeats_answer_the_status_route(client: Client, channel: Any, compute_service: ComputeService) -> None:
     endpoint_id = registered_endpoint(client)["endpoint_id"]
     assert client.get_endpoint_status(endpoint_id)["status"] == "offline"
 
     report = EPStatusReport(endpoint_id=uuid.UUID(endpoint_id), global_state={"heartbeat_period": 5}, task_statuses={})
-    channel.basic_publish(HEARTBEATS, HEARTBEATS, messagepack.pack(report))
+    channel.basic_publish(compute_service.heartbeats, compute_service.heartbeats, messagepack.pack(report))
 
     deadline = time.monotonic() + 10
     while client.get_endpoint_status(endpoint_id)["status"] != "online":
@@ -154,4 +156,37 @@ def test_heartbeats_answer_the_status_route(client: Client, channel: Any) -> Non
 
 def test_a_second_service_on_the_machine_says_another_service_holds_the_port(compute_service: ComputeService) -> None:
     with pytest.raises(PortTaken, match="holds port 5000"):
-        ComputeService(compute_service.vhost)
+        ComputeService()
+
+
+def test_every_amqp_name_starts_with_the_services_prefix(client: Client, compute_service: ComputeService) -> None:
+    endpoint = registered_endpoint(client)
+    function_id = client.register_function(add)
+    batch = client.create_batch(create_websocket_queue=True)
+    batch.add(function_id, args=(1, 2))
+    client.batch_run(endpoint["endpoint_id"], batch)
+
+    command = compute_service.commands[-1]["kwargs"]["amqp_creds"]
+    names = [
+        endpoint["command_queue_info"]["queue"],
+        endpoint["heartbeat_queue_info"]["exchange"],
+        command["task_queue_info"]["queue"],
+        command["result_queue_info"]["exchange"],
+        compute_service.queue_prefix,
+    ]
+    assert all(name.startswith(compute_service.prefix) for name in names), names
+
+
+def test_the_broker_deletes_what_it_declared_when_it_stops(compute_service: ComputeService, channel: Any) -> None:
+    prefix = f"{compute_service.prefix}broker-test."
+    broker = Broker(compute_service.amqp_url)
+    broker.start({f"{prefix}results": lambda properties, body: None})
+    broker.declare_queue(f"{prefix}tasks")
+
+    broker.stop()
+
+    for name in [f"{prefix}results", f"{prefix}tasks"]:
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="NOT_FOUND"):
+            channel.connection.channel().queue_declare(name, passive=True)
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="NOT_FOUND"):
+        channel.connection.channel().exchange_declare(f"{prefix}results", passive=True)
