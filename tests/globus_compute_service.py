@@ -229,7 +229,7 @@ def _rabbitmqctl(*args: str) -> str:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
-        raise RuntimeError(f"{command[0]} is not installed") from None
+        raise RuntimeError(f"{command[0]} is not found (PATH={os.environ.get('PATH', '')})") from None
     if done.returncode != 0:
         raise RuntimeError(f"{shlex.join(command)} failed: {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout
