@@ -1,7 +1,7 @@
 """A whole HPC site on this machine, for anyone to try: ``make demo-site`` (or ``python -m tests.demo_site``).
 
-It starts, in this order: the local Globus Compute service (``tests/globus_compute_service.py``) over a RabbitMQ
-virtual host of its own; a single-node Slurm cluster (``tests/slurm/cluster.py``); one Globus Compute endpoint
+It starts, in this order: the local Globus Compute service (``tests/globus_compute_service.py``) with RabbitMQ
+queues of its own; a single-node Slurm cluster (``tests/slurm/cluster.py``); one Globus Compute endpoint
 daemon from the ``slurm-cpu`` template on that cluster, with the gateway's compute functions registered and allowed
 (``tests/compute_endpoint.py``, as docs/operator-guide.md says); and ``inference-gateway serve`` with a registry of
 two clusters serving the same model with the simulator: ``slurm-globus`` (transport ``globus``, through that
@@ -10,7 +10,7 @@ endpoint) and ``slurm-parsl`` (transport ``parsl``, ``provider: slurm``). Both s
 
 Ctrl-C (SIGINT) or SIGTERM stops everything it started, in reverse: the gateway (which cancels the parsl block),
 the endpoint daemon (whose user endpoint cancels its block), the model servers the workers launched, the Slurm
-cluster (any job left is cancelled, then its daemons stop and its folder goes), the service, the virtual host.
+cluster (any job left is cancelled, then its daemons stop and its folder goes), the service with its queues.
 
 ``--use-running-service`` uses a local Globus Compute service that already runs on this machine (port 5000 takes one
 at a time), such as a test session's, instead of starting one.
@@ -136,7 +136,7 @@ def run(stop: threading.Event, *, use_running_service: bool = False) -> None:
         print("Ctrl-C stops everything.", flush=True)
         stop.wait()
         print("stopping...", flush=True)
-    print("stopped: no daemon, job or virtual host of the demo is left.", flush=True)
+    print("stopped: no daemon, job or RabbitMQ queue of the demo is left.", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
