@@ -1,5 +1,5 @@
-"""Fixtures shared by several tiers: the local Globus Compute site (service, RabbitMQ vhost, endpoint daemon) and a
-single-node Slurm cluster."""
+"""Fixtures shared by several tiers: the local Globus Compute site (service with its RabbitMQ queues, endpoint
+daemon) and a single-node Slurm cluster."""
 
 from __future__ import annotations
 
