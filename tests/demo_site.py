@@ -32,7 +32,7 @@ from typing import Any
 
 from gateway.simulator import command as simulator_command
 from tests.compute_endpoint import ComputeSite, EndpointDaemon, credentials
-from tests.globus_compute_service import ComputeService
+from tests.globus_compute_service import PORT, ComputeService, PortTaken
 from tests.slurm.cluster import SlurmCluster
 from tests.support import MODEL, TOKEN, gateway, stop_model_servers
 
@@ -81,6 +81,20 @@ def curl_line(port: int, model: str = MODEL) -> str:
     )
 
 
+def local_service(stop: threading.Event) -> ComputeService | None:
+    """The local Globus Compute service, once port 5000 is free (a test run may hold it); None if stopped first."""
+    waiting = False
+    while not stop.is_set():
+        try:
+            return ComputeService()
+        except PortTaken as exc:
+            if not waiting:
+                print(f"{exc}\nwaiting until port {PORT} is free (Ctrl-C gives up)...", flush=True)
+                waiting = True
+        stop.wait(1)
+    return None
+
+
 def run(stop: threading.Event, *, use_running_service: bool = False) -> None:
     """Start the site, print how to use it, wait for ``stop``, then stop everything started."""
     root = Path(tempfile.mkdtemp(prefix="inference-gateway-demo-"))
@@ -90,9 +104,12 @@ def run(stop: threading.Event, *, use_running_service: bool = False) -> None:
         stack.callback(shutil.rmtree, root, True)
         print(f"demo folder: {root}", flush=True)
         if not use_running_service:
-            service = stack.enter_context(ComputeService())
+            found = local_service(stop)
+            if found is None:
+                return
+            service = stack.enter_context(found)
             print(f"RabbitMQ: virtual host {service.vhost}, queues and exchanges {service.prefix}*", flush=True)
-        print("local Globus Compute service: http://localhost:5000", flush=True)
+        print(f"local Globus Compute service: http://localhost:{PORT}", flush=True)
 
         cluster = SlurmCluster(root / "slurm")
         stack.callback(cluster.stop)
