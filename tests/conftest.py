@@ -12,18 +12,25 @@ import pytest
 
 from gateway.simulator import command as simulator_command
 from tests.compute_endpoint import ComputeSite, EndpointDaemon, credentials
-from tests.globus_compute_service import ComputeService
+from tests.globus_compute_service import ComputeService, take_port_lock
 from tests.slurm.cluster import SlurmCluster
 from tests.support import MODEL, stop_model_servers
+
+# The machine's lock on the local Globus Compute service's fixed port, when a collected test needs the service.
+_port_lock: list[int] = []
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Wait for another run's local Globus Compute service to stop (the port is fixed), for as long as a whole suite
+    takes, before the first test starts: a wait inside a fixture would count against that test's timeout."""
+    if any("compute_service" in getattr(item, "fixturenames", ()) for item in session.items):
+        _port_lock.append(take_port_lock(3600))
 
 
 @pytest.fixture(scope="session")
 def compute_service() -> Iterator[ComputeService]:
-    """The local Globus Compute service, with AMQP names of this run's own that it removes when it stops.
-
-    Another run's service on the machine is waited for (the port is fixed), for as long as a whole suite takes.
-    """
-    with ComputeService(wait=3600) as service:
+    """The local Globus Compute service, with AMQP names of this run's own that it removes when it stops."""
+    with ComputeService(port_lock=_port_lock.pop() if _port_lock else None, wait=3600) as service:
         yield service
 
 

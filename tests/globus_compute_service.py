@@ -77,7 +77,7 @@ LOCK_FILE = "/tmp/inference-gateway-compute-service.lock"
 T = TypeVar("T")
 
 
-def _take_port_lock(wait: float) -> int:
+def take_port_lock(wait: float) -> int:
     """A descriptor holding the machine's lock on the service's port, after waiting at most ``wait`` seconds."""
     umask = os.umask(0)
     try:
@@ -281,7 +281,10 @@ class ComputeService:
         amqp_port: int = 5672,
         amqp_user: str = "guest",
         wait: float = 0.0,
+        port_lock: int | None = None,
     ) -> None:
+        """``port_lock``: the machine's lock on the port, taken already (``take_port_lock``); the service releases it
+        when it stops. Without it, the service takes it, waiting at most ``wait`` seconds."""
         self.vhost = vhost or os.environ.get(VHOST_VARIABLE) or "/"
         self.prefix = prefix or f"compute-test-{secrets.token_hex(4)}."
         self.amqp_url = f"amqp://{amqp_user}:{amqp_user}@{amqp_host}:{amqp_port}/{quote(self.vhost, safe='')}"
@@ -297,7 +300,7 @@ class ComputeService:
         self._tokens: dict[str, Caller] = {}
         self._lock = threading.Lock()
         self._broker: Broker | None = None
-        self._port_lock = _take_port_lock(wait)
+        self._port_lock = take_port_lock(wait) if port_lock is None else port_lock
         try:
             self._server = ThreadingHTTPServer(("127.0.0.1", PORT), _handler(self))
         except OSError as exc:
