@@ -400,6 +400,9 @@ def test_a_request_server_killed_mid_answer_is_a_502_and_the_next_requests_succe
     compute_site.warm_up()
     client = cluster_client(front)
     once_started(lambda: client.completions.create(model=MODEL, prompt="hi", max_tokens=1))
+    # Until the node's channel connects, the service's report of the just-restarted endpoint may lag (no worker
+    # counts before its first heartbeat), and a request may still be told that the model is being started.
+    assert eventually(lambda: channels_connected(compute_site) and state_of(front, "local-globus") == "hot", timeout=60)
     with ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(
             lambda: client.completions.create(model=MODEL, prompt="Water boils at", max_tokens=2000)
