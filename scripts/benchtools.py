@@ -1,7 +1,8 @@
-"""Load from ``wrk`` for the benchmark scripts: one POST, repeated, and its figures as one dictionary.
+"""What the benchmark scripts measure with: load from ``wrk`` and its figures, and the CPU time a process used.
 
 ``wrk`` (Debian: ``apt-get install wrk``) is a load generator in C that does not bottleneck at the rates measured
-here, where a Python client tops out far below the gateway.
+here, where a Python client tops out far below the gateway. The CPU time comes from ``/proc``: a per-request cost
+that other load on a shared machine disturbs far less than requests per second.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import resource
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-# wrk's script: every request is the same POST; ``done`` prints the figures as one JSON line.
+# wrk's script: every request is the same; ``done`` prints the figures as one JSON line after wrk's own report.
 _SCRIPT = """
-wrk.method = "POST"
-wrk.body = [==[%(body)s]==]
-wrk.headers["content-type"] = "application/json"
+wrk.method = "%(method)s"
+%(body)s
 %(headers)s
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -36,11 +38,31 @@ def need_wrk() -> None:
         raise SystemExit("wrk is needed: apt-get install -y wrk")
 
 
-def wrk(url: str, body: dict[str, Any], *, connections: int, seconds: float, headers: dict[str, str]) -> dict[str, Any]:
-    """One ``wrk`` run: requests/s, latency p50/p99 in ms, failures, and the CPU seconds ``wrk`` itself used."""
-    lines = "\n".join(f'wrk.headers["{name}"] = "{value}"' for name, value in headers.items())
+def wrk(
+    url: str,
+    body: dict[str, Any] | None = None,
+    *,
+    connections: int,
+    seconds: float,
+    headers: dict[str, str] | None = None,
+    fail_with: Callable[[str], Exception] | None = None,
+) -> dict[str, Any]:
+    """One ``wrk`` run of the same request: a POST of ``body`` as JSON, or a GET without one.
+
+    The figures: ``requests`` answered in ``seconds``, ``rps``, latency ``p50``, ``p99`` and ``mean`` in ms,
+    ``failed`` (socket errors, timeouts and answers of status 400 and above, each kind also under its own name),
+    and ``cpu``, the CPU seconds ``wrk`` itself used. A run with failures returns its figures as well, unless
+    ``fail_with`` is given: then it raises ``fail_with`` with a message holding wrk's own report (``SystemExit``
+    ends a benchmark; one that runs a failed round again passes an exception of its own).
+    """
+    lines = [f'wrk.headers["{name}"] = "{value}"' for name, value in (headers or {}).items()]
+    if body is not None:
+        lines.insert(0, 'wrk.headers["content-type"] = "application/json"')
+    script_body = "" if body is None else f"wrk.body = [==[{json.dumps(body)}]==]"
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(_SCRIPT % {"body": json.dumps(body), "headers": lines})
+        script.write(
+            _SCRIPT % {"method": "GET" if body is None else "POST", "body": script_body, "headers": "\n".join(lines)}
+        )
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         run = subprocess.run(
@@ -52,9 +74,38 @@ def wrk(url: str, body: dict[str, Any], *, connections: int, seconds: float, hea
     finally:
         os.unlink(script.name)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    line = next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))
-    result: dict[str, Any] = json.loads(line[len("RESULT ") :])
+    report, line = run.stdout.rsplit("RESULT ", 1)
+    result: dict[str, Any] = json.loads(line)
     result["rps"] = result["requests"] / result["seconds"]
     result["failed"] = sum(result[kind] for kind in ("connect", "read", "write", "status", "timeout"))
     result["cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if result["failed"] and fail_with is not None:
+        raise fail_with(f"wrk saw errors against {url}:\n{report}")
     return result
+
+
+def _cpu_ticks(stat: str) -> tuple[int, int]:
+    """The process group and the user and system CPU ticks from the text of ``/proc/PID/stat``."""
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces and parentheses
+    return int(fields[2]), int(fields[11]) + int(fields[12])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of one process."""
+    return _cpu_ticks(Path(f"/proc/{pid}/stat").read_text())[1] / os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_seconds(group: int) -> float:
+    """User and system CPU time of every live process in process group ``group``: a server started in a session of
+    its own (as ``ModelServer`` starts it) with the processes it started, such as the gateway's usage writer."""
+    ticks = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            owner, used = _cpu_ticks((entry / "stat").read_text())
+        except OSError:
+            continue
+        if owner == group:
+            ticks += used
+    return ticks / os.sysconf("SC_CLK_TCK")
