@@ -28,15 +28,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-import yaml  # noqa: E402
-from benchtools import cpu_seconds, need_wrk, wrk  # noqa: E402
+from benchtools import cpu_seconds, need_wrk, start_gateway, wrk  # noqa: E402
 
 from compute_functions.model_server import ModelServer  # noqa: E402
 from gateway.auth.base import Authenticator  # noqa: E402
 from gateway.auth.bearer import ProviderChain, bearer_token  # noqa: E402
 from gateway.auth.dev import DevAuthenticator  # noqa: E402
 from gateway.auth.globus import GlobusAuthenticator  # noqa: E402
-from gateway.cli import serve_command  # noqa: E402
 from gateway.config import GlobusAuthSettings  # noqa: E402
 from gateway.simulator import command as simulator_command  # noqa: E402
 from tests.globus_fake import FakeGlobus  # noqa: E402
@@ -112,24 +110,13 @@ def http(fake: FakeGlobus, connections: int, duration: int) -> None:
         print(f"\nHTTP, wrk -c{connections} -d{duration}s on GET /resource_server/v1/models:")
         print(f"{'providers':<12}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'gateway CPU µs/req':>20}")
         for provider, token in (("dev", DEV_TOKEN), ("globus", globus_token)):
-            config = work / f"{provider}.yaml"
             endpoint = {"cluster": "local", "framework": "vllm", "models": ["facebook/opt-125m"]}
-            config.write_text(
-                yaml.safe_dump(
-                    {"auth": {"providers": [provider]}, "endpoints": [{**endpoint, "base_url": simulator.base_url}]}
-                )
+            gateway = start_gateway(
+                {"auth": {"providers": [provider]}, "endpoints": [{**endpoint, "base_url": simulator.base_url}]},
+                work,
+                env={**fake.gateway_env(), "INFERENCE_GATEWAY_DEV_TOKEN": DEV_TOKEN},
+                name=provider,
             )
-            gateway = ModelServer(
-                serve_command(config),
-                health_path="/resource_server/health",
-                env={
-                    **fake.gateway_env(),
-                    "INFERENCE_GATEWAY_DEV_TOKEN": DEV_TOKEN,
-                    "INFERENCE_GATEWAY_STATE_DIR": str(work),
-                },
-                log_path=work / f"{provider}.log",
-            )
-            gateway.start(timeout=60)
             assert gateway.process is not None
             try:
                 cpu_before = cpu_seconds(gateway.process.pid)

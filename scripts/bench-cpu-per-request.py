@@ -11,7 +11,6 @@ completed. Run it from two checkouts one after the other, several times, to comp
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -20,10 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from benchtools import cpu_seconds, need_wrk, wrk  # noqa: E402
+from benchtools import cpu_seconds, need_wrk, start_gateway, wrk  # noqa: E402
 
 from compute_functions.model_server import ModelServer  # noqa: E402
-from gateway.cli import serve_command  # noqa: E402
 from gateway.simulator import command as simulator_command  # noqa: E402
 
 MODEL = "facebook/opt-125m"
@@ -47,16 +45,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-cpu-"))
     simulator = ModelServer(simulator_command(MODEL), log_path=work / "simulator.log")
     simulator.start(timeout=30)
-    config = work / "gateway.yaml"
-    config.write_text(json.dumps({"endpoints": [{"cluster": "local", "framework": "vllm", "models": [MODEL],
-                                                 "base_url": simulator.base_url}]}))  # fmt: skip
-    gateway = ModelServer(
-        serve_command(config),
-        health_path="/resource_server/health",
-        env={"INFERENCE_GATEWAY_DEV_TOKEN": TOKEN, "INFERENCE_GATEWAY_STATE_DIR": str(work)},
-        log_path=work / "gateway.log",
-    )
-    gateway.start(timeout=60)
+    endpoint = {"cluster": "local", "framework": "vllm", "models": [MODEL], "base_url": simulator.base_url}
+    gateway = start_gateway({"endpoints": [endpoint]}, work, env={"INFERENCE_GATEWAY_DEV_TOKEN": TOKEN})
     assert gateway.process is not None
     url = f"http://127.0.0.1:{gateway.port}/resource_server/v1/chat/completions"
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Explain quantum computing"}]}

@@ -27,10 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from benchtools import need_wrk, wrk  # noqa: E402
+from benchtools import need_wrk, start_gateway, wrk  # noqa: E402
 
 from compute_functions.model_server import ModelServer  # noqa: E402
-from gateway.cli import serve_command  # noqa: E402
 from gateway.simulator import command as simulator_command  # noqa: E402
 
 MODEL = "facebook/opt-125m"
@@ -110,15 +109,7 @@ def main() -> int:
         {"cluster": "local", "framework": "vllm", "models": [MODEL], "base_url": simulator.base_url},
         {"cluster": "timed", "framework": "vllm", "models": [TIMED_MODEL], "base_url": timed.base_url},
     ]
-    config = work / "gateway.yaml"
-    config.write_text(json.dumps({"endpoints": endpoints}))
-    gateway = ModelServer(
-        serve_command(config),
-        health_path="/resource_server/health",
-        env={"INFERENCE_GATEWAY_DEV_TOKEN": TOKEN, "INFERENCE_GATEWAY_STATE_DIR": str(work)},
-        log_path=work / "gateway.log",
-    )
-    gateway.start(timeout=60)
+    gateway = start_gateway({"endpoints": endpoints}, work, env={"INFERENCE_GATEWAY_DEV_TOKEN": TOKEN})
     assert gateway.process is not None
     urls = {
         "direct": f"{simulator.base_url}/chat/completions",

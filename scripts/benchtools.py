@@ -1,4 +1,7 @@
-"""What the benchmark scripts measure with: load from ``wrk`` and its figures, and the CPU time a process used.
+"""What the benchmark scripts measure with: a gateway started for a run, load from ``wrk`` and its figures, and the
+CPU time a process used.
+
+The scripts put the repository's root on ``sys.path`` before they import this module.
 
 ``wrk`` (Debian: ``apt-get install wrk``) is a load generator in C that does not bottleneck at the rates measured
 here, where a Python client tops out far below the gateway. The CPU time comes from ``/proc``: a per-request cost
@@ -17,6 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from compute_functions.model_server import ModelServer
+from gateway.cli import serve_command
+
 # wrk's script: every request is the same; ``done`` prints the figures as one JSON line after wrk's own report.
 _SCRIPT = """
 wrk.method = "%(method)s"
@@ -31,6 +37,23 @@ done = function(summary, latency, requests)
     latency.mean / 1e3, e.connect, e.read, e.write, e.status, e.timeout))
 end
 """
+
+
+def start_gateway(
+    settings: dict[str, Any], work: Path, *, env: dict[str, str] | None = None, name: str = "gateway"
+) -> ModelServer:
+    """A gateway process serving ``settings`` once it answers its health check; its configuration
+    (``work/NAME.yaml``), log (``work/NAME.log``) and state lie in ``work``."""
+    config = work / f"{name}.yaml"
+    config.write_text(json.dumps(settings))  # JSON is YAML
+    gateway = ModelServer(
+        serve_command(config),
+        health_path="/resource_server/health",
+        env={"INFERENCE_GATEWAY_STATE_DIR": str(work), **(env or {})},
+        log_path=work / f"{name}.log",
+    )
+    gateway.start(timeout=60)
+    return gateway
 
 
 def need_wrk() -> None:
