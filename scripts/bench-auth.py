@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,15 +26,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
-import yaml  # noqa: E402
+from benchtools import cpu_seconds, need_wrk, start_gateway, wrk  # noqa: E402
 
 from compute_functions.model_server import ModelServer  # noqa: E402
 from gateway.auth.base import Authenticator  # noqa: E402
 from gateway.auth.bearer import ProviderChain, bearer_token  # noqa: E402
 from gateway.auth.dev import DevAuthenticator  # noqa: E402
 from gateway.auth.globus import GlobusAuthenticator  # noqa: E402
-from gateway.cli import serve_command  # noqa: E402
 from gateway.config import GlobusAuthSettings  # noqa: E402
 from gateway.simulator import command as simulator_command  # noqa: E402
 from tests.globus_fake import FakeGlobus  # noqa: E402
@@ -112,65 +110,30 @@ def http(fake: FakeGlobus, connections: int, duration: int) -> None:
         print(f"\nHTTP, wrk -c{connections} -d{duration}s on GET /resource_server/v1/models:")
         print(f"{'providers':<12}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'gateway CPU µs/req':>20}")
         for provider, token in (("dev", DEV_TOKEN), ("globus", globus_token)):
-            config = work / f"{provider}.yaml"
             endpoint = {"cluster": "local", "framework": "vllm", "models": ["facebook/opt-125m"]}
-            config.write_text(
-                yaml.safe_dump(
-                    {"auth": {"providers": [provider]}, "endpoints": [{**endpoint, "base_url": simulator.base_url}]}
-                )
+            gateway = start_gateway(
+                {"auth": {"providers": [provider]}, "endpoints": [{**endpoint, "base_url": simulator.base_url}]},
+                work,
+                env={**fake.gateway_env(), "INFERENCE_GATEWAY_DEV_TOKEN": DEV_TOKEN},
+                name=provider,
             )
-            gateway = ModelServer(
-                serve_command(config),
-                health_path="/resource_server/health",
-                env={
-                    **fake.gateway_env(),
-                    "INFERENCE_GATEWAY_DEV_TOKEN": DEV_TOKEN,
-                    "INFERENCE_GATEWAY_STATE_DIR": str(work),
-                },
-                log_path=work / f"{provider}.log",
-            )
-            gateway.start(timeout=60)
             assert gateway.process is not None
             try:
                 cpu_before = cpu_seconds(gateway.process.pid)
-                rps, p50, p99, count = wrk(
-                    f"http://127.0.0.1:{gateway.port}/resource_server/v1/models", token, connections, duration
+                result = wrk(
+                    f"http://127.0.0.1:{gateway.port}/resource_server/v1/models",
+                    connections=connections,
+                    seconds=duration,
+                    headers={"authorization": f"Bearer {token}"},
+                    fail_with=SystemExit,
                 )
-                cpu = (cpu_seconds(gateway.process.pid) - cpu_before) / count * 1e6
+                cpu = (cpu_seconds(gateway.process.pid) - cpu_before) / result["requests"] * 1e6
             finally:
                 gateway.stop()
-            print(f"{provider:<12}{rps:>10.0f}{p50:>9.2f}{p99:>9.2f}{cpu:>20.1f}")
+            print(f"{provider:<12}{result['rps']:>10.0f}{result['p50']:>9.2f}{result['p99']:>9.2f}{cpu:>20.1f}")
         print(f"(introspections during the Globus run: {fake.calls['introspect']})")
     finally:
         simulator.stop()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process: a per-request cost that other load on the machine does not skew."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wrk(url: str, token: str, connections: int, duration: int) -> tuple[float, float, float, int]:
-    """Requests per second, p50 and p99 latency (ms), and the number of requests."""
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-H", f"Authorization: Bearer {token}", url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    if "Non-2xx" in out or "Socket errors" in out:
-        raise SystemExit(f"wrk saw errors against {url}:\n{out}")
-
-    def ms(label: str) -> float:
-        match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        assert match, out
-        return float(match.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
-
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    count = re.search(r"(\d+) requests in", out)
-    assert rps and count, out
-    return float(rps.group(1)), ms("50"), ms("99"), int(count.group(1))
 
 
 def main() -> None:
@@ -180,6 +143,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--duration", type=int, default=5)
     args = parser.parse_args()
+    if args.http:
+        need_wrk()
     with FakeGlobus() as fake:
         os.environ.update(fake.gateway_env())
         asyncio.run(in_process(fake, args.iterations))

@@ -17,51 +17,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from benchtools import need_wrk, start_gateway, wrk  # noqa: E402
 
 from compute_functions.model_server import ModelServer  # noqa: E402
-from gateway.cli import serve_command  # noqa: E402
 from gateway.simulator import command as simulator_command  # noqa: E402
 
 MODEL = "facebook/opt-125m"
 TIMED_MODEL = "timed-model"
 TOKEN = "bench-token"
 
-LUA = """wrk.method = "POST"
-wrk.body = '{body}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer {token}"
-"""
 
-
-def wrk(url: str, body: dict[str, object], connections: int, duration: int, workdir: Path) -> dict[str, float]:
-    script = workdir / "post.lua"
-    script.write_text(LUA.format(body=json.dumps(body), token=TOKEN))
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    if "Non-2xx" in out or "Socket errors" in out:
-        raise SystemExit(f"wrk saw errors against {url}:\n{out}")
-
-    def ms(label: str) -> float:
-        match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        assert match, out
-        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
-        return float(match.group(1)) * scale
-
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    return {"rps": rps, "p50_ms": ms("50"), "p99_ms": ms("99")}
+def load(url: str, body: dict[str, object], connections: int, duration: int) -> dict[str, Any]:
+    """wrk's figures for one run; a run with failed requests ends the benchmark."""
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    return wrk(url, body, connections=connections, seconds=duration, headers=headers, fail_with=SystemExit)
 
 
 def ttft(url: str, connections: int, prompts: int, chunks: int, workdir: Path, rate: str = "inf") -> float:
@@ -117,8 +96,7 @@ def main() -> int:
     parser.add_argument("--chunks", type=int, default=16, help="output tokens (stream chunks) per answer")
     parser.add_argument("--ttft-prompts", type=int, default=1000)
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is needed: apt-get install -y wrk")
+    need_wrk()
 
     work = Path(tempfile.mkdtemp(prefix="bench-front-door-"))
     simulator = ModelServer(simulator_command(MODEL), log_path=work / "simulator.log")
@@ -131,15 +109,7 @@ def main() -> int:
         {"cluster": "local", "framework": "vllm", "models": [MODEL], "base_url": simulator.base_url},
         {"cluster": "timed", "framework": "vllm", "models": [TIMED_MODEL], "base_url": timed.base_url},
     ]
-    config = work / "gateway.yaml"
-    config.write_text(json.dumps({"endpoints": endpoints}))
-    gateway = ModelServer(
-        serve_command(config),
-        health_path="/resource_server/health",
-        env={"INFERENCE_GATEWAY_DEV_TOKEN": TOKEN, "INFERENCE_GATEWAY_STATE_DIR": str(work)},
-        log_path=work / "gateway.log",
-    )
-    gateway.start(timeout=60)
+    gateway = start_gateway({"endpoints": endpoints}, work, env={"INFERENCE_GATEWAY_DEV_TOKEN": TOKEN})
     assert gateway.process is not None
     urls = {
         "direct": f"{simulator.base_url}/chat/completions",
@@ -150,12 +120,12 @@ def main() -> int:
         "messages": [{"role": "user", "content": "Explain quantum computing"}],
         "max_tokens": args.chunks,
     }
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, Any]] = {}
     try:
         for mode, extra in (("whole", {}), ("streamed", {"stream": True})):
             for target, url in urls.items():
-                wrk(url, {**body, **extra}, args.connections, 2, work)  # warm-up
-                results[f"{mode}/{target}"] = wrk(url, {**body, **extra}, args.connections, args.duration, work)
+                load(url, {**body, **extra}, args.connections, 2)  # warm-up
+                results[f"{mode}/{target}"] = load(url, {**body, **extra}, args.connections, args.duration)
         timed_urls = {"direct": f"{timed.base_url}/chat/completions", "gateway": urls["gateway"]}
         for target, url in timed_urls.items():
             results[f"streamed/{target}"]["ttft_p50_ms"] = ttft(
@@ -182,8 +152,8 @@ def main() -> int:
     for mode in ("whole", "streamed"):
         for key, label in (
             ("rps", "req/s"),
-            ("p50_ms", "p50 ms"),
-            ("p99_ms", "p99 ms"),
+            ("p50", "p50 ms"),
+            ("p99", "p99 ms"),
             ("ttft_p50_ms", "TTFT p50 ms"),
             ("ttft_poisson_p50_ms", "TTFT p50 ms, Poisson"),
             ("ttft_one_p50_ms", "TTFT p50 ms, one client"),

@@ -272,7 +272,7 @@ def measure(
 
 def loaded(args: argparse.Namespace, paths: dict[str, str], simulator_url: str, headers: dict[str, str]) -> None:
     """Requests/s and p50 under ``wrk``'s load, whole and streamed, each path beside the simulator alone."""
-    from wrkload import wrk
+    from benchtools import wrk
 
     for stream in (False, True):
         body = {"model": MODEL, "messages": QUESTION, "max_tokens": args.tokens, "ignore_eos": True, "stream": stream}

@@ -12,7 +12,6 @@ took to be answered, what it got, how many were sent, and the /health latency (p
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import sys
 import tempfile
@@ -24,9 +23,11 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from benchtools import start_gateway  # noqa: E402
 
 from compute_functions.model_server import ModelServer  # noqa: E402
-from gateway.cli import serve_command  # noqa: E402
 from gateway.simulator import command as simulator_command  # noqa: E402
 
 MODEL = "facebook/opt-125m"
@@ -61,16 +62,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-huge-header-"))
     simulator = ModelServer(simulator_command(MODEL), log_path=work / "simulator.log")
     simulator.start(timeout=30)
-    config = work / "gateway.yaml"
-    config.write_text(json.dumps({"endpoints": [{"cluster": "local", "framework": "vllm", "models": [MODEL],
-                                                 "base_url": simulator.base_url}]}))  # fmt: skip
-    gateway = ModelServer(
-        serve_command(config),
-        health_path="/resource_server/health",
-        env={"INFERENCE_GATEWAY_STATE_DIR": str(work)},
-        log_path=work / "gateway.log",
-    )
-    gateway.start(timeout=60)
+    endpoint = {"cluster": "local", "framework": "vllm", "models": [MODEL], "base_url": simulator.base_url}
+    gateway = start_gateway({"endpoints": [endpoint]}, work)
     try:
         outcome: dict[str, object] = {}
         probing = threading.Event()

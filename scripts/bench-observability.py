@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import re
 import shutil
@@ -40,6 +39,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from benchtools import cpu_seconds, group_cpu_seconds, need_wrk, wrk  # noqa: E402
 
 from compute_functions.model_server import ModelServer  # noqa: E402
 from gateway.cli import serve_command  # noqa: E402
@@ -48,11 +50,7 @@ from gateway.simulator import command as simulator_command  # noqa: E402
 MODEL = "facebook/opt-125m"
 TOKEN = "bench-token"
 
-LUA = """wrk.method = "POST"
-wrk.body = '{body}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer {token}"
-"""
+HEADERS = {"authorization": f"Bearer {TOKEN}"}
 
 OFF = {
     "database": {"usage_log": False},
@@ -80,33 +78,8 @@ PARTS = {
 }
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100
-
-
-def gateway_cpu_seconds(pid: int) -> float:
-    """The CPU time of the gateway's process and of its children (the usage writer)."""
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return cpu_seconds(pid) + sum(cpu_seconds(int(child)) for child in children)
-
-
 class RoundFailed(Exception):
     """wrk saw errors: the round does not count."""
-
-
-def wrk(url: str, script: Path, connections: int, seconds: int) -> tuple[float, int]:
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    if "Non-2xx" in out or "Socket errors" in out:
-        raise RoundFailed(f"wrk saw errors against {url}:\n{out}")
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    return rps, requests
 
 
 def start_gateway(
@@ -138,25 +111,29 @@ def keep_warm(urls: list[str], stop: threading.Event) -> None:
     """A request to every gateway each second, so that no gateway's pooled connections to the simulator sit idle
     past its 5 s keep-alive while the others are measured (the first requests on stale ones would fail)."""
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
-    headers = {"content-type": "application/json", "authorization": f"Bearer {TOKEN}"}
+    headers = {"content-type": "application/json", **HEADERS}
     while not stop.wait(1.0):
         for url in urls:
             with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=10) as answer:
                 answer.read()
 
 
-def measure(server: ModelServer, url: str, script: Path, args: argparse.Namespace) -> tuple[float, float]:
-    """Requests/s and the gateway's CPU microseconds per request for one round; a failed round is run again."""
+def measure(server: ModelServer, url: str, body: dict[str, Any], args: argparse.Namespace) -> tuple[float, float]:
+    """Requests/s and the gateway's CPU microseconds per request for one round; a failed round is run again.
+
+    The CPU time is that of the gateway's process group: the serving process and its usage writer."""
     assert server.process is not None
     for attempt in range(3):
-        before = gateway_cpu_seconds(server.process.pid)
+        before = group_cpu_seconds(server.process.pid)
         try:
-            rps, requests = wrk(url, script, args.connections, args.duration)
+            result = wrk(
+                url, body, connections=args.connections, seconds=args.duration, headers=HEADERS, fail_with=RoundFailed
+            )
         except RoundFailed as failed:
             print(f"round again ({failed.args[0].splitlines()[0]})", file=sys.stderr)
             time.sleep(2.0 * (attempt + 1))
             continue
-        return rps, (gateway_cpu_seconds(server.process.pid) - before) / requests * 1e6
+        return result["rps"], (group_cpu_seconds(server.process.pid) - before) / result["requests"] * 1e6
     raise SystemExit(f"three rounds in a row failed against {url}")
 
 
@@ -290,8 +267,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.instructions:
         return instructions(args)
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is needed: apt-get install -y wrk")
+    need_wrk()
 
     work = Path(tempfile.mkdtemp(prefix="bench-observability-"))
     simulator = ModelServer(simulator_command(MODEL), log_path=work / "simulator.log")
@@ -311,16 +287,13 @@ def main() -> int:
     results: dict[str, dict[str, list[tuple[float, float]]]] = {}
     try:
         for mode, extra in (("whole", {}), ("streamed", {"stream": True})):
-            script = work / f"{mode}.lua"
-            script.write_text(LUA.format(body=json.dumps({**body, **extra}), token=TOKEN))
             results[mode] = {name: [] for name in gateways}
             for url in urls.values():
-                with contextlib.suppress(RoundFailed):
-                    wrk(url, script, args.connections, 2)
+                wrk(url, {**body, **extra}, connections=args.connections, seconds=2, headers=HEADERS)  # warm-up
             for index in range(args.rounds):
                 names = list(gateways) if index % 2 == 0 else list(reversed(gateways))
                 for name in names:
-                    results[mode][name].append(measure(gateways[name], urls[name], script, args))
+                    results[mode][name].append(measure(gateways[name], urls[name], {**body, **extra}, args))
         stop.set()
         warmer.join()
         time.sleep(1.5)

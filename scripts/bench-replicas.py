@@ -19,16 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import runpy
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from benchtools import group_cpu_seconds, wrk  # noqa: E402
 
 from compute_functions.model_server import ModelServer, free_port  # noqa: E402
 from gateway.cli import serve_command  # noqa: E402
@@ -38,22 +41,6 @@ MODEL = "facebook/opt-125m"
 TOKEN = "bench-token"
 HAPROXY_CONFIG = REPO / "examples" / "replicas" / "haproxy.cfg"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 1}
-wrk = runpy.run_path(str(REPO / "scripts" / "bench-front-door.py"))["wrk"]
-
-
-def group_cpu_seconds(group: int) -> float:
-    """User and system CPU time of every process in ``group`` (a replica and its usage writer)."""
-    ticks = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == group:
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class HAProxy:
@@ -124,21 +111,25 @@ def main() -> int:
         def direct(server: ModelServer) -> str:
             return f"http://{address(server)}/resource_server/v1/chat/completions"
 
+        def load(url: str) -> dict[str, Any]:
+            headers = {"authorization": f"Bearer {TOKEN}"}
+            return wrk(
+                url, BODY, connections=args.connections, seconds=args.duration, headers=headers, fail_with=SystemExit
+            )
+
         rows = []
         assert r1.process is not None
         before = group_cpu_seconds(r1.process.pid)
-        result = wrk(direct(r1), BODY, args.connections, args.duration, work)
-        cpu_ms = (group_cpu_seconds(r1.process.pid) - before) * 1000 / (result["rps"] * args.duration)
+        result = load(direct(r1))
+        cpu_ms = (group_cpu_seconds(r1.process.pid) - before) * 1000 / result["requests"]
         rows.append(("one replica, direct", result))
         with HAProxy((address(r1), address(r1)), work) as lb:
-            rows.append(("one replica, through HAProxy", wrk(lb.url, BODY, args.connections, args.duration, work)))
+            rows.append(("one replica, through HAProxy", load(lb.url)))
         with HAProxy((address(r1), address(r2)), work) as lb:
-            rows.append(("two replicas, through HAProxy", wrk(lb.url, BODY, args.connections, args.duration, work)))
-        rows.append(("serve --workers 2, direct", wrk(direct(w2), BODY, args.connections, args.duration, work)))
+            rows.append(("two replicas, through HAProxy", load(lb.url)))
+        rows.append(("serve --workers 2, direct", load(direct(w2))))
         with HAProxy((address(w2), address(w2)), work) as lb:
-            rows.append(
-                ("serve --workers 2, through HAProxy", wrk(lb.url, BODY, args.connections, args.duration, work))
-            )
+            rows.append(("serve --workers 2, through HAProxy", load(lb.url)))
     finally:
         for server in servers:
             server.stop()
@@ -147,7 +138,7 @@ def main() -> int:
     print(f"{os.cpu_count()} cores, wrk -t1 -c{args.connections} -d{args.duration}s, whole answers of one token")
     print(f"{'':38} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
     for name, result in rows:
-        print(f"{name:38} {result['rps']:8.0f} {result['p50_ms']:8.2f} {result['p99_ms']:8.2f}")
+        print(f"{name:38} {result['rps']:8.0f} {result['p50']:8.2f} {result['p99']:8.2f}")
     print(f"CPU per request in one replica (with its usage writer): {cpu_ms:.3f} ms")
     return 0
 
