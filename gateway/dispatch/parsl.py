@@ -79,6 +79,8 @@ class _Executor(HighThroughputExecutor):
 
     held = 0
     requests_per_slot = 1.0
+    # Launched by the gateway as soon as the executor starts (see ``ParslDispatcher._load``), not by Parsl.
+    initial_blocks = 0
 
     def outstanding(self) -> int:
         return len(self.tasks) + math.ceil(self.held / self.requests_per_slot)
@@ -90,7 +92,9 @@ def build_executor(label: str, settings: ParslSettings) -> HighThroughputExecuto
     if settings.launcher is not None:
         options["launcher"] = LAUNCHERS[settings.launcher]()
     provider = PROVIDERS[settings.provider](
-        init_blocks=settings.init_blocks,
+        # Parsl launches a provider's initial blocks at its strategy's first tick after the executor started, up
+        # to ``strategy_period`` (5 s) later: the dispatcher launches them itself at once instead.
+        init_blocks=0,
         min_blocks=settings.min_blocks,
         max_blocks=settings.max_blocks,
         worker_init=settings.worker_init,
@@ -117,6 +121,7 @@ def build_executor(label: str, settings: ParslSettings) -> HighThroughputExecuto
         **extra,
     )
     executor.requests_per_slot = settings.requests_per_node / settings.worker_processes
+    executor.initial_blocks = settings.init_blocks
     return executor
 
 
@@ -174,14 +179,21 @@ class ParslDispatcher(Dispatcher):
         parsl_log.propagate = False
         parsl_log.setLevel(logging.INFO)
         parsl_log.addHandler(self._log_handler)
+        executors = list({id(executor): executor for executor in self._executors.values()}.values())
         config = Config(
-            executors=list({id(executor): executor for executor in self._executors.values()}.values()),
+            executors=executors,
             strategy_period=min(settings.strategy_period for settings in self._settings.values()),
             run_dir=str(self._run_dir),
             usage_tracking=0,
             initialize_logging=False,
         )
-        return DataFlowKernel(config)
+        dfk = DataFlowKernel(config)
+        # No task reaches an executor before this returns, so Parsl's strategy (which adds blocks only for tasks,
+        # and takes none away below ``min_blocks``) does not race these.
+        for executor in executors:
+            if isinstance(executor, _Executor) and executor.initial_blocks:
+                executor.scale_out_facade(executor.initial_blocks)
+        return dfk
 
     async def start(self) -> None:
         if self._executors:

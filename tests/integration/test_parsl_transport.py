@@ -343,3 +343,29 @@ def test_a_request_server_killed_during_a_whole_answer_is_a_502(
     response = outcome["response"]
     assert response.status_code == 502 and "worker" in response.json()["error"]["message"]
     assert outcome["seconds"] < 10
+
+
+def test_the_first_block_starts_with_the_gateway_not_at_parsls_first_scaling_tick(tmp_path: Path) -> None:
+    # Parsl's strategy launches a provider's initial blocks at its first tick after the executor started, a whole
+    # strategy_period later; the gateway launches them itself, so the first answer does not wait for that tick.
+    simulator = simulator_command(MODEL, options=("--tpot", "0.002"))
+    config = {
+        "auth": {"providers": ["dev"]},
+        "federation": {"when_not_hot": "hold"},
+        "endpoints": [
+            {
+                "cluster": "local",
+                "framework": "parsl",
+                "models": [MODEL],
+                "transport": "parsl",
+                "worker_model_server": {"command": simulator, "state_dir": str(tmp_path / "servers")},
+                "parsl": {**PARSL, "strategy_period": 300},
+            }
+        ],
+    }
+    with gateway(config, tmp_path) as server:
+        started = time.monotonic()
+        client = openai.OpenAI(base_url=api_url(server), api_key=TOKEN, max_retries=0, timeout=60)
+        response = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3)  # type: ignore[arg-type]
+        assert response.usage is not None and response.usage.completion_tokens == 3
+        assert time.monotonic() - started < 60
