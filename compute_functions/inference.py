@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -99,7 +100,9 @@ def inference(request: dict[str, Any]) -> dict[str, Any]:
             directory = node.LaunchSpec.from_settings(one["model_server"], "").state_dir
             by_server.setdefault(directory, []).append(one)
         for directory, requests in by_server.items():
-            request_server.hand_over(Path(directory), requests, int(requests[0]["node_requests"]), _SERVE_NODE)
+            held = int(requests[0]["node_requests"])
+            launching = functools.partial(_launch_model_servers, requests)
+            request_server.hand_over(Path(directory), requests, held, _SERVE_NODE, launching)
         return {"ok": True, "relayed": True}
     answer = _answer(request)
     if not _streams(request):
@@ -111,6 +114,17 @@ def inference(request: dict[str, Any]) -> dict[str, Any]:
         outcome: dict[str, Any] = end.value
         return outcome
     return _relay(first, answer, request, request["stream"])
+
+
+def _launch_model_servers(requests: list[dict[str, Any]]) -> None:
+    """Start the model servers ``requests`` need, while the request server that will wait on them starts too.
+
+    Both take a Python process's start (a fraction of a second), which a first request would otherwise wait for
+    one after the other.
+    """
+    specs = [_spec(one["model_server"], str(one["payload"].get("model", ""))) for one in requests]
+    for spec in {spec.key: spec for spec in specs}.values():
+        node.launch(spec)
 
 
 def _streams(request: dict[str, Any]) -> bool:

@@ -31,6 +31,15 @@ def health_check(url: str) -> bool:
         return False
 
 
+def pause(waited: float) -> float:
+    """How long to wait before asking again whether a server that has been starting for ``waited`` seconds is up.
+
+    Often at first, since the simulator is up in a fraction of a second and a first request waits on it; then
+    every 0.1 s, since vLLM takes minutes and each look costs a connection or a file read.
+    """
+    return 0.01 if waited < 2.0 else 0.1
+
+
 def tail(path: Path, lines: int = 30) -> str:
     """The last ``lines`` lines of the log at ``path``, for error messages."""
     try:
@@ -88,7 +97,8 @@ class ModelServer:
                 env={**os.environ, **self.env},
                 start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
+        deadline = began + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ModelServerFailed(
@@ -97,7 +107,7 @@ class ModelServer:
                 )
             if self.healthy():
                 return
-            time.sleep(0.1)
+            time.sleep(pause(time.monotonic() - began))
         self.stop()
         raise ModelServerFailed(
             f"model server not healthy after {timeout:.0f} s; its log ends with:\n{self.log_tail()}"

@@ -37,7 +37,7 @@ from typing import Any
 
 from compute_functions.locks import held
 from compute_functions.metrics import model_load
-from compute_functions.model_server import ModelServer, ModelServerFailed, free_port, health_check, tail
+from compute_functions.model_server import ModelServer, ModelServerFailed, free_port, health_check, pause, tail
 from compute_functions.processes import alive
 
 # The directory that holds the ``compute_functions`` package, so the watchdog imports the same code.
@@ -47,7 +47,6 @@ _WATCHDOG = (
 )
 # How long a request waits for the lock beyond the server's startup time (a stop can hold it for ~15 s).
 _LOCK_MARGIN = 30.0
-_POLL = 0.05
 
 # Base URLs of the servers this worker process has already found ready, by state file: the common case skips
 # the lock.
@@ -189,19 +188,42 @@ def servers(state_dir: str | Path | None = None) -> list[dict[str, Any]]:
     return found
 
 
-def _acquire(spec: LaunchSpec, files: _Files) -> str:
+def launch(spec: LaunchSpec) -> None:
+    """Start ``spec``'s server unless one runs or starts already, without waiting for it to be ready.
+
+    For whoever will ask ``ensure_server`` soon and has other things to start meanwhile. Never raises: a server that
+    cannot start is reported by ``ensure_server``.
+    """
+    # One try for the lock: whoever holds it is starting or stopping the server, and will be waited for later.
+    with contextlib.suppress(OSError, ModelServerFailed):
+        _claim(spec, _files_of(spec), time.monotonic())
+
+
+def _claim(spec: LaunchSpec, files: _Files, deadline: float) -> str | None:
+    """Make sure ``spec``'s server runs or starts, and count this process among its users.
+
+    Returns the base URL of a server that someone else started and keeps (which this one must never stop).
+    """
     files.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     _watchdogs[:] = [child for child in _watchdogs if child.poll() is None]
-    deadline = time.monotonic() + spec.startup_timeout + _LOCK_MARGIN
     with locked(files.lock, deadline):
         state = _read(files.state)
         if state is None or state.get("status") == "failed" or not alive(state.get("watchdog")):
             if spec.port and health_check(f"http://{spec.host}:{spec.port}{spec.health_path}"):
                 # Started by someone else (an operator's long-running vLLM): use it, never stop it.
                 return f"http://{spec.host}:{spec.port}/v1"
-            state = _launch(spec, files)
+            _launch(spec, files)
         files.clients.mkdir(exist_ok=True)
         (files.clients / str(os.getpid())).touch()
+    return None
+
+
+def _acquire(spec: LaunchSpec, files: _Files) -> str:
+    began = time.monotonic()
+    deadline = began + spec.startup_timeout + _LOCK_MARGIN
+    external = _claim(spec, files, deadline)
+    if external is not None:
+        return external
     while True:
         state = _read(files.state)
         if state is not None and state.get("status") == "ready":
@@ -214,7 +236,7 @@ def _acquire(spec: LaunchSpec, files: _Files) -> str:
             raise ModelServerFailed(
                 f"model server not healthy after {spec.startup_timeout:.0f} s; its log ends with:\n{tail(files.log)}"
             )
-        time.sleep(_POLL)
+        time.sleep(pause(time.monotonic() - began))
 
 
 def _launch(spec: LaunchSpec, files: _Files) -> dict[str, Any]:

@@ -50,11 +50,14 @@ class HandOverFailed(RuntimeError):
     """No request server took the request; the message says why (with the end of its log when it did not start)."""
 
 
-def hand_over(directory: Path, requests: list[dict[str, Any]], held: int, entry: str) -> None:
+def hand_over(
+    directory: Path, requests: list[dict[str, Any]], held: int, entry: str, starting: Callable[[], None]
+) -> None:
     """Give ``requests`` to the request server in ``directory``, started first (``entry``) when none listens there.
 
     Returns once the server has taken them all. ``entry`` is Python code run as ``python -c entry
-    PACKAGE_ROOT directory held worker_pid`` that calls ``serve``.
+    PACKAGE_ROOT directory held worker_pid`` that calls ``serve``. ``starting()`` is called before a server is
+    started, to start what the requests will need meanwhile rather than after.
     """
     path = directory / f"requests-{held}.sock"
     data = json.dumps(requests).encode() + b"\n"
@@ -62,6 +65,7 @@ def hand_over(directory: Path, requests: list[dict[str, Any]], held: int, entry:
         return _send(path, data)
     except (OSError, HandOverFailed):
         # None listens, or one that was stopping closed the connection without taking the request.
+        starting()
         _start(directory, held, entry)
     try:
         return _send(path, data)
@@ -109,7 +113,7 @@ def _start(directory: Path, held: int, entry: str) -> None:
                 pass
             if server.poll() is not None:
                 break
-            time.sleep(0.02)
+            time.sleep(0.01)
         raise HandOverFailed(f"the node's request server did not start; its log ends with:\n{tail(log)}")
 
 

@@ -148,6 +148,21 @@ def test_worker_processes_share_one_server_and_it_stops_when_they_are_gone(serve
     assert eventually(lambda: list(servers.glob("*.json")) == [])
 
 
+def test_a_server_launched_ahead_is_the_one_the_first_request_finds(servers: Path) -> None:
+    # A worker that must start the node's request server launches the model server first, so that both start at
+    # once; launching returns at once, and a second launch, or the request, starts nothing more.
+    spec = node.LaunchSpec.from_settings(request(servers)["model_server"], MODEL)
+    started = time.monotonic()
+    node.launch(spec)
+    assert time.monotonic() - started < 0.5
+    (state_file,) = servers.glob("*.json")
+    watchdog = json.loads(state_file.read_text())["watchdog"]
+    node.launch(spec)
+    assert inference(request(servers))["ok"]
+    (state,) = ready_states(servers)
+    assert state["watchdog"] == watchdog
+
+
 def test_an_idle_server_is_stopped(servers: Path) -> None:
     assert inference(request(servers, idle_timeout=1))["ok"]
     (state,) = ready_states(servers)
