@@ -102,8 +102,7 @@ async def relayed_outcome(
     try:
         while True:
             try:
-                async with asyncio.timeout(limit):
-                    item = await inbox.get()
+                item = await inbox.get(limit)
             except TimeoutError:
                 raise BackendTimeout(endpoint, "no events from the worker in time") from None
             if isinstance(item, bytes):
