@@ -267,18 +267,24 @@ async def _pieces(request: dict[str, Any], patience: float) -> AsyncGenerator[by
     async with contextlib.aclosing(_answer_async(request, patience, outcome)) as events:
         async for piece in events:
             yield piece
-    yield b"event: outcome\ndata: " + json.dumps(outcome).encode() + b"\n\n"
+    yield _outcome_event(outcome)
+
+
+def _outcome_event(outcome: dict[str, Any]) -> bytes:
+    return b"event: outcome\ndata: " + json.dumps(outcome).encode() + b"\n\n"
 
 
 async def _serve_over(request: dict[str, Any], send: request_server.Send) -> None:
     """In the request server, for a request that came down a node channel: its pieces go back the same way.
 
-    A channel that breaks, or the gateway's cancel, cancels this task; closing the pieces then closes the model
-    server's request.
+    A channel that breaks, or the gateway's cancel, cancels this task; closing the events then closes the model
+    server's request. The events are read here rather than through ``_pieces``: one generator less for every event.
     """
-    async with contextlib.aclosing(_pieces(request, float(request.get("timeout") or 600.0))) as pieces:
-        async for piece in pieces:
+    outcome: dict[str, Any] = {}
+    async with contextlib.aclosing(_answer_async(request, float(request.get("timeout") or 600.0), outcome)) as events:
+        async for piece in events:
             await send(piece)
+    await send(_outcome_event(outcome))
 
 
 async def _serve_relayed(request: dict[str, Any]) -> None:
