@@ -78,6 +78,32 @@ def wrk(url: str, body: dict[str, Any], *, connections: int, seconds: float, hea
     return result
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User and system CPU seconds a process has used so far (0 for none)."""
+    if pid is None:
+        return 0.0
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def request_server(work: Path, name: str) -> int | None:
+    """The pid of the request server of the ``parsl`` endpoint on simulator ``name`` (its state directory)."""
+    marker = str(work / name).encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                command = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"serve_node" in command and marker in command:
+                return int(entry)
+    return None
+
+
 def chat(tokens: int, stream: bool) -> dict[str, Any]:
     body: dict[str, Any] = {"model": MODEL, "messages": QUESTION, "max_tokens": tokens, "ignore_eos": True}
     if stream:
@@ -152,12 +178,16 @@ def start_simulator(work: Path, name: str, options: tuple[str, ...]) -> Any:
 
 def print_table(title: str, rows: dict[str, dict[str, Any]], reference: str) -> None:
     print(f"  {title}")
-    print(f"    {'':10} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6} {'x ' + reference:>12}")
+    print(
+        f"    {'':10} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6} {'x ' + reference:>12}   "
+        "CPU µs per request: gateway, request server, simulator"
+    )
     base = rows[reference]["rps"]
     for name, row in rows.items():
         print(
             f"    {name:10} {row['rps']:8.1f} {row['p50']:8.2f} {row['p99']:8.2f} {row['failed']:6d} "
-            f"{row['rps'] / base:12.2f}"
+            f"{row['rps'] / base:12.2f}   {row['cpu_gateway']:7.0f} {row['cpu_request_server']:7.0f} "
+            f"{row['cpu_simulator']:7.0f}"
         )
 
 
@@ -198,6 +228,21 @@ def throughput(args: argparse.Namespace) -> int:
                 for stream in (False, True):
                     wrk(url, chat(16, stream), connections=most, seconds=2, headers=headers)
 
+        assert gateway.process is not None
+
+        def measured(name: str, url: str, body: dict[str, Any], connections: int, headers: dict[str, str]) -> Any:
+            """One ``wrk`` run, with the CPU per request of the gateway, the request server and the simulator."""
+            pids = {
+                "gateway": gateway.process.pid if gateway.process else None,
+                "request_server": request_server(work, name),
+                "simulator": simulators[name].process.pid if simulators[name].process else None,
+            }
+            before = {process: cpu_seconds(pid) for process, pid in pids.items()}
+            result = wrk(url, body, connections=connections, seconds=args.duration, headers=headers)
+            for process, pid in pids.items():
+                result[f"cpu_{process}"] = (cpu_seconds(pid) - before[process]) / max(result["requests"], 1) * 1e6
+            return result
+
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the start")
         url, _ = paths("instant")["simulator"]
         check = wrk(url, chat(16, False), connections=32, seconds=args.duration, headers={})
@@ -211,13 +256,7 @@ def throughput(args: argparse.Namespace) -> int:
                 for connections in args.concurrency:
                     for stream in (False, True):
                         rows = {
-                            path: wrk(
-                                url,
-                                chat(tokens, stream),
-                                connections=connections,
-                                seconds=args.duration,
-                                headers=headers,
-                            )
+                            path: measured("model", url, chat(tokens, stream), connections, headers)
                             for path, (url, headers) in paths("model").items()
                         }
                         kind = "streamed" if stream else "whole"
@@ -228,7 +267,7 @@ def throughput(args: argparse.Namespace) -> int:
                         print(f"    parsl adds {added:.2f} ms at p50 over the simulator (target <= 10 ms)")
             for stream in (False, True):
                 rows = {
-                    path: wrk(url, chat(16, stream), connections=32, seconds=args.duration, headers=headers)
+                    path: measured("instant", url, chat(16, stream), 32, headers)
                     for path, (url, headers) in paths("instant").items()
                 }
                 kind = "streamed" if stream else "whole"
