@@ -74,6 +74,9 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.paused = False
         self.waiter: asyncio.Future[None] | None = None
+        # The wait's deadline, and the one alarm that checks it (see ``more``).
+        self.deadline = 0.0
+        self.alarm: asyncio.TimerHandle | None = None
         self.idle_since = 0.0
         self.max_idle = _MAX_IDLE_SECONDS
         self.error: ConnectionBroken | None = None
@@ -122,6 +125,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.alarm is not None:
+            self.alarm.cancel()
+            self.alarm = None
         self._wake()
 
     # llhttp's callbacks ------------------------------------------------------------------------------------------
@@ -189,13 +195,28 @@ class _Connection(asyncio.Protocol):
             self.paused = False
             self.transport.resume_reading()
         self.waiter = waiter = self.loop.create_future()
-        timer = self.loop.call_later(patience, _expire, waiter) if patience is not None else None
+        if patience is not None:
+            # A streamed answer waits once per event: moving a deadline costs less than a timer armed and cancelled
+            # each time. The alarm rings at the earliest deadline set since it was armed and moves itself on.
+            self.deadline = self.loop.time() + patience
+            if self.alarm is None or self.alarm.when() > self.deadline:
+                if self.alarm is not None:
+                    self.alarm.cancel()
+                self.alarm = self.loop.call_at(self.deadline, self._ring)
         try:
             await waiter
         finally:
             self.waiter = None
-            if timer is not None:
-                timer.cancel()
+
+    def _ring(self) -> None:
+        self.alarm = None
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return  # nobody waits: the next wait sets its own deadline
+        if self.loop.time() >= self.deadline:
+            _expire(waiter)
+        else:
+            self.alarm = self.loop.call_at(self.deadline, self._ring)
 
     def take(self) -> bytes:
         data = bytes(self.body)
@@ -204,6 +225,9 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        if self.alarm is not None:
+            self.alarm.cancel()
+            self.alarm = None
         if self.transport is not None:
             self.transport.close()
 

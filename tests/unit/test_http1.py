@@ -137,6 +137,37 @@ async def test_nothing_listening_is_unreachable() -> None:
         await http.request("POST", "completions", b"{}")
 
 
+async def test_the_read_timeout_bounds_each_silence_not_the_whole_answer() -> None:
+    # Events 0.1 s apart for 0.5 s in all, read with a timeout of 0.25 s: never silent that long, so read whole;
+    # then a silence of a second in the middle of the next answer times out.
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for n in range(5):
+            await asyncio.sleep(0.1)
+            event = b"data: %d\n\n" % n
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        writer.write(b"0\r\n\r\n")
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(b"9\r\ndata: 0\n\n\r\n")
+        await asyncio.sleep(1.0)
+
+    server, url, _ = await _serve(trickle)
+    async with server:
+        http = Http(url, {}, read_timeout=0.25)
+        reply = await http.request("POST", "completions", b"{}")
+        assert await reply.read() == b"".join(b"data: %d\n\n" % n for n in range(5))
+        reply.close()
+        reply = await http.request("POST", "completions", b"{}")
+        pieces = reply.pieces()
+        assert await anext(pieces) == b"data: 0\n\n"
+        with pytest.raises(TimeoutError):
+            await anext(pieces)
+        reply.close()
+        http.close()
+
+
 async def test_a_silent_server_times_out_and_a_cut_answer_is_broken() -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_request(reader)
