@@ -85,6 +85,18 @@ class _Executor(HighThroughputExecutor):
     def outstanding(self) -> int:
         return len(self.tasks) + math.ceil(self.held / self.requests_per_slot)
 
+    def hold(self, inbox: Inbox) -> None:
+        """Count the request whose events reach ``inbox`` among the outstanding tasks until the inbox closes.
+
+        Counted here rather than by a generator around the request's events, which every event would pass through.
+        """
+        if not inbox.closed:
+            self.held += 1
+            inbox.when_closed(self._release)
+
+    def _release(self, inbox: Inbox) -> None:
+        self.held -= 1
+
 
 def build_executor(label: str, settings: ParslSettings) -> HighThroughputExecutor:
     """The ``HighThroughputExecutor`` that ``settings`` describe."""
@@ -282,6 +294,9 @@ class ParslDispatcher(Dispatcher):
         held = self._settings[endpoint.id].requests_per_node
 
         async def run(relay: dict[str, str], inbox: Inbox) -> Any:
+            counted = self._executors[endpoint.id]
+            if isinstance(counted, _Executor):
+                counted.hold(inbox)
             request = compute_request(
                 op,
                 payload if bool(payload.get("stream")) == stream else {**payload, "stream": stream},
@@ -306,10 +321,7 @@ class ParslDispatcher(Dispatcher):
             # The task ends once the node's request server has the request: its limit is the wait for a free slot.
             return await _result(endpoint, handover.hand_over(request), timeout)
 
-        return _held(
-            self._executors[endpoint.id],
-            relayed_outcome(endpoint, self._relay, self._relay_url, run, wait=timeout, idle=self._request_timeout),
-        )
+        return relayed_outcome(endpoint, self._relay, relay_url, run, wait=timeout, idle=self._request_timeout)
 
     async def status(self, endpoint: Endpoint) -> Availability:
         """From the executor's blocks and workers, the scheduler's jobs, and a worker's view of its model servers."""
@@ -360,22 +372,6 @@ class ParslDispatcher(Dispatcher):
         if report.get("scheduler_error"):
             log.warning("%s: %s", endpoint.id, report["scheduler_error"])
         return tuple(report.get("jobs", []))
-
-
-async def _held(
-    executor: HighThroughputExecutor, items: AsyncGenerator[bytes | dict[str, Any], None]
-) -> AsyncGenerator[bytes | dict[str, Any], None]:
-    """``items``, counted among ``executor``'s outstanding tasks while they last (see ``_Executor``)."""
-    counted = executor if isinstance(executor, _Executor) else None
-    if counted is not None:
-        counted.held += 1
-    try:
-        async with contextlib.aclosing(items):
-            async for item in items:
-                yield item
-    finally:
-        if counted is not None:
-            counted.held -= 1
 
 
 async def _result(endpoint: Endpoint, waiting: Awaitable[Any], limit: float) -> Any:

@@ -35,3 +35,21 @@ def test_requests_the_nodes_hold_count_as_parsls_outstanding_tasks() -> None:
     assert executor.outstanding() == 2  # a full node: its two workers' slots
     executor.held = 257  # type: ignore[attr-defined]
     assert executor.outstanding() == 3  # more than a node holds: Parsl may add a block
+
+
+async def test_a_request_counts_from_its_hand_over_until_nobody_waits_for_its_events() -> None:
+    from gateway.dispatch.parsl import build_executor
+    from gateway.streaming.relay import LocalRelay
+
+    executor = build_executor("test", ParslSettings(requests_per_node=256, workers_per_node=2))
+    relay = LocalRelay(b"s" * 32)
+    first, second = await relay.open(ttl=60), await relay.open(ttl=60)
+    executor.hold(first)  # type: ignore[attr-defined]
+    executor.hold(second)  # type: ignore[attr-defined]
+    assert executor.held == 2  # type: ignore[attr-defined]
+    first.close()
+    first.close()
+    assert executor.held == 1  # type: ignore[attr-defined]
+    second.close()
+    executor.hold(second)  # type: ignore[attr-defined]  # closed already: nothing to wait for
+    assert executor.held == 0  # type: ignore[attr-defined]
