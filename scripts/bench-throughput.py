@@ -32,6 +32,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from benchtools import cpu_seconds  # noqa: E402
 
 MODEL = "facebook/opt-125m"
 QUESTION = [{"role": "user", "content": "Explain the concept of Globus Compute in simple terms."}]
@@ -76,18 +79,6 @@ def wrk(url: str, body: dict[str, Any], *, connections: int, seconds: float, hea
     result["failed"] = sum(result[kind] for kind in ("connect", "read", "write", "status", "timeout"))
     result["cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return result
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """User and system CPU seconds a process has used so far (0 for none)."""
-    if pid is None:
-        return 0.0
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def request_server(work: Path, name: str) -> int | None:
@@ -232,15 +223,17 @@ def throughput(args: argparse.Namespace) -> int:
 
         def measured(name: str, url: str, body: dict[str, Any], connections: int, headers: dict[str, str]) -> Any:
             """One ``wrk`` run, with the CPU per request of the gateway, the request server and the simulator."""
-            pids = {
+            found = {
                 "gateway": gateway.process.pid if gateway.process else None,
                 "request_server": request_server(work, name),
                 "simulator": simulators[name].process.pid if simulators[name].process else None,
             }
+            pids = {process: pid for process, pid in found.items() if pid is not None}
             before = {process: cpu_seconds(pid) for process, pid in pids.items()}
             result = wrk(url, body, connections=connections, seconds=args.duration, headers=headers)
-            for process, pid in pids.items():
-                result[f"cpu_{process}"] = (cpu_seconds(pid) - before[process]) / max(result["requests"], 1) * 1e6
+            for process in ("gateway", "request_server", "simulator"):
+                used = cpu_seconds(pids[process]) - before[process] if process in pids else 0.0
+                result[f"cpu_{process}"] = used / max(result["requests"], 1) * 1e6
             return result
 
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the start")
