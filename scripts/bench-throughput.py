@@ -19,9 +19,7 @@ the ratios the targets speak of.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -34,51 +32,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from benchtools import cpu_seconds  # noqa: E402
+from benchtools import cpu_seconds, wrk, wrk_script  # noqa: E402
 
 MODEL = "facebook/opt-125m"
 QUESTION = [{"role": "user", "content": "Explain the concept of Globus Compute in simple terms."}]
 MODEL_LIKE = ("--ttft", "0.02", "--tpot", "0.005")
-
-# wrk's script: every request is the same POST; ``done`` prints the figures as one JSON line.
-WRK_SCRIPT = """
-wrk.method = "POST"
-wrk.body = [==[%(body)s]==]
-wrk.headers["content-type"] = "application/json"
-%(headers)s
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'RESULT {"requests": %%d, "seconds": %%f, "p50": %%f, "p99": %%f, "mean": %%f, ' ..
-    '"connect": %%d, "read": %%d, "write": %%d, "status": %%d, "timeout": %%d}\\n',
-    summary.requests, summary.duration / 1e6, latency:percentile(50) / 1e3, latency:percentile(99) / 1e3,
-    latency.mean / 1e3, e.connect, e.read, e.write, e.status, e.timeout))
-end
-"""
-
-
-def wrk(url: str, body: dict[str, Any], *, connections: int, seconds: float, headers: dict[str, str]) -> dict[str, Any]:
-    """One ``wrk`` run: requests/s, latency p50/p99 in ms, failures, and the CPU seconds ``wrk`` itself used."""
-    lines = "\n".join(f'wrk.headers["{name}"] = "{value}"' for name, value in headers.items())
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(WRK_SCRIPT % {"body": json.dumps(body), "headers": lines})
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    try:
-        run = subprocess.run(
-            ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "30s", "-s", script.name, url],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    finally:
-        os.unlink(script.name)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    line = next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))
-    result: dict[str, Any] = json.loads(line[len("RESULT ") :])
-    result["rps"] = result["requests"] / result["seconds"]
-    result["failed"] = sum(result[kind] for kind in ("connect", "read", "write", "status", "timeout"))
-    result["cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return result
 
 
 def request_server(work: Path, name: str) -> int | None:
@@ -381,13 +339,7 @@ def memory(args: argparse.Namespace) -> int:
         print(f"requests_per_node {in_flight}, workers_per_node {workers}")
         report("idle, after serving")
         lua = work / "long.lua"
-        lua.write_text(
-            WRK_SCRIPT
-            % {
-                "body": json.dumps(chat(1500, True)),
-                "headers": f'wrk.headers["authorization"] = "{auth["authorization"]}"',
-            }
-        )
+        lua.write_text(wrk_script(chat(1500, True), {"authorization": auth["authorization"]}))
         load = subprocess.Popen(
             ["wrk", "-t1", f"-c{in_flight}", "-d12s", "--timeout", "30s", "-s", str(lua), url],
             stdout=subprocess.DEVNULL,

@@ -61,6 +61,15 @@ def need_wrk() -> None:
         raise SystemExit("wrk is needed: apt-get install -y wrk")
 
 
+def wrk_script(body: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> str:
+    """wrk's Lua script for the same request each time: a POST of ``body`` as JSON, or a GET without one."""
+    lines = [f'wrk.headers["{name}"] = "{value}"' for name, value in (headers or {}).items()]
+    if body is not None:
+        lines.insert(0, 'wrk.headers["content-type"] = "application/json"')
+    script_body = "" if body is None else f"wrk.body = [==[{json.dumps(body)}]==]"
+    return _SCRIPT % {"method": "GET" if body is None else "POST", "body": script_body, "headers": "\n".join(lines)}
+
+
 def wrk(
     url: str,
     body: dict[str, Any] | None = None,
@@ -78,14 +87,8 @@ def wrk(
     ``fail_with`` is given: then it raises ``fail_with`` with a message holding wrk's own report (``SystemExit``
     ends a benchmark; one that runs a failed round again passes an exception of its own).
     """
-    lines = [f'wrk.headers["{name}"] = "{value}"' for name, value in (headers or {}).items()]
-    if body is not None:
-        lines.insert(0, 'wrk.headers["content-type"] = "application/json"')
-    script_body = "" if body is None else f"wrk.body = [==[{json.dumps(body)}]==]"
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(
-            _SCRIPT % {"method": "GET" if body is None else "POST", "body": script_body, "headers": "\n".join(lines)}
-        )
+        script.write(wrk_script(body, headers))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         run = subprocess.run(
