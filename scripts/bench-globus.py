@@ -119,11 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import httpx
-    import yaml
+    from benchtools import start_gateway
     from globus_compute_sdk import Client, Executor
 
     from compute_functions.model_server import ModelServer
-    from gateway.cli import serve_command
     from gateway.simulator import command as simulator_command
     from tests.compute_endpoint import ComputeSite, EndpointDaemon, credentials
     from tests.globus_compute_service import ComputeService
@@ -161,18 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                         site.endpoint(worker_model_server=on_node),
                     ],
                 }
-                (work / "gateway.yaml").write_text(yaml.safe_dump(config))
-                gateway = ModelServer(
-                    serve_command(work / "gateway.yaml"),
-                    health_path="/resource_server/health",
-                    log_path=work / "gateway.log",
-                    env={
-                        "INFERENCE_GATEWAY_STATE_DIR": str(work / "state"),
-                        "INFERENCE_GATEWAY_DEV_TOKEN": token,
-                        **env,
-                    },
-                )
-                gateway.start(60)
+                (work / "state").mkdir()
+                gateway = start_gateway(config, work / "state", env={"INFERENCE_GATEWAY_DEV_TOKEN": token, **env})
                 try:
                     measure(args, gateway, simulator, headers, site, daemon, service, Client, Executor, httpx)
                 finally:

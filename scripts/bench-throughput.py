@@ -32,11 +32,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from benchtools import cpu_seconds, wrk, wrk_script  # noqa: E402
+from benchtools import cpu_seconds, start_gateway, wrk, wrk_script  # noqa: E402
 
 MODEL = "facebook/opt-125m"
 QUESTION = [{"role": "user", "content": "Explain the concept of Globus Compute in simple terms."}]
 MODEL_LIKE = ("--ttft", "0.02", "--tpot", "0.005")
+
+
+def state(work: Path) -> Path:
+    """The gateway's folder in the run's: its configuration, log and state."""
+    (work / "state").mkdir(exist_ok=True)
+    return work / "state"
 
 
 def request_server(work: Path, name: str) -> int | None:
@@ -99,23 +105,6 @@ def gateway_config(ports: dict[str, int], work: Path, requests_per_node: int | N
     return {"auth": {"providers": ["dev"]}, "federation": {"when_not_hot": "hold"}, "endpoints": endpoints}
 
 
-def start_gateway(config: dict[str, Any], work: Path, token: str) -> Any:
-    import yaml
-
-    from compute_functions.model_server import ModelServer
-    from gateway.cli import serve_command
-
-    (work / "gateway.yaml").write_text(yaml.safe_dump(config))
-    gateway = ModelServer(
-        serve_command(work / "gateway.yaml"),
-        health_path="/resource_server/health",
-        log_path=work / "gateway.log",
-        env={"INFERENCE_GATEWAY_STATE_DIR": str(work / "state"), "INFERENCE_GATEWAY_DEV_TOKEN": token},
-    )
-    gateway.start(60)
-    return gateway
-
-
 def start_simulator(work: Path, name: str, options: tuple[str, ...]) -> Any:
     from compute_functions.model_server import ModelServer
     from gateway.simulator import command
@@ -153,7 +142,7 @@ def throughput(args: argparse.Namespace) -> int:
     gateway = None
     try:
         ports = {name: simulator.port for name, simulator in simulators.items()}
-        gateway = start_gateway(gateway_config(ports, work), work, token)
+        gateway = start_gateway(gateway_config(ports, work), state(work), env={"INFERENCE_GATEWAY_DEV_TOKEN": token})
         base = f"http://127.0.0.1:{gateway.port}/resource_server"
 
         def paths(name: str) -> dict[str, tuple[str, dict[str, str]]]:
@@ -310,7 +299,7 @@ def memory(args: argparse.Namespace) -> int:
     try:
         config = gateway_config({"model": simulator.port}, work, requests_per_node=in_flight)
         config["endpoints"] = config["endpoints"][1:]
-        gateway = start_gateway(config, work, token)
+        gateway = start_gateway(config, state(work), env={"INFERENCE_GATEWAY_DEV_TOKEN": token})
         url = f"http://127.0.0.1:{gateway.port}/resource_server/model-parsl/vllm/v1/chat/completions"
         for _ in range(600):
             if httpx.post(url, json=chat(4, False), headers=auth, timeout=60).status_code == 200:
