@@ -163,10 +163,6 @@ class NodeChannels:
         request["channel"] = self.invitation(channel_id, relay_url)
         return False
 
-    def carrying(self, channel_id: str) -> int:
-        """How many requests the connected channels of ``channel_id`` carry now."""
-        return sum(len(channel.streams) for channel in self._connected.get(channel_id, ()))
-
     def connected(self, channel_id: str) -> int:
         """How many request servers of ``channel_id`` are connected."""
         return len(self._connected.get(channel_id, ()))
