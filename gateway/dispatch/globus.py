@@ -281,8 +281,8 @@ class GlobusDispatcher(Dispatcher):
             raise failure from None
 
     async def call(self, endpoint: Endpoint, op: str, payload: dict[str, Any]) -> dict[str, Any]:
-        self._refuse_if_offline(endpoint)
         if self._relay_url is None:
+            self._refuse_if_offline(endpoint)
             # Without the relay, the task carries the answer: it comes with the SDK's result listener.
             return answer_of(endpoint, await self.run(endpoint, "inference", self._request(endpoint, op, payload)))
         return await whole_answer(endpoint, self._relayed(endpoint, op, payload, stream=False))
