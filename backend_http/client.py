@@ -15,7 +15,7 @@ import base64
 import ssl
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -80,6 +80,9 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.max_idle = _MAX_IDLE_SECONDS
         self.error: ConnectionBroken | None = None
+        # Where the body goes, straight from ``data_received``, while a reader ``deliver``s it (see ``Reply``).
+        self.sink: Callable[[bytes], None] | None = None
+        self.patience: float | None = None
         self.expect()
 
     def expect(self) -> None:
@@ -113,7 +116,15 @@ class _Connection(asyncio.Protocol):
         if not self.head_done and self.head_bytes > _MAX_HEAD_BYTES:
             self._fail(ConnectionBroken(f"the answer's headers are longer than {_MAX_HEAD_BYTES} bytes"))
             return
-        if len(self.body) > _HIGH_WATER and not self.paused and self.transport is not None:
+        if self.sink is not None:
+            if self.body:
+                # Bytes are news: the silence limit counts from now on, and nobody needs waking for them.
+                if self.patience is not None:
+                    self.deadline = self.loop.time() + self.patience
+                self.sink(self.take())
+            if not (self.complete or self.closed or self.error):
+                return
+        elif len(self.body) > _HIGH_WATER and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
         self._wake()
@@ -312,26 +323,51 @@ class Reply:
         if connection is None or self._finished:
             return
         patience = self._http.read_timeout
-        # Without a length or chunks the body ends where the connection does; llhttp cannot see that end for us.
-        until_close = not (
-            self.status in _NO_BODY
-            or "content-length" in self.headers
-            or "chunked" in self.headers.get("transfer-encoding", "").lower()
-        )
         while True:
             if connection.body:
                 yield connection.take()
-            elif connection.complete:
+            elif self._ended(connection):
                 break
-            elif connection.error is not None:
-                raise connection.error
-            elif connection.closed:
-                if until_close:
-                    break
-                raise ConnectionBroken("the server closed the connection before the end of the answer")
             else:
                 await connection.more(patience)
         self._finished = True
+
+    async def deliver(self, sink: Callable[[bytes], None]) -> None:
+        """Hand the body's bytes to ``sink`` as they arrive, as ``pieces`` yields them, and return at its end.
+
+        ``sink`` is called from the connection's own callback, so this task wakes only when the body ends: an event
+        stream costs no task switch per event. ``sink`` must not raise, nor wait; the silence limit
+        (``read_timeout``) counts from the last bytes.
+        """
+        connection = self._connection
+        if connection is None or self._finished:
+            return
+        if connection.body:
+            sink(connection.take())
+        connection.sink, connection.patience = sink, self._http.read_timeout
+        try:
+            while not self._ended(connection):
+                await connection.more(connection.patience)
+        finally:
+            connection.sink = None
+        self._finished = True
+
+    def _ended(self, connection: _Connection) -> bool:
+        """Whether the body has ended (its bytes all taken); ``ConnectionBroken`` where it broke off instead."""
+        if connection.complete:
+            return True
+        if connection.error is not None:
+            raise connection.error
+        if connection.closed:
+            # Without a length or chunks the body ends where the connection does; llhttp cannot see that end for us.
+            if not (
+                self.status in _NO_BODY
+                or "content-length" in self.headers
+                or "chunked" in self.headers.get("transfer-encoding", "").lower()
+            ):
+                return True
+            raise ConnectionBroken("the server closed the connection before the end of the answer")
+        return False
 
     def close(self) -> None:
         connection, self._connection = self._connection, None

@@ -28,12 +28,13 @@ several such requests in one task.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Generator, Iterator
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,7 +42,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from backend_http.client import ConnectionBroken, Http, ServerUnreachable
-from compute_functions import node, request_server
+from compute_functions import json_codec, node, request_server
 from compute_functions.model_server import ModelServerFailed
 from compute_functions.routes import OPERATIONS, url_of
 from compute_functions.sse import EventCounter
@@ -264,27 +265,43 @@ def _relay(
 async def _pieces(request: dict[str, Any], patience: float) -> AsyncGenerator[bytes, None]:
     """In the request server: the model server's events as they arrive, then the outcome event."""
     outcome: dict[str, Any] = {}
-    async with contextlib.aclosing(_answer_async(request, patience, outcome)) as events:
-        async for piece in events:
-            yield piece
+    arrived: collections.deque[bytes] = collections.deque()
+    news = asyncio.Event()
+
+    def arrive(piece: bytes) -> None:
+        arrived.append(piece)
+        news.set()
+
+    answering = asyncio.ensure_future(_answer_async(request, patience, outcome, arrive))
+    answering.add_done_callback(lambda _: news.set())
+    try:
+        while True:
+            await news.wait()
+            news.clear()
+            while arrived:
+                yield arrived.popleft()
+            if answering.done():
+                break
+        answering.result()  # a fault of this code, not of the request, goes up
+    finally:
+        # Cancelled when nobody reads the rest (the relay refused it): that closes the model server's request.
+        answering.cancel()
     yield _outcome_event(outcome)
 
 
 def _outcome_event(outcome: dict[str, Any]) -> bytes:
-    return b"event: outcome\ndata: " + json.dumps(outcome).encode() + b"\n\n"
+    return b"event: outcome\ndata: " + json_codec.dumps(outcome) + b"\n\n"
 
 
 async def _serve_over(request: dict[str, Any], send: request_server.Send) -> None:
     """In the request server, for a request that came down a node channel: its pieces go back the same way.
 
-    A channel that breaks, or the gateway's cancel, cancels this task; closing the events then closes the model
-    server's request. The events are read here rather than through ``_pieces``: one generator less for every event.
+    A channel that breaks, or the gateway's cancel, cancels this task, which closes the model server's request.
+    The events go to ``send`` from the model server's connection as they arrive: this task does not wake per event.
     """
     outcome: dict[str, Any] = {}
-    async with contextlib.aclosing(_answer_async(request, float(request.get("timeout") or 600.0), outcome)) as events:
-        async for piece in events:
-            await send(piece)
-    await send(_outcome_event(outcome))
+    await _answer_async(request, float(request.get("timeout") or 600.0), outcome, send)
+    send(_outcome_event(outcome))
 
 
 async def _serve_relayed(request: dict[str, Any]) -> None:
@@ -341,13 +358,14 @@ def _spec(settings: dict[str, Any], model: str) -> node.LaunchSpec:
 
 
 async def _answer_async(
-    request: dict[str, Any], patience: float, outcome: dict[str, Any]
-) -> AsyncGenerator[bytes, None]:
-    """As ``_answer``, in the request server's event loop: the events of a streamed answer; ``outcome`` is filled."""
+    request: dict[str, Any], patience: float, outcome: dict[str, Any], sink: Callable[[bytes], None]
+) -> None:
+    """As ``_answer``, in the request server's event loop: the events of a streamed answer go to ``sink`` as they
+    arrive (see ``Reply.deliver``); ``outcome`` is filled."""
     op = request["op"]
     payload: dict[str, Any] = request["payload"]
     spec = _spec(request["model_server"], str(payload.get("model", "")))
-    data = json.dumps(payload).encode()
+    data = json_codec.dumps(payload)
     streams = _streams(request)
     for attempt in range(_ATTEMPTS):
         base_url = node.known_server(spec)
@@ -382,9 +400,7 @@ async def _answer_async(
                 await reply.read()
                 outcome.update(invalid_answer(f"the model server answered {reply.content_type!r}, not an event stream"))
             elif streams:
-                async for piece in reply.pieces():
-                    events.feed(piece)
-                    yield piece
+                await reply.deliver(_counting(events, sink))
                 outcome.update({"ok": True, "streamed": events.events})
             else:
                 outcome.update(_parsed(await reply.read()))
@@ -400,9 +416,17 @@ async def _answer_async(
     outcome.update(failure("upstream", "the model server refused the connection"))
 
 
+def _counting(events: EventCounter, sink: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    def counted(piece: bytes) -> None:
+        events.feed(piece)
+        sink(piece)
+
+    return counted
+
+
 def _parsed(body: bytes) -> dict[str, Any]:
     try:
-        answer = json.loads(body)
+        answer = json_codec.loads(body)
     except ValueError:
         return invalid_answer("the model server's answer is not JSON")
     if not isinstance(answer, dict):

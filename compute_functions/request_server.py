@@ -23,7 +23,6 @@ import asyncio
 import codecs
 import contextlib
 import functools
-import json
 import os
 import socket
 import struct
@@ -34,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from compute_functions import event_loop
+from compute_functions import event_loop, json_codec
 from compute_functions.model_server import tail
 from compute_functions.node import PACKAGE_ROOT, locked
 from compute_functions.processes import alive
@@ -60,7 +59,7 @@ def hand_over(
     started, to start what the requests will need meanwhile rather than after.
     """
     path = directory / f"requests-{held}.sock"
-    data = json.dumps(requests).encode() + b"\n"
+    data = json_codec.dumps(requests) + b"\n"
     try:
         return _send(path, data)
     except (OSError, HandOverFailed):
@@ -122,7 +121,8 @@ def _probe(path: Path) -> None:
         connection.connect(str(path))
 
 
-Send = Callable[[bytes], Awaitable[None]]
+# Takes a piece of a request's answer to send back; it neither waits nor raises (a closed channel drops it).
+Send = Callable[[bytes], None]
 # Serves a request handed over by a worker; its outcome goes to the relay the request names.
 Handle = Callable[[dict[str, Any]], Awaitable[None]]
 # Serves a request that came down a node channel, sending its events back with ``send``.
@@ -154,7 +154,7 @@ async def _serve(directory: Path, held: int, first_client: int, handle: Handle, 
                 return  # a probe
             sock = writer.get_extra_info("socket")
             clients.add(struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0])
-            for request in json.loads(line):
+            for request in json_codec.loads(line):
                 if "channel" in request:
                     channels.dial(request.pop("channel"))
                 await slots.acquire()
@@ -236,7 +236,7 @@ class _Channels:
                 print(f"node channel {invitation['id']}: connected", file=sys.stderr, flush=True)
                 outbox = _Outbox(channel.send)
                 async for message in channel:
-                    request = json.loads(message)
+                    request = json_codec.loads(message)
                     if "cancel" in request:
                         # Nobody waits for the answer: cancelling the task closes the model server's request.
                         task = serving.pop(request["cancel"], None)
@@ -272,7 +272,7 @@ class _Outbox:
     character split between two reads stays whole.
     """
 
-    def __init__(self, send: Callable[[str], Awaitable[None]]) -> None:
+    def __init__(self, send: Callable[[bytes], Awaitable[None]]) -> None:
         self._send = send
         self._pieces: list[tuple[str, str]] = []
         self._ready = asyncio.Event()
@@ -281,9 +281,9 @@ class _Outbox:
     def sender(self, stream_id: str) -> Send:
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
-        async def send(piece: bytes) -> None:
+        def send(piece: bytes) -> None:
             if self._task.done():
-                raise ConnectionError("the node channel closed")
+                return  # the channel closed: its requests are being cancelled
             text = decoder.decode(piece)
             if text:
                 self._pieces.append((stream_id, text))
@@ -296,7 +296,7 @@ class _Outbox:
             await self._ready.wait()
             self._ready.clear()
             pieces, self._pieces = self._pieces, []
-            await self._send(json.dumps(pieces))
+            await self._send(json_codec.dumps(pieces))
 
     def close(self) -> None:
         if self._task.done() and not self._task.cancelled():

@@ -168,6 +168,63 @@ async def test_the_read_timeout_bounds_each_silence_not_the_whole_answer() -> No
         http.close()
 
 
+async def test_a_delivered_body_reaches_its_sink_as_it_arrives_and_each_silence_is_bounded() -> None:
+    # The server sends the rest of the first answer only once the sink has the first event: delivery that waited
+    # for the end would stall until the timeout. The events then come 0.1 s apart, read with a timeout of 0.25 s.
+    seen = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(b"9\r\ndata: 0\n\n\r\n")
+        await seen.wait()
+        for n in range(1, 5):
+            await asyncio.sleep(0.1)
+            event = b"data: %d\n\n" % n
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        writer.write(b"0\r\n\r\n")
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(b"9\r\ndata: 0\n\n\r\n")
+        await asyncio.sleep(1.0)
+
+    server, url, connections = await _serve(handler)
+    async with server:
+        http = Http(url, {}, read_timeout=0.25)
+        received: list[bytes] = []
+
+        def sink(piece: bytes) -> None:
+            received.append(piece)
+            seen.set()
+
+        reply = await http.request("POST", "completions", b"{}")
+        await reply.deliver(sink)
+        reply.close()
+        assert b"".join(received) == b"".join(b"data: %d\n\n" % n for n in range(5))
+        received.clear()
+        reply = await http.request("POST", "completions", b"{}")  # on the same, kept-alive connection
+        with pytest.raises(TimeoutError):
+            await reply.deliver(sink)
+        reply.close()
+        http.close()
+    assert received == [b"data: 0\n\n"]
+    assert len(connections) == 1
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort")
+
+    server, url, _ = await _serve(cut)
+    async with server:
+        http = Http(url, {}, read_timeout=5.0)
+        reply = await http.request("POST", "completions", b"{}")
+        received.clear()
+        with pytest.raises(ConnectionBroken):
+            await reply.deliver(received.append)
+        reply.close()
+    assert b"".join(received) == b"short"
+
+
 async def test_a_silent_server_times_out_and_a_cut_answer_is_broken() -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_request(reader)
