@@ -81,7 +81,8 @@ def wrk(
 ) -> dict[str, Any]:
     """One ``wrk`` run of the same request: a POST of ``body`` as JSON, or a GET without one.
 
-    The figures: ``requests`` answered in ``seconds``, ``rps``, latency ``p50``, ``p99`` and ``mean`` in ms,
+    The figures: ``requests`` answered in ``seconds``, ``rps`` (their count over the time), ``steady_rps`` (the
+    closed loop's rate, ``connections`` over the mean latency), latency ``p50``, ``p99`` and ``mean`` in ms,
     ``failed`` (socket errors, timeouts and answers of status 400 and above, each kind also under its own name),
     and ``cpu``, the CPU seconds ``wrk`` itself used. A run with failures returns its figures as well, unless
     ``fail_with`` is given: then it raises ``fail_with`` with a message holding wrk's own report (``SystemExit``
@@ -103,6 +104,8 @@ def wrk(
     report, line = run.stdout.rsplit("RESULT ", 1)
     result: dict[str, Any] = json.loads(line)
     result["rps"] = result["requests"] / result["seconds"]
+    # A closed loop's rate in its steady state: each connection has one request in flight at all times.
+    result["steady_rps"] = connections / (result["mean"] / 1000) if result["mean"] else 0.0
     result["failed"] = sum(result[kind] for kind in ("connect", "read", "write", "status", "timeout"))
     result["cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if result["failed"] and fail_with is not None:

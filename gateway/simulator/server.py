@@ -323,9 +323,16 @@ class SimulatorApp:
         answer.engine.record(completion_tokens, [output.finish_reason for output in answer.outputs])
 
     async def _answer_stream(self, answer: Answer, chunks: Chunks, progress: StreamProgress, send: Send) -> None:
+        """The tokens of a streamed answer on the engine's schedule: the first after ``ttft``, then one each
+        ``tpot`` counted from when the last was due, not from when it was written. A model server's steps go at
+        the accelerator's pace whatever its event loop is doing; a delay counted from each write would add every
+        late wake-up of a busy machine to all the tokens after it."""
         tpot = self.settings.tpot
         batched = self.settings.tpot_batch_factor > 0
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         if self.settings.ttft > 0:
+            due += self.settings.ttft
             await asyncio.sleep(self.settings.ttft)
         if answer.protocol.chat:
             for output in answer.outputs:
@@ -333,7 +340,9 @@ class SimulatorApp:
         for step in range(answer.steps):
             if step:
                 if tpot > 0:
-                    await asyncio.sleep(self.tpot(answer.engine) if batched else tpot)
+                    due += self.tpot(answer.engine) if batched else tpot
+                    # Behind schedule, the token goes at once, as a model server's queued outputs do.
+                    await asyncio.sleep(max(due - loop.time(), 0.0))
                 elif step % YIELD_EVERY_TOKENS == 0:
                     await asyncio.sleep(0)
             for output in answer.outputs:

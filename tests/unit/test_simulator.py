@@ -481,6 +481,39 @@ def test_stream_follows_ttft_and_tpot(slow_simulator: RunningSimulator) -> None:
     assert 0.3 <= time.monotonic() - started <= 1.5
 
 
+async def _stream_times(app: Any, tokens: int, write_takes: float = 0.0) -> list[float]:
+    """When each content token of one streamed chat answer is written, the app called as uvicorn calls it."""
+    body = orjson.dumps({"model": MODEL, "messages": QUESTION, "max_tokens": tokens, "stream": True})
+    requests = [{"type": "http.request", "body": body, "more_body": False}]
+    written: list[float] = []
+
+    async def receive() -> dict[str, Any]:
+        if requests:
+            return requests.pop()
+        await asyncio.sleep(3600)  # the client stays
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        if b'"content":"' in message.get("body", b"") and b'"role"' not in message["body"]:
+            written.append(time.monotonic())
+        if write_takes:
+            await asyncio.sleep(write_takes)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [], "query_string": b""}
+    await app(scope, receive, send)
+    assert len(written) == tokens
+    return written
+
+
+async def test_a_stream_keeps_its_schedule_when_each_write_is_late() -> None:
+    # Each write takes 15 ms, as on a busy machine: the tokens still come 20 ms apart, not 35 ms.
+    app = create_app(SimulatorSettings(models=(MODEL,), tpot=0.02))
+    written = await _stream_times(app, 20, write_takes=0.015)
+    # The first token waits for the role chunk's write, the last goes when due: 0.365 s. Counted from each write
+    # instead, the 19 steps would take 0.665 s.
+    assert 0.35 <= written[-1] - written[0] <= 0.5
+
+
 def test_requests_beyond_max_num_seqs_wait(slow_simulator: RunningSimulator) -> None:
     client = slow_simulator.client()
     finished: list[float] = []
