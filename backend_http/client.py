@@ -117,13 +117,16 @@ class _Connection(asyncio.Protocol):
             self._fail(ConnectionBroken(f"the answer's headers are longer than {_MAX_HEAD_BYTES} bytes"))
             return
         if self.sink is not None:
+            if self.complete:
+                # The reader is woken before the sink gets the last bytes, so its next step (what it does at the
+                # end) runs before anything those bytes wake: a sink that sends on once per turn sends both at once.
+                self._wake()
             if self.body:
                 # Bytes are news: the silence limit counts from now on, and nobody needs waking for them.
                 if self.patience is not None:
                     self.deadline = self.loop.time() + self.patience
                 self.sink(self.take())
-            if not (self.complete or self.closed or self.error):
-                return
+            return
         elif len(self.body) > _HIGH_WATER and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
