@@ -18,8 +18,8 @@ server writes it, in the body of one HTTP request to ``stream["url"]`` (the gate
 with ``kind`` one of ``model_start_failed``, ``upstream``, ``timeout``, ``relay`` or ``cancelled``.
 
 With ``"node_requests": n`` (and ``stream`` set, whole answers too), the worker hands the request to the node's
-request server (``request_server``), which serves up to ``n`` at once in threads, and the task returns
-``{"ok": True, "relayed": True}`` as soon as a thread has taken it. The request's outcome (the result above) then
+request server (``request_server``), which serves up to ``n`` at once on one event loop, and the task returns
+``{"ok": True, "relayed": True}`` as soon as the server has taken it. The request's outcome (the result above) then
 comes through the relay, as the last event of the body: ``event: outcome``, its JSON as data. The relay request
 is open from the start, so a request server that dies breaks it at once. ``{"group": [request, ...]}`` hands over
 several such requests in one task.
@@ -129,14 +129,16 @@ def _launch_model_servers(requests: list[dict[str, Any]]) -> None:
 
 
 def _streams(request: dict[str, Any]) -> bool:
-    """Whether the model server's answer is an event stream; in a thread, ``stream`` carries whole answers too."""
+    """Whether the model server's answer is an event stream; in the request server, ``stream`` carries whole answers
+    too."""
     if request.get("node_requests"):
         return bool(request["payload"].get("stream"))
     return bool(request.get("stream"))
 
 
 def serve_node(directory: str, held: str, first_client: str) -> None:
-    """The node's request server (started by ``hand_over``): each request in a thread, its outcome to the relay."""
+    """The node's request server (started by ``hand_over``): each request a task, its outcome to the relay or
+    down its node channel."""
     request_server.serve(Path(directory), int(held), int(first_client), _serve_relayed, _serve_over)
 
 
