@@ -300,10 +300,10 @@ class GlobusDispatcher(Dispatcher):
         settings = self._settings(endpoint)
         timeout = self._task_timeout(endpoint)
 
-        async def run(relay: dict[str, str], inbox: Inbox) -> Any:
+        def request_for(relay: dict[str, str] | None) -> dict[str, Any]:
             if endpoint.worker_model_server is None:
                 raise BackendUnavailable(endpoint, "no worker_model_server: the workers would not know what to start")
-            request = compute_request(
+            return compute_request(
                 op,
                 payload if bool(payload.get("stream")) == stream else {**payload, "stream": stream},
                 model_server=endpoint.worker_model_server,
@@ -311,13 +311,21 @@ class GlobusDispatcher(Dispatcher):
                 stream=relay,
                 node_requests=settings.requests_per_node,
             )
+
+        async def offer(inbox: Inbox) -> bool:
+            assert self._channels is not None
+            if not await self._channels.offer(self._channel_id(endpoint), request_for(None), inbox):
+                return False
+            self._channelled[endpoint.id] = self._channelled.get(endpoint.id, 0) + 1
+            return True
+
+        async def run(relay: dict[str, str], inbox: Inbox) -> Any:
+            request = request_for(relay)
             if self._channels is not None:
-                assert self._relay_url is not None
-                if await self._channels.offer(self._channel_id(endpoint), request, inbox, self._relay_url):
-                    self._channelled[endpoint.id] = self._channelled.get(endpoint.id, 0) + 1
-                    return {"ok": True, "relayed": True}
                 # No node has dialled in yet, or all that did are full: a task finds or starts a request server,
                 # and the invitation makes it dial in.
+                assert self._relay_url is not None
+                request["channel"] = self._channels.invitation(self._channel_id(endpoint), self._relay_url)
             # The task ends once the request server has the request; its result only says so (or why not).
             try:
                 async with asyncio.timeout(timeout):
@@ -325,7 +333,15 @@ class GlobusDispatcher(Dispatcher):
             except TimeoutError:
                 raise BackendTimeout(endpoint, f"no result from Globus Compute within {timeout:g} s") from None
 
-        return relayed_outcome(endpoint, self._relay, self._relay_url, run, wait=timeout, idle=self._request_timeout)
+        return relayed_outcome(
+            endpoint,
+            self._relay,
+            self._relay_url,
+            run,
+            wait=timeout,
+            idle=self._request_timeout,
+            offer=offer if self._channels is not None else None,
+        )
 
     def _channel_id(self, endpoint: Endpoint) -> str:
         """The node channels of ``endpoint``'s request servers: one kind per Globus Compute endpoint and node setup."""

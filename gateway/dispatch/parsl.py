@@ -293,11 +293,8 @@ class ParslDispatcher(Dispatcher):
         timeout = self._task_timeout[endpoint.id]
         held = self._settings[endpoint.id].requests_per_node
 
-        async def run(relay: dict[str, str], inbox: Inbox) -> Any:
-            counted = self._executors[endpoint.id]
-            if isinstance(counted, _Executor):
-                counted.hold(inbox)
-            request = compute_request(
+        def request_for(relay: dict[str, str] | None) -> dict[str, Any]:
+            return compute_request(
                 op,
                 payload if bool(payload.get("stream")) == stream else {**payload, "stream": stream},
                 model_server=self._model_server[endpoint.id],
@@ -305,15 +302,28 @@ class ParslDispatcher(Dispatcher):
                 stream=relay,
                 node_requests=held,
             )
+
+        async def channel_id() -> str:
+            executor = await self._executor(endpoint)
+            key = (executor.label, str(held), str(self._model_server[endpoint.id]["state_dir"]))
+            assert self._channels is not None
+            return self._channels.key(key, held)
+
+        async def offer(inbox: Inbox) -> bool:
+            counted = self._executors[endpoint.id]
+            if isinstance(counted, _Executor):
+                counted.hold(inbox)
+            if self._channels is None:
+                return False
+            return await self._channels.offer(await channel_id(), request_for(None), inbox)
+
+        async def run(relay: dict[str, str], inbox: Inbox) -> Any:
+            request = request_for(relay)
             executor = await self._executor(endpoint)
             if self._channels is not None:
-                channel_id = self._channels.key(
-                    (executor.label, str(held), str(self._model_server[endpoint.id]["state_dir"])), held
-                )
-                if await self._channels.offer(channel_id, request, inbox, relay_url):
-                    return {"ok": True, "relayed": True}
                 # No node has dialled in yet, or all that did are full: Parsl finds or starts a request server,
                 # and the invitation makes it dial in.
+                request["channel"] = self._channels.invitation(await channel_id(), relay_url)
             handover = self._handovers.get(executor.label)
             if handover is None:
                 workers = self._settings[endpoint.id].worker_processes
@@ -321,7 +331,9 @@ class ParslDispatcher(Dispatcher):
             # The task ends once the node's request server has the request: its limit is the wait for a free slot.
             return await _result(endpoint, handover.hand_over(request), timeout)
 
-        return relayed_outcome(endpoint, self._relay, relay_url, run, wait=timeout, idle=self._request_timeout)
+        return relayed_outcome(
+            endpoint, self._relay, relay_url, run, wait=timeout, idle=self._request_timeout, offer=offer
+        )
 
     async def status(self, endpoint: Endpoint) -> Availability:
         """From the executor's blocks and workers, the scheduler's jobs, and a worker's view of its model servers."""

@@ -84,6 +84,7 @@ async def relayed_outcome(
     *,
     wait: float,
     idle: float,
+    offer: Callable[[Inbox], Awaitable[bool]] | None = None,
 ) -> AsyncGenerator[bytes | dict[str, Any], None]:
     """The SSE events of one ``inference`` request served by a node's request server, then its outcome (a dict).
 
@@ -93,13 +94,23 @@ async def relayed_outcome(
     events and ends with the outcome; a relay request that ends without it (a server that died) is a
     ``BackendProtocolError``. ``wait`` bounds the time to the first event (the model server may have to start
     first), ``idle`` the silence between events.
+
+    ``offer(inbox)``, when given, is awaited first, in this task: True when it sent the request down a node channel,
+    so that no ``run`` task is needed. A task's first step would wait a turn of the event loop, which under load
+    is a millisecond or more before the request leaves.
     """
     inbox = await relay.open(ttl=wait)
-    task = asyncio.ensure_future(run({"url": stream_url(relay_url, inbox.stream_id), "token": inbox.token}, inbox))
-    task.add_done_callback(inbox.put)
+    task: asyncio.Future[Any] | None = None
     events = EventSplitter()
     limit = wait
     try:
+        if offer is not None and await offer(inbox):
+            task = asyncio.get_running_loop().create_future()
+            task.set_result({"ok": True, "relayed": True})
+        else:
+            stream = {"url": stream_url(relay_url, inbox.stream_id), "token": inbox.token}
+            task = asyncio.ensure_future(run(stream, inbox))
+        task.add_done_callback(inbox.put)
         while True:
             try:
                 item = await inbox.get(limit)
@@ -133,5 +144,5 @@ async def relayed_outcome(
             taken(endpoint, _outcome(endpoint, item))
     finally:
         inbox.close()
-        if not task.done():
+        if task is not None and not task.done():
             task.cancel()

@@ -146,22 +146,22 @@ class NodeChannels:
                 best = channel
         return best
 
-    async def offer(self, channel_id: str, request: dict[str, Any], inbox: Inbox, relay_url: str) -> bool:
+    async def offer(self, channel_id: str, request: dict[str, Any], inbox: Inbox) -> bool:
         """Send ``request`` down a connected channel of ``channel_id`` with room, for its events to reach ``inbox``.
 
-        False when none is connected or all are full (or the one picked closed as the request went): ``request``
-        then carries the invitation, for the task that hands it over to make its request server dial in.
+        False when none is connected or all are full (or the one picked closed as the request went): the request
+        then goes by task, with an ``invitation`` for its request server to dial in.
         """
         channel = self.pick(channel_id)
-        if channel is not None:
-            try:
-                await channel.submit({**request, "stream": {"id": inbox.stream_id}}, inbox)
-                return True
-            except Exception as exc:
-                # It closed as the request went: its streams are broken, this one goes by task.
-                log.info("a node channel of %s closed: %s", channel_id, exc)
-        request["channel"] = self.invitation(channel_id, relay_url)
-        return False
+        if channel is None:
+            return False
+        try:
+            await channel.submit({**request, "stream": {"id": inbox.stream_id}}, inbox)
+        except Exception as exc:
+            # It closed as the request went: its streams are broken, this one goes by task.
+            log.info("a node channel of %s closed: %s", channel_id, exc)
+            return False
+        return True
 
     def connected(self, channel_id: str) -> int:
         """How many request servers of ``channel_id`` are connected."""
