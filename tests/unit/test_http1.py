@@ -44,6 +44,14 @@ async def _serve(handler: Handler) -> tuple[asyncio.Server, str, list[int]]:
     return server, f"http://127.0.0.1:{port}/v1", connections
 
 
+# The head of a streamed answer in chunks, and one chunk.
+_SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
 def _json_answer(body: bytes, *extra: bytes) -> bytes:
     headers = b"".join(extra)
     return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n%scontent-length: %d\r\n\r\n%s" % (
@@ -142,14 +150,14 @@ async def test_the_read_timeout_bounds_each_silence_not_the_whole_answer() -> No
     # then a silence of a second in the middle of the next answer times out.
     async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(_SSE_HEAD)
         for n in range(5):
             await asyncio.sleep(0.1)
             event = b"data: %d\n\n" % n
-            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            writer.write(_chunk(event))
         writer.write(b"0\r\n\r\n")
         await _read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(_SSE_HEAD)
         writer.write(b"9\r\ndata: 0\n\n\r\n")
         await asyncio.sleep(1.0)
 
@@ -175,16 +183,16 @@ async def test_a_delivered_body_reaches_its_sink_as_it_arrives_and_each_silence_
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(_SSE_HEAD)
         writer.write(b"9\r\ndata: 0\n\n\r\n")
         await seen.wait()
         for n in range(1, 5):
             await asyncio.sleep(0.1)
             event = b"data: %d\n\n" % n
-            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            writer.write(_chunk(event))
         writer.write(b"0\r\n\r\n")
         await _read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(_SSE_HEAD)
         writer.write(b"9\r\ndata: 0\n\n\r\n")
         await asyncio.sleep(1.0)
 
