@@ -117,7 +117,7 @@ async def relayed_outcome(
             except TimeoutError:
                 raise BackendTimeout(endpoint, "no events from the worker in time") from None
             if isinstance(item, bytes):
-                complete = events.feed(item)
+                complete = events.feed(inbox.joined(item))
                 limit = idle
                 if not complete:
                     continue

@@ -49,3 +49,20 @@ async def test_silence_longer_than_the_patience_is_a_timeout_and_each_item_start
     await asyncio.sleep(0.1)
     assert waiting.cancelled()
     inbox.close()
+
+
+async def test_a_reader_behind_takes_the_chunks_queued_so_far_as_one_and_stops_at_anything_else() -> None:
+    inbox = await LocalRelay(b"s" * 32).open(ttl=60)
+    done = asyncio.get_running_loop().create_future()
+    for item in (b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n", done, b"data: 4\n\n", Ending.COMPLETE):
+        inbox.put(item)
+    first = await inbox.get(1.0)
+    assert isinstance(first, bytes)
+    assert inbox.joined(first) == b"data: 1\n\ndata: 2\n\ndata: 3\n\n"
+    # The task's result and the ending keep their places: only chunks are joined.
+    assert await inbox.get(1.0) is done
+    fourth = await inbox.get(1.0)
+    assert isinstance(fourth, bytes)
+    assert inbox.joined(fourth) == b"data: 4\n\n"
+    assert await inbox.get(1.0) is Ending.COMPLETE
+    inbox.close()
