@@ -13,7 +13,8 @@ answers at once. One gateway serves, for each simulator, a ``direct`` endpoint o
 the embedded default's ``parsl`` and ``worker_model_server`` settings (``endpoint_configs/local.yaml``), pointed at
 the simulator's port so its workers use that server. For each case, the three paths are measured one after the
 other in the same run, whole answers and streamed ones; requests/s, latency p50/p99 and failures are printed, with
-the ratios the targets speak of.
+the ratios the targets speak of, and ``busy``, the share of the machine's cores busy during the figure: at 100% every
+process queues for a core, and the latency a path adds grows with the CPU it costs more than with its design.
 
 Requests/s is the closed loop's steady rate, ``wrk``'s connections divided by its mean latency (Little's law), and
 ``counted`` is what ``wrk`` counted in the run. The count is coarse when an answer takes a large share of the run:
@@ -122,14 +123,14 @@ def start_simulator(work: Path, name: str, options: tuple[str, ...]) -> Any:
 def print_table(title: str, rows: dict[str, dict[str, Any]], reference: str) -> None:
     print(f"  {title}")
     print(
-        f"    {'':10} {'req/s':>8} {'counted':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6} {'x ' + reference:>12}   "
-        "CPU µs per request: gateway, request server, simulator"
+        f"    {'':10} {'req/s':>8} {'counted':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6} {'x ' + reference:>12} "
+        f"{'busy':>5}   CPU µs per request: gateway, request server, simulator"
     )
     base = rows[reference]["steady_rps"]
     for name, row in rows.items():
         print(
             f"    {name:10} {row['steady_rps']:8.1f} {row['rps']:8.1f} {row['p50']:8.2f} {row['p99']:8.2f} "
-            f"{row['failed']:6d} {row['steady_rps'] / base:12.2f}   {row['cpu_gateway']:7.0f} "
+            f"{row['failed']:6d} {row['steady_rps'] / base:12.2f} {row['busy']:5.0%}   {row['cpu_gateway']:7.0f} "
             f"{row['cpu_request_server']:7.0f} {row['cpu_simulator']:7.0f}"
         )
 

@@ -84,13 +84,16 @@ def wrk(
     The figures: ``requests`` answered in ``seconds``, ``rps`` (their count over the time), ``steady_rps`` (the
     closed loop's rate, ``connections`` over the mean latency), latency ``p50``, ``p99`` and ``mean`` in ms,
     ``failed`` (socket errors, timeouts and answers of status 400 and above, each kind also under its own name),
-    and ``cpu``, the CPU seconds ``wrk`` itself used. A run with failures returns its figures as well, unless
-    ``fail_with`` is given: then it raises ``fail_with`` with a message holding wrk's own report (``SystemExit``
-    ends a benchmark; one that runs a failed round again passes an exception of its own).
+    ``cpu``, the CPU seconds ``wrk`` itself used, and ``busy``, the share of the machine's cores busy meanwhile
+    (near 1, every process queues for a core, and latency says more about the machine than the path). A run with
+    failures returns its figures as well, unless ``fail_with`` is given: then it raises ``fail_with`` with a message
+    holding wrk's own report (``SystemExit`` ends a benchmark; one that runs a failed round again passes an exception
+    of its own).
     """
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(wrk_script(body, headers))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    machine = machine_ticks()
     try:
         run = subprocess.run(
             ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "30s", "-s", script.name, url],
@@ -101,6 +104,7 @@ def wrk(
     finally:
         os.unlink(script.name)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy, total = (now - then for now, then in zip(machine_ticks(), machine, strict=True))
     report, line = run.stdout.rsplit("RESULT ", 1)
     result: dict[str, Any] = json.loads(line)
     result["rps"] = result["requests"] / result["seconds"]
@@ -108,9 +112,19 @@ def wrk(
     result["steady_rps"] = connections / (result["mean"] / 1000) if result["mean"] else 0.0
     result["failed"] = sum(result[kind] for kind in ("connect", "read", "write", "status", "timeout"))
     result["cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    result["busy"] = busy / total if total else 0.0
     if result["failed"] and fail_with is not None:
         raise fail_with(f"wrk saw errors against {url}:\n{report}")
     return result
+
+
+def machine_ticks() -> tuple[int, int]:
+    """The ticks all cores spent busy, and in all, since boot (``/proc/stat``; waiting for I/O is idle)."""
+    ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]
+    # Guest time is counted in user time already.
+    total = sum(ticks[:8])
+    return total - idle, total
 
 
 def _cpu_ticks(stat: str) -> tuple[int, int]:
