@@ -15,6 +15,9 @@ the simulator's port so its workers use that server. For each case, the three pa
 other in the same run, whole answers and streamed ones; requests/s, latency p50/p99 and failures are printed, with
 the ratios the targets speak of, and ``busy``, the share of the machine's cores busy during the figure: at 100% every
 process queues for a core, and the latency a path adds grows with the CPU it costs more than with its design.
+``cores allow`` is the most requests/s the machine's cores can serve on that path: the cores divided by the CPU one
+request costs all the processes on it (gateway, request server, simulator and ``wrk``). Where it is below 90% of
+the simulator's rate, the path cannot reach that share on this machine, whatever its design.
 
 Requests/s is the closed loop's steady rate, ``wrk``'s connections divided by its mean latency (Little's law), and
 ``counted`` is what ``wrk`` counted in the run. The count is coarse when an answer takes a large share of the run:
@@ -124,15 +127,22 @@ def print_table(title: str, rows: dict[str, dict[str, Any]], reference: str) -> 
     print(f"  {title}")
     print(
         f"    {'':10} {'req/s':>8} {'counted':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6} {'x ' + reference:>12} "
-        f"{'busy':>5}   CPU µs per request: gateway, request server, simulator"
+        f"{'busy':>5} {'cores allow':>11}   CPU µs per request: gateway, request server, simulator, wrk"
     )
     base = rows[reference]["steady_rps"]
     for name, row in rows.items():
         print(
             f"    {name:10} {row['steady_rps']:8.1f} {row['rps']:8.1f} {row['p50']:8.2f} {row['p99']:8.2f} "
-            f"{row['failed']:6d} {row['steady_rps'] / base:12.2f} {row['busy']:5.0%}   {row['cpu_gateway']:7.0f} "
-            f"{row['cpu_request_server']:7.0f} {row['cpu_simulator']:7.0f}"
+            f"{row['failed']:6d} {row['steady_rps'] / base:12.2f} {row['busy']:5.0%} {allowed(row):11.1f}   "
+            + " ".join(f"{row[f'cpu_{process}']:7.0f}" for process in ("gateway", "request_server", "simulator", "wrk"))
         )
+
+
+def allowed(row: dict[str, Any]) -> float:
+    """The requests/s the machine's cores can serve at most on a path: all of them divided by the CPU one request
+    costs every process on it, the load generator's included."""
+    spent = sum(row[f"cpu_{process}"] for process in ("gateway", "request_server", "simulator", "wrk"))
+    return (os.cpu_count() or 1) / spent * 1e6 if spent else 0.0
 
 
 def throughput(args: argparse.Namespace) -> int:
@@ -187,6 +197,7 @@ def throughput(args: argparse.Namespace) -> int:
             for process in ("gateway", "request_server", "simulator"):
                 used = cpu_seconds(pids[process]) - before[process] if process in pids else 0.0
                 result[f"cpu_{process}"] = used / max(result["requests"], 1) * 1e6
+            result["cpu_wrk"] = result["cpu"] / max(result["requests"], 1) * 1e6
             return result
 
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the start")
