@@ -89,7 +89,10 @@ def test_federated_requests_go_only_to_serving_clusters(front: Front, clusters: 
     assert statuses == [200] * 80
     gained = {name: served(sim) - before[name] for name, sim in clusters.items()}
     assert gained["closed"] == 0
-    assert gained["fast"] > 10 and gained["slow"] > 10, gained
+    assert gained["fast"] + gained["slow"] == 80, gained
+    # Both serving clusters take requests. How many each takes follows their measured speed and the machine's
+    # timing (the faster took 54-58 of the 80 alone, 70 during a full test run), so no share is asked of either.
+    assert gained["fast"] > 0 and gained["slow"] > 0, gained
 
 
 def test_cluster_route_names_maintenance(front: Front) -> None:
