@@ -104,13 +104,10 @@ async def relayed_outcome(
     events = EventSplitter()
     limit = wait
     try:
-        if offer is not None and await offer(inbox):
-            task = asyncio.get_running_loop().create_future()
-            task.set_result({"ok": True, "relayed": True})
-        else:
+        if offer is None or not await offer(inbox):
             stream = {"url": stream_url(relay_url, inbox.stream_id), "token": inbox.token}
             task = asyncio.ensure_future(run(stream, inbox))
-        task.add_done_callback(inbox.put)
+            task.add_done_callback(inbox.put)
         while True:
             try:
                 item = await inbox.get(limit)
