@@ -155,7 +155,7 @@ def test_an_administrator_sees_everything_refreshing_in_place(
     expect(page.locator(f'#usage-table [data-usage="{MODEL}"]').first).to_be_visible(timeout=SHOWN_MS)
     expect(page.locator(f'#usage-chart rect[data-series="{MODEL}"]').first).to_be_visible()
     expect(page.locator("#admin")).to_be_visible(timeout=SHOWN_MS)
-    expect(page.locator('#admin-table [data-usage="jdoe@anl.gov"]').first).to_be_visible()
+    expect(page.locator('#admin-table [data-usage="jdoe@anl.gov"]').first).to_be_visible(timeout=SHOWN_MS)
 
     # It refreshes without reloading: a mark left in the page survives two more refreshes.
     page.evaluate("window.stillHere = true")
